@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Stapes needs (Debian 12 or 13, as root). Idempotent: installs only what is
+# missing, and runs apt-get update only when something is.
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup-system: run as root (it installs Debian packages and runs containers)" >&2
+    exit 1
+fi
+
+. /etc/os-release
+codename="${VERSION_CODENAME:-}"
+packages=(lxc busybox-static rsync nftables tar gzip xz-utils python3 python3-venv python3-dev gcc
+          ca-certificates curl incus-client)
+
+backports=()
+if [ "$codename" = bookworm ]; then
+    # incus-client (the official client, used by the compatibility tests) is in bookworm-backports.
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        cat > /etc/apt/sources.list.d/stapes-backports.sources <<SRC
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+        apt_update_needed=1
+    fi
+    backports=(incus-client)
+fi
+
+missing=()
+for pkg in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ ${#missing[@]} -gt 0 ] || [ -n "${apt_update_needed:-}" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    regular=()
+    from_backports=()
+    for pkg in "${missing[@]}"; do
+        if [[ " ${backports[*]} " == *" $pkg "* ]]; then from_backports+=("$pkg"); else regular+=("$pkg"); fi
+    done
+    [ ${#regular[@]} -gt 0 ] && apt-get install -y -q --no-install-recommends "${regular[@]}"
+    [ ${#from_backports[@]} -gt 0 ] && apt-get install -y -q --no-install-recommends -t bookworm-backports \
+        "${from_backports[@]}"
+fi
+
+# Make sure the python3 that builds the virtual environment can (pyenv or Debian's).
+python3 -c 'import venv, ensurepip' 2>/dev/null || {
+    echo "setup-system: python3 lacks venv/ensurepip; install python3-venv" >&2; exit 1; }
+echo "setup-system: all system packages present"

@@ -1,0 +1,135 @@
+"""The table of known configuration keys, each with its check, validated generically.
+
+Instance and server configuration are plain string maps, as in Incus. A key outside the table is refused,
+except the free-form namespaces (`user.*`, `environment.*`, `image.*`, `volatile.*` on instances).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from stapes.api.errors import BadRequest
+
+Check = Callable[[str], None]
+
+_SIZE = re.compile(r"^(\d+)\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
+_SIZE_FACTORS = {
+    None: 1, "B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}
+_CPU_SET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+
+def parse_size(value: str) -> int:
+    """'256MiB' -> bytes; the units Incus accepts."""
+    match = _SIZE.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a size: use a number with an optional unit such as 256MiB or 1GB")
+    return int(match.group(1)) * _SIZE_FACTORS[match.group(2)]
+
+
+def check_bool(value: str) -> None:
+    if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off", ""):
+        raise ValueError(f"{value!r} is not a boolean: use true or false")
+
+
+def is_true(value: str | None) -> bool:
+    return (value or "").lower() in ("true", "1", "yes", "on")
+
+
+def check_int(low: int, high: int) -> Check:
+    def check(value: str) -> None:
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise ValueError(f"{number} is out of range: it must be between {low} and {high}")
+
+    return check
+
+
+def check_memory(value: str) -> None:
+    if value.endswith("%"):
+        check_int(1, 100)(value[:-1])
+        return
+    if parse_size(value) < 4 * 2**20:
+        raise ValueError(f"{value!r} is too small: a container needs at least 4MiB")
+
+
+def check_cpu(value: str) -> None:
+    """A count of CPUs ('2') or an explicit set ('0-1', '0,2')."""
+    if value.isdigit():
+        if int(value) < 1:
+            raise ValueError("limits.cpu must be at least 1")
+        return
+    if not _CPU_SET.match(value):
+        raise ValueError(f"{value!r} is not a CPU count or a CPU set such as 0-1 or 0,2")
+
+
+def check_address(value: str) -> None:
+    """host:port, [v6]:port or empty (not listening)."""
+    if not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not an address: use HOST:PORT, such as 127.0.0.1:8443")
+
+
+def check_any(value: str) -> None:
+    """Free-form value."""
+
+
+@dataclass(frozen=True)
+class Key:
+    check: Check
+    help: str
+    default: str = ""
+
+
+INSTANCE_KEYS: dict[str, Key] = {
+    "limits.cpu": Key(check_cpu, "Number of CPUs, or a CPU set, the instance may use"),
+    "limits.memory": Key(check_memory, "Memory limit, as a size (256MiB) or a share of the host (50%)"),
+    "limits.processes": Key(check_int(1, 2**31), "Maximum number of processes"),
+    "boot.autostart": Key(check_bool, "Start the instance when the server starts", "false"),
+    "raw.lxc": Key(check_any, "Extra LXC configuration lines, appended as they are"),
+    "migration.stateful": Key(check_bool, "Move the instance live, with its running state", "false"),
+    "migration.incremental.memory": Key(check_bool, "Use CRIU memory pre-copy for live moves", "false"),
+    "migration.incremental.memory.goal": Key(check_int(1, 100), "Pre-copy goal, in percent synced", "70"),
+    "migration.incremental.memory.iterations": Key(check_int(1, 999), "Pre-copy rounds at most", "10"),
+}
+INSTANCE_NAMESPACES = ("user.", "environment.", "image.", "volatile.")
+
+SERVER_KEYS: dict[str, Key] = {
+    "core.https_address": Key(check_address, "Address to listen on for HTTPS (HOST:PORT); empty: none"),
+    "core.remote_token_expiry": Key(check_int(0, 10**9), "Lifetime of trust tokens in seconds (0: none)", "86400"),
+}
+SERVER_NAMESPACES = ("user.",)
+
+
+def validate_config(
+    config: Mapping[str, str], keys: Mapping[str, Key], namespaces: tuple[str, ...], what: str
+) -> None:
+    for key, value in config.items():
+        if not isinstance(value, str):
+            raise BadRequest(f"Invalid value for {what} key {key!r}: values are strings, got {value!r}")
+        spec = keys.get(key)
+        if spec is None:
+            if key.startswith(namespaces):
+                continue
+            known = ", ".join(sorted(keys))
+            raise BadRequest(f"Unknown {what} key {key!r}: known keys are {known} and {', '.join(namespaces)}*")
+        try:
+            spec.check(value)
+        except ValueError as err:
+            raise BadRequest(f"Invalid value for {what} key {key!r}: {err}") from None
+
+
+def validate_instance_config(config: Mapping[str, str]) -> None:
+    validate_config(config, INSTANCE_KEYS, INSTANCE_NAMESPACES, "instance configuration")
+
+
+def validate_server_config(config: Mapping[str, str]) -> None:
+    validate_config(config, SERVER_KEYS, SERVER_NAMESPACES, "server configuration")

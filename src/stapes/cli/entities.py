@@ -1,0 +1,251 @@
+"""`stapes profile`, `stapes project`, `stapes storage`: one command set for the three alike collections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from stapes.api.errors import BadRequest
+from stapes.cli import render
+from stapes.cli.common import client_for, config, key_values, parse, parse_remote_only
+from stapes.cli.config import _edit_yaml
+
+
+def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, editable: tuple[str, ...]) -> click.Group:
+    @cli.group(name=group_name, help=f"Manage {noun}s.")
+    def group() -> None:
+        pass
+
+    @group.command(name="list", help=f"List {noun}s.\n\n\b\nExample:\n  stapes {group_name} list s1:")
+    @click.argument("remote", required=False)
+    @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
+    def list_cmd(remote: str | None, fmt: str) -> None:
+        with client_for(parse_remote_only(remote)) as client:
+            items = client.collection(kind)
+        headers = ["NAME", "DRIVER", "DESCRIPTION", "USED BY"] if kind == "pool" else ["NAME", "DESCRIPTION",
+                                                                                       "USED BY"]
+        rows = [[i["name"], *([i["driver"]] if kind == "pool" else []), i.get("description", ""),
+                 str(len(i.get("used_by") or []))] for i in items]
+        render.table(headers, rows, fmt, raw=items)
+
+    @group.command(name="show", help=f"Show a {noun} as YAML.")
+    @click.argument("name")
+    def show(name: str) -> None:
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            render.show_yaml(client.entity(kind, entity))
+
+    @group.command(name="get", help=f"Print one configuration key of a {noun}.")
+    @click.argument("name")
+    @click.argument("key")
+    def get(name: str, key: str) -> None:
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            click.echo(client.entity(kind, entity)["config"].get(key, ""))
+
+    @group.command(name="set", help=f"Set configuration keys of a {noun} (KEY=VALUE or KEY VALUE).")
+    @click.argument("name")
+    @click.argument("args", nargs=-1, required=True)
+    def set_cmd(name: str, args: tuple[str, ...]) -> None:
+        values = {args[0]: args[1]} if len(args) == 2 and "=" not in args[0] else key_values(args)
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.update_entity(kind, entity, {"config": values})
+
+    @group.command(name="unset", help=f"Remove configuration keys of a {noun}.")
+    @click.argument("name")
+    @click.argument("keys", nargs=-1, required=True)
+    def unset(name: str, keys: tuple[str, ...]) -> None:
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            current = client.entity(kind, entity)
+            body = {k: current[k] for k in editable}
+            body["config"] = {k: v for k, v in current["config"].items() if k not in keys}
+            client.update_entity(kind, entity, body, patch=False)
+
+    @group.command(name="edit", help=f"Edit a {noun} as YAML in $EDITOR (or from standard input).")
+    @click.argument("name")
+    def edit(name: str) -> None:
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            current = client.entity(kind, entity)
+            new = _edit_yaml({k: current[k] for k in editable})
+            client.update_entity(kind, entity, {k: new.get(k, current[k]) for k in editable}, patch=False)
+
+    @group.command(name="delete", help=f"Delete a {noun}.")
+    @click.argument("name")
+    def delete(name: str) -> None:
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.delete_entity(kind, entity)
+
+    return group
+
+
+def register(cli: click.Group) -> None:
+    profile = _entity_group(cli, "profile", "profile", "profile", ("config", "devices", "description"))
+
+    @profile.command(name="create")
+    @click.argument("name")
+    @click.option("--description", default="")
+    def profile_create(name: str, description: str) -> None:
+        """Create an empty profile.
+
+        \b
+        Example:
+          stapes profile create small && stapes profile set small limits.memory=64MiB
+        """
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.create_entity("profile", {"name": entity, "description": description})
+
+    @profile.command(name="rename")
+    @click.argument("name")
+    @click.argument("new_name")
+    def profile_rename(name: str, new_name: str) -> None:
+        """Rename a profile that no instance uses."""
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.rename_entity("profile", entity, new_name)
+
+    def _assign(instance: str, profile_name: str, add: bool) -> None:
+        remote, name = parse(instance)
+        with client_for(remote) as client:
+            profiles = list(client.instance(name)["profiles"])
+            if add:
+                if profile_name in profiles:
+                    raise BadRequest(f"Profile {profile_name!r} is already applied to {name!r}")
+                profiles.append(profile_name)
+            else:
+                if profile_name not in profiles:
+                    raise BadRequest(f"Profile {profile_name!r} is not applied to {name!r}")
+                profiles.remove(profile_name)
+            client.update_instance(name, {"profiles": profiles})
+
+    @profile.command(name="add")
+    @click.argument("instance")
+    @click.argument("profile_name")
+    def profile_add(instance: str, profile_name: str) -> None:
+        """Apply a profile to an instance.
+
+        \b
+        Example:
+          stapes profile add c1 small
+        """
+        _assign(instance, profile_name, True)
+
+    @profile.command(name="remove")
+    @click.argument("instance")
+    @click.argument("profile_name")
+    def profile_remove(instance: str, profile_name: str) -> None:
+        """Remove a profile from an instance."""
+        _assign(instance, profile_name, False)
+
+    @profile.group(name="device")
+    def profile_device() -> None:
+        """Devices of a profile."""
+
+    @profile_device.command(name="add")
+    @click.argument("name")
+    @click.argument("device")
+    @click.argument("device_type")
+    @click.argument("settings", nargs=-1)
+    def profile_device_add(name: str, device: str, device_type: str, settings: tuple[str, ...]) -> None:
+        """Add a device to a profile.
+
+        \b
+        Example:
+          stapes profile device add default data disk source=/srv/data path=/data
+        """
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            devices = client.entity("profile", entity)["devices"]
+            if device in devices:
+                raise BadRequest(f"Device {device!r} already exists in profile {entity!r}")
+            devices[device] = {"type": device_type, **key_values(settings)}
+            client.update_entity("profile", entity, {"devices": devices})
+
+    @profile_device.command(name="remove")
+    @click.argument("name")
+    @click.argument("device")
+    def profile_device_remove(name: str, device: str) -> None:
+        """Remove a device from a profile."""
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            current = client.entity("profile", entity)
+            if device not in current["devices"]:
+                raise BadRequest(f"Device {device!r} is not in profile {entity!r}")
+            del current["devices"][device]
+            client.update_entity("profile", entity, {k: current[k] for k in ("config", "devices", "description")},
+                                 patch=False)
+
+    project = _entity_group(cli, "project", "project", "project", ("config", "description"))
+
+    @project.command(name="create")
+    @click.argument("name")
+    @click.option("--description", default="")
+    def project_create(name: str, description: str) -> None:
+        """Create a project.
+
+        \b
+        Example:
+          stapes project create staging
+        """
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.create_entity("project", {"name": entity, "description": description})
+
+    @project.command(name="rename")
+    @click.argument("name")
+    @click.argument("new_name")
+    def project_rename(name: str, new_name: str) -> None:
+        """Rename an empty project."""
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.rename_entity("project", entity, new_name)
+
+    @project.command(name="switch")
+    @click.argument("name")
+    def project_switch(name: str) -> None:
+        """Make NAME the project used for a remote ([remote:]project).
+
+        \b
+        Example:
+          stapes project switch s1:staging
+        """
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.entity("project", entity)
+        conf = config()
+        conf.remotes[remote.name].project = "" if entity == "default" else entity
+        conf.save()
+
+    storage = _entity_group(cli, "pool", "storage", "storage pool", ("config", "description"))
+
+    @storage.command(name="create")
+    @click.argument("name")
+    @click.argument("driver")
+    @click.argument("settings", nargs=-1)
+    @click.option("--description", default="")
+    def storage_create(name: str, driver: str, settings: tuple[str, ...], description: str) -> None:
+        """Create a storage pool.
+
+        \b
+        Examples:
+          stapes storage create fast dir
+          stapes storage create data dir source=/srv/stapes-data
+        """
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.create_entity("pool", {"name": entity, "driver": driver, "config": key_values(settings),
+                                          "description": description})
+
+    @storage.command(name="info")
+    @click.argument("name")
+    def storage_info(name: str) -> None:
+        """Show a pool's space usage."""
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            usage: dict[str, Any] = client.pool_resources(entity)
+        click.echo(f"space used: {usage['space']['used']}\nspace total: {usage['space']['total']}")

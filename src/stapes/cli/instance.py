@@ -1,0 +1,300 @@
+"""Instance commands: launch, init, start, stop, restart, delete, list, info, exec."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import termios
+import tty
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from stapes.api.errors import BadRequest
+from stapes.cli import render
+from stapes.cli.common import client_for, device_overrides, key_values, parse, parse_remote_only
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+LIST_COLUMNS: dict[str, Column] = {
+    "n": ("NAME", lambda i: i["name"]),
+    "s": ("STATE", lambda i: i["status"].upper()),
+    "t": ("TYPE", lambda i: i["type"].upper()),
+    "4": ("IPV4", lambda i: ""),
+    "6": ("IPV6", lambda i: ""),
+    "S": ("SNAPSHOTS", lambda i: str(len(i.get("snapshots") or []))),
+    "P": ("PROFILES", lambda i: "\n".join(i["profiles"])),
+    "e": ("PROJECT", lambda i: i["project"]),
+    "b": ("STORAGE POOL", lambda i: next((d.get("pool", "") for d in i["expanded_devices"].values()
+                                          if d.get("type") == "disk" and d.get("path") == "/"), "")),
+    "c": ("CREATED AT", lambda i: i["created_at"]),
+    "p": ("PID", lambda i: str((i.get("state") or {}).get("pid", ""))),
+    "m": ("MEMORY USAGE", lambda i: _bytes(((i.get("state") or {}).get("memory") or {}).get("usage", 0))),
+}
+
+
+def _bytes(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.2f}{unit}" if value else ""
+        size /= 1024
+    return ""
+
+
+def _create(image_spec: str, name_spec: str | None, config: tuple[str, ...], profiles: tuple[str, ...],
+            no_profiles: bool, storage: str | None, devices: tuple[str, ...], ephemeral: bool, instance_type: str,
+            description: str, start: bool, quiet: bool) -> None:
+    image_remote, image = parse(image_spec)
+    if name_spec:
+        remote, name = parse(name_spec) if ":" in name_spec else (image_remote, name_spec)
+    else:
+        raise BadRequest("Give the new instance a name: stapes launch IMAGE NAME")
+    if remote.name != image_remote.name:
+        raise BadRequest(
+            f"The image is on {image_remote.name!r} but the instance would go to {remote.name!r}: copying images "
+            "between servers is not supported yet; import the image on the target server first")
+    if no_profiles and profiles:
+        raise BadRequest("--no-profiles and --profile exclude each other")
+    body: dict[str, Any] = {
+        "name": name, "type": instance_type, "description": description, "ephemeral": ephemeral,
+        "source": {"type": "image", "alias": image}, "config": key_values(config),
+        "profiles": [] if no_profiles else (list(profiles) if profiles else None), "devices": {},
+    }
+    with client_for(remote) as client:
+        overrides = device_overrides(devices)
+        if storage:
+            overrides.setdefault("root", {}).update({"pool": storage})
+        if overrides:
+            expanded: dict[str, dict[str, str]] = {}
+            for profile in body["profiles"] if body["profiles"] is not None else ["default"]:
+                expanded.update(client.entity("profile", profile)["devices"])
+            for dev_name, values in overrides.items():
+                base = expanded.get(dev_name)
+                if base is None and dev_name == "root":
+                    base = {"type": "disk", "path": "/"}
+                if base is None and "type" not in values:
+                    raise BadRequest(f"Device {dev_name!r} is in no profile: give its type too ({dev_name},type=...)")
+                body["devices"][dev_name] = {**(base or {}), **values}
+        verb = "Launching" if start else "Creating"
+        with render.progress(f"{verb} {name}", quiet) as update:
+            client.create_instance(body, update)
+            if start:
+                client.change_state(name, "start")
+    render.success(f"{'Launched' if start else 'Created'} {remote.name}:{name}", quiet)
+
+
+def _create_options(func: Any) -> Any:
+    options = [
+        click.option("-c", "--config", "config", multiple=True, metavar="KEY=VALUE", help="Instance configuration"),
+        click.option("-p", "--profile", "profiles", multiple=True, help="Profile to apply (repeatable)"),
+        click.option("--no-profiles", is_flag=True, help="Create the instance with no profiles"),
+        click.option("-s", "--storage", help="Storage pool for the root disk"),
+        click.option("-d", "--device", "devices", multiple=True, metavar="NAME,KEY=VALUE",
+                     help="Override a device key (e.g. root,pool=fast)"),
+        click.option("-e", "--ephemeral", is_flag=True, help="Delete the instance when it stops"),
+        click.option("--type", "instance_type", type=click.Choice(["container"]), default="container",
+                     help="Instance type"),
+        click.option("--description", default="", help="Instance description"),
+        click.option("-q", "--quiet", is_flag=True, help="No progress output"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def register(cli: click.Group) -> None:
+    @cli.command()
+    @click.argument("image")
+    @click.argument("name", required=False)
+    @_create_options
+    def launch(image: str, name: str | None, **kwargs: Any) -> None:
+        """Create and start an instance from an image.
+
+        \b
+        Examples:
+          stapes launch busybox c1
+          stapes launch s1:busybox c1 -c limits.memory=64MiB
+          stapes launch busybox s1:c2 -s fast -p default -p extra
+        """
+        _create(image, name, start=True, **kwargs)
+
+    @cli.command()
+    @click.argument("image")
+    @click.argument("name", required=False)
+    @_create_options
+    def init(image: str, name: str | None, **kwargs: Any) -> None:
+        """Create an instance from an image without starting it.
+
+        \b
+        Example:
+          stapes init busybox c1 -c limits.cpu=1
+        """
+        _create(image, name, start=False, **kwargs)
+
+    def _state_command(action: str, past: str) -> Any:
+        @click.argument("names", nargs=-1, required=True)
+        @click.option("-q", "--quiet", is_flag=True, help="No progress output")
+        def command(names: tuple[str, ...], quiet: bool, timeout: int = -1, force: bool = False) -> None:
+            for spec in names:
+                remote, name = parse(spec)
+                with client_for(remote) as client, render.progress(f"{action.title()}ing {name}", quiet):
+                    client.change_state(name, action, timeout=timeout, force=force)
+        command.__doc__ = f"""{action.title()} instances.
+
+        \b
+        Example:
+          stapes {action} c1 s1:c2
+        """
+        return command
+
+    cli.command(name="start")(_state_command("start", "started"))
+    cli.command(name="freeze")(_state_command("freeze", "frozen"))
+    cli.command(name="unfreeze")(_state_command("unfreeze", "unfrozen"))
+    for action in ("stop", "restart"):
+        cmd = _state_command(action, action)
+        cmd = click.option("--timeout", type=int, default=-1,
+                           help="Seconds to wait for a clean shutdown before killing (default 30)")(cmd)
+        cmd = click.option("-f", "--force", is_flag=True, help="Kill the instance instead of shutting it down")(cmd)
+        cli.command(name=action)(cmd)
+
+    @cli.command()
+    @click.argument("names", nargs=-1, required=True)
+    @click.option("-f", "--force", is_flag=True, help="Stop a running instance (killing it) before deleting")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress output")
+    def delete(names: tuple[str, ...], force: bool, quiet: bool) -> None:
+        """Delete instances (they must be stopped unless --force).
+
+        \b
+        Example:
+          stapes delete c1 s1:c2 --force
+        """
+        for spec in names:
+            remote, name = parse(spec)
+            with client_for(remote) as client:
+                instance = client.instance(name)
+                if instance["status"] != "Stopped":
+                    if not force:
+                        raise BadRequest(f"Instance {name!r} is {instance['status'].lower()}: stop it first, "
+                                         "or use 'stapes delete --force'")
+                    client.change_state(name, "stop", force=True)
+                with render.progress(f"Deleting {name}", quiet):
+                    client.delete_instance(name)
+
+    @cli.command(name="rename")
+    @click.argument("name")
+    @click.argument("new_name")
+    def rename(name: str, new_name: str) -> None:
+        """Rename a stopped instance.
+
+        \b
+        Example:
+          stapes rename c1 web1
+        """
+        remote, old = parse(name)
+        with client_for(remote) as client:
+            client.rename_instance(old, new_name)
+
+    @cli.command(name="list")
+    @click.argument("remote", required=False)
+    @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
+    @click.option("-c", "--columns", default="ns46tS", help="Columns, by shorthand (see 'incus list --help')")
+    @click.option("--all-projects", is_flag=True, help="List instances of every project")
+    def list_instances(remote: str | None, fmt: str, columns: str, all_projects: bool) -> None:
+        """List instances.
+
+        \b
+        Examples:
+          stapes list
+          stapes list s1: --format json
+          stapes list -c nsP
+        """
+        target = parse_remote_only(remote)
+        if all_projects and "e" not in columns:
+            columns = columns[:1] + "e" + columns[1:]
+        unknown = [c for c in columns if c not in LIST_COLUMNS]
+        if unknown:
+            raise BadRequest(f"Unknown column {unknown[0]!r}: use any of {''.join(LIST_COLUMNS)}")
+        with client_for(target) as client:
+            instances = client.instances(recursion=2, all_projects=all_projects)
+        rows = [[LIST_COLUMNS[c][1](i) for c in columns] for i in sorted(instances, key=lambda i: i["name"])]
+        render.table([LIST_COLUMNS[c][0] for c in columns], rows, fmt, raw=instances)
+
+    @cli.command()
+    @click.argument("name")
+    @click.option("--show-log", is_flag=True, help="Show the instance's LXC log")
+    def info(name: str, show_log: bool) -> None:
+        """Show an instance's details and state.
+
+        \b
+        Example:
+          stapes info s1:c1 --show-log
+        """
+        remote, instance_name = parse(name)
+        with client_for(remote) as client:
+            instance = client.instance(instance_name, with_state=True)
+            state = instance.get("state") or {}
+            lines = [
+                ("Name", instance["name"]), ("Status", instance["status"].upper()),
+                ("Type", instance["type"]), ("Architecture", instance["architecture"]),
+                ("Project", instance["project"]), ("Created", instance["created_at"]),
+                ("Last Used", instance["last_used_at"]), ("Profiles", ", ".join(instance["profiles"])),
+            ]
+            if instance["status"] == "Running":
+                lines += [("PID", str(state.get("pid"))), ("Processes", str(state.get("processes"))),
+                          ("Memory usage", _bytes((state.get("memory") or {}).get("usage", 0))),
+                          ("CPU usage (ns)", str((state.get("cpu") or {}).get("usage", 0)))]
+            for key, value in lines:
+                click.echo(f"{key}: {value}")
+            if show_log:
+                click.echo("\nLog:\n")
+                click.echo(client.instance_log(instance_name, "lxc.log").decode(errors="replace"))
+
+    @cli.command()
+    @click.argument("name")
+    @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+    @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable to set")
+    @click.option("--cwd", default="", help="Directory to run the command in")
+    @click.option("--user", type=int, default=0, help="User ID to run as")
+    @click.option("--group", type=int, default=0, help="Group ID to run as")
+    @click.option("-t", "--force-interactive", is_flag=True, help="Force a terminal (pty)")
+    @click.option("-T", "--force-noninteractive", is_flag=True, help="Never use a terminal")
+    @click.option("-n", "--disable-stdin", is_flag=True, help="Do not send standard input")
+    def exec(name: str, command: tuple[str, ...], env: tuple[str, ...], cwd: str, user: int, group: int,
+             force_interactive: bool, force_noninteractive: bool, disable_stdin: bool) -> None:
+        """Run a command in an instance; its exit status becomes ours.
+
+        \b
+        Examples:
+          stapes exec c1 -- cat /etc/hostname
+          echo hi | stapes exec s1:c1 -- cat
+          stapes exec c1 --env A=1 --cwd /tmp -- sh -c 'echo $A; pwd'
+        """
+        if force_interactive and force_noninteractive:
+            raise BadRequest("-t and -T exclude each other")
+        remote, instance_name = parse(name)
+        interactive = force_interactive or (not force_noninteractive and sys.stdin.isatty()
+                                            and sys.stdout.isatty())
+        stdin = None if disable_stdin else sys.stdin.buffer
+        size = os.get_terminal_size() if interactive and sys.stdout.isatty() else os.terminal_size((80, 24))
+        with client_for(remote) as client, _raw_terminal(interactive and sys.stdin.isatty()):
+            code = client.exec(instance_name, list(command), environment=key_values(env, "environment variable"),
+                               cwd=cwd, user=user, group=group, interactive=interactive, stdin=stdin,
+                               stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                               size=(size.columns, size.lines), forward_signals=True)
+        sys.exit(code)
+
+
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

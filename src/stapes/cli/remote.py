@@ -1,0 +1,81 @@
+"""`stapes remote`: the servers this client knows."""
+
+from __future__ import annotations
+
+import click
+
+from stapes.api.errors import BadRequest
+from stapes.api.tokens import decode_token
+from stapes.cli import render
+from stapes.cli.common import config
+from stapes.client.client import add_remote_with_token
+from stapes.client.config import LOCAL
+
+
+def register(cli: click.Group) -> None:
+    @cli.group()
+    def remote() -> None:
+        """Manage remote servers."""
+
+    @remote.command(name="add")
+    @click.argument("name")
+    @click.argument("address", required=False)
+    @click.option("--token", help="Trust token printed by 'stapes config trust add' on the server")
+    def add(name: str, address: str | None, token: str | None) -> None:
+        """Add a remote server, trusting this client with a token.
+
+        \b
+        Examples:
+          stapes remote add s1 https://127.0.0.1:8443 --token TOKEN
+          stapes remote add s1 TOKEN        (the server address comes from the token)
+        """
+        import asyncio
+
+        if token is None and address is not None:
+            try:
+                decode_token(address)
+                token, address = address, None
+            except ValueError:
+                pass
+        if token is None:
+            raise BadRequest("A trust token is needed: run 'stapes config trust add NAME' on the server, then "
+                             "'stapes remote add NAME URL --token TOKEN'")
+        added = asyncio.run(add_remote_with_token(config(), name, token, address))
+        click.echo(f"Remote {name} added ({added.addr}); this client is trusted")
+
+    @remote.command(name="list")
+    @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
+    def list_remotes(fmt: str) -> None:
+        """List remotes."""
+        conf = config()
+        rows = [[n + (" (current)" if n == conf.default_remote else ""), r.addr, r.protocol, r.project or "default"]
+                for n, r in sorted(conf.remotes.items())]
+        render.table(["NAME", "URL", "PROTOCOL", "PROJECT"], rows, fmt)
+
+    @remote.command(name="remove")
+    @click.argument("name")
+    def remove(name: str) -> None:
+        """Remove a remote."""
+        conf = config()
+        conf.remote(name)
+        if name == LOCAL:
+            raise BadRequest("The local remote cannot be removed")
+        if name == conf.default_remote:
+            raise BadRequest(f"{name!r} is the default remote: switch to another one first")
+        del conf.remotes[name]
+        conf.server_cert(name).unlink(missing_ok=True)
+        conf.save()
+
+    @remote.command(name="switch")
+    @click.argument("name")
+    def switch(name: str) -> None:
+        """Make NAME the default remote."""
+        conf = config()
+        conf.remote(name)
+        conf.default_remote = name
+        conf.save()
+
+    @remote.command(name="get-default")
+    def get_default() -> None:
+        """Print the default remote."""
+        click.echo(config().default_remote)

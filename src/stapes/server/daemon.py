@@ -1,0 +1,185 @@
+"""stapesd: wiring only. Config -> store -> drivers -> services -> REST, plus the listeners."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from stapes.api.config_keys import validate_server_config
+from stapes.api.errors import BadRequest, NotFound
+from stapes.certs import ensure_certificate, fingerprint_pem
+from stapes.server import process, tls
+from stapes.server.auth import TrustStore
+from stapes.server.events import EventHub
+from stapes.server.images.busybox import build_busybox_image
+from stapes.server.images.store import ImageStore
+from stapes.server.instances.lxc import LxcDriver
+from stapes.server.instances.service import InstanceService
+from stapes.server.operations import OperationRegistry
+from stapes.server.paths import StatePaths
+from stapes.server.rest.app import build_app
+from stapes.server.storage.service import StorageService
+from stapes.server.store.db import ProfileRow, ProjectRow, Store
+
+log = logging.getLogger("stapesd")
+
+
+class Daemon:
+    def __init__(self, paths: StatePaths, store: Store) -> None:
+        self.paths = paths
+        self.store = store
+        self.events = EventHub()
+        self.operations = OperationRegistry(self.events)
+        self.trust = TrustStore(store)
+        self.storage = StorageService(store, paths)
+        self.images = ImageStore(store, paths.images)
+        self.instances = InstanceService(
+            store, self.storage, self.images, self.events,
+            {"container": LxcDriver(paths.lxc_path, paths.server_id)},
+        )
+        self.certificate_pem = paths.server_cert.read_text()
+        self.certificate_fingerprint = fingerprint_pem(self.certificate_pem)
+        self.lxc_version = ""
+        self._runner: web.AppRunner | None = None
+        self._https_site: web.TCPSite | None = None
+        self._https_address = ""
+        self._reaper = process.ChildReaper()
+
+    async def initialise(self) -> None:
+        """First start: default project, pool, profile and the built-in image. Later starts: nothing."""
+        for directory in (self.paths.lxc_path, self.paths.images, self.paths.storage_pools, self.paths.logs):
+            directory.mkdir(parents=True, exist_ok=True)
+        await self.trust.load()
+        if not await self.store.projects():
+            await self.store.create_project(ProjectRow("default", "Default project"))
+        if not await self.store.pools():
+            await self.storage.create("default", "dir", {}, "Default storage pool")
+        try:
+            await self.store.profile("default")
+        except NotFound:
+            await self.store.create_profile(ProfileRow(
+                "default", "Default profile", {}, {"root": {"type": "disk", "path": "/", "pool": "default"}}))
+        if "busybox" not in await self.store.aliases():
+            upload = self.paths.images / "busybox-build.tar.gz"
+            try:
+                await build_busybox_image(upload)
+                row = await self.images.import_file(upload)
+                await self.images.set_alias("busybox", row.fingerprint, "Built-in busybox image")
+            except Exception as err:
+                log.warning("could not build the built-in busybox image: %s", err)
+        result = await process.run(["lxc-start", "--version"], check=False)
+        self.lxc_version = result.stdout.decode().strip()
+
+    def listen_addresses(self) -> list[str]:
+        return [self._https_address] if self._https_site is not None else []
+
+    async def set_server_config(self, changes: dict[str, str], *, replace: bool) -> None:
+        current = await self.store.server_config()
+        new = dict(changes) if replace else {**current, **changes}
+        new = {k: v for k, v in new.items() if v != ""}
+        validate_server_config(new)
+        address = new.get("core.https_address", "")
+        if address != self._https_address:
+            await self._listen_https(address)
+        await self.store.replace_server_config(new)
+
+    async def _listen_https(self, address: str) -> None:
+        assert self._runner is not None
+        if self._https_site is not None:
+            await self._https_site.stop()
+            self._https_site = None
+            self._https_address = ""
+        if not address:
+            return
+        host, _, port = address.rpartition(":")
+        context = tls.server_context(self.paths.server_cert, self.paths.server_key)
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=context, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            raise BadRequest(f"Cannot listen on {address}: {err.strerror}") from None
+        self._https_site = site
+        self._https_address = address
+
+    async def redefine_instances(self, profile: str) -> None:
+        for row in await self.store.instances():
+            if profile in row.profiles:
+                await self.instances.driver(row.type).define(await self.instances.spec(row))
+
+    async def serve(self, https_address: str | None) -> None:
+        self._reaper.start()
+        app = build_app(self)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        sock = self.paths.unix_socket
+        sock.unlink(missing_ok=True)
+        unix_site = web.UnixSite(self._runner, str(sock))
+        await unix_site.start()
+        os.chmod(sock, 0o660)
+        config = await self.store.server_config()
+        if https_address is not None:
+            config["core.https_address"] = https_address
+            validate_server_config(config)
+            await self.store.replace_server_config(config)
+        if config.get("core.https_address"):
+            await self._listen_https(config["core.https_address"])
+        await self.instances.restore_power_state()
+        log.info("stapesd ready: unix socket %s, https %s", sock, self._https_address or "off")
+
+    async def shutdown(self) -> None:
+        await self.operations.shutdown()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self._reaper.stop()
+        await self.store.close()
+        self.paths.unix_socket.unlink(missing_ok=True)
+
+
+async def run(state_dir: Path, https_address: str | None) -> None:
+    paths = StatePaths(state_dir.resolve())
+    paths.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(paths.root, 0o711)
+    ensure_certificate(paths.server_cert, paths.server_key, server=True)
+    store = await Store.open(paths.database)
+    daemon = Daemon(paths, store)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.initialise()
+        await daemon.serve(https_address)
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await daemon.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="stapesd", description="The Stapes instance server.")
+    parser.add_argument("--state-dir", default=os.environ.get("STAPES_DIR", "/var/lib/stapes"),
+                        help="state directory (default: $STAPES_DIR or /var/lib/stapes)")
+    parser.add_argument("--https-address", default=None,
+                        help="listen for HTTPS on HOST:PORT (stored as core.https_address)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log at debug level")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        sys.exit("stapesd: must run as root (it runs containers)")
+    try:
+        asyncio.run(run(Path(args.state_dir), args.https_address))
+    except BadRequest as err:
+        sys.exit(f"stapesd: {err.message}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""What an instance driver must offer, and what it declares it can do."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from stapes.api.status import StatusCode
+
+
+@dataclass
+class InstanceSpec:
+    """Everything a driver needs to know about one instance, already expanded from its profiles."""
+
+    project: str
+    name: str
+    config: Mapping[str, str]
+    devices: Mapping[str, Mapping[str, str]]
+    volume: Path
+
+    @property
+    def runtime_name(self) -> str:
+        """The name the hypervisor knows: unique per server, also across projects."""
+        return self.name if self.project == "default" else f"{self.project}_{self.name}"
+
+
+@dataclass
+class RuntimeState:
+    status: StatusCode
+    pid: int = -1
+    processes: int = -1
+    memory: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status.label, "status_code": int(self.status), "pid": self.pid,
+            "processes": self.processes, "memory": self.memory or {"usage": 0, "usage_peak": 0},
+            "cpu": self.cpu or {"usage": 0}, "disk": {}, "network": None,
+        }
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    command: list[str]
+    environment: dict[str, str]
+    cwd: str
+    user: int
+    group: int
+    interactive: bool
+
+
+class InstanceDriver(ABC):
+    instance_type: ClassVar[str]
+    supports_live_migration: ClassVar[bool] = False
+
+    @abstractmethod
+    async def define(self, spec: InstanceSpec) -> None:
+        """Write (or rewrite) the runtime definition; called on create and on every config change."""
+
+    @abstractmethod
+    async def undefine(self, spec: InstanceSpec) -> None: ...
+
+    @abstractmethod
+    async def start(self, spec: InstanceSpec) -> None: ...
+
+    @abstractmethod
+    async def stop(self, spec: InstanceSpec, *, timeout: float, force: bool) -> None: ...
+
+    @abstractmethod
+    async def freeze(self, spec: InstanceSpec) -> None: ...
+
+    @abstractmethod
+    async def unfreeze(self, spec: InstanceSpec) -> None: ...
+
+    @abstractmethod
+    async def state(self, spec: InstanceSpec, *, detail: bool) -> RuntimeState: ...
+
+    @abstractmethod
+    async def states(self, specs: list[InstanceSpec]) -> dict[str, StatusCode]:
+        """Status of many instances in one go (for listings), keyed by runtime name."""
+
+    @abstractmethod
+    async def exec(self, spec: InstanceSpec, request: ExecRequest, stdio: tuple[Any, Any, Any]
+                   ) -> asyncio.subprocess.Process: ...
+
+    @abstractmethod
+    def log_files(self, spec: InstanceSpec) -> dict[str, Path]: ...

@@ -1,0 +1,223 @@
+"""System containers through LXC's own tools (lxc-start, lxc-stop, lxc-info, lxc-attach).
+
+The tools are spawned asynchronously, so nothing blocks the event loop, and each server passes its own
+lxcpath (`-P`) and cgroup directory names, so two servers on one host never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from stapes.api.config_keys import parse_size
+from stapes.api.errors import BadRequest, InternalError
+from stapes.api.status import StatusCode
+from stapes.server import process
+from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
+
+_STATES = {
+    "RUNNING": StatusCode.RUNNING, "STOPPED": StatusCode.STOPPED, "FROZEN": StatusCode.FROZEN,
+    "STARTING": StatusCode.STARTING, "STOPPING": StatusCode.STOPPING, "FREEZING": StatusCode.FREEZING,
+    "THAWED": StatusCode.RUNNING, "ABORTING": StatusCode.ERROR,
+}
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def cgroup_v2_only() -> bool:
+    return Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+
+def _host_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise InternalError("cannot read the host's memory size from /proc/meminfo")
+
+
+def _cpuset(value: str) -> str:
+    if value.isdigit():
+        count = min(int(value), os.cpu_count() or 1)
+        return "0" if count == 1 else f"0-{count - 1}"
+    return value
+
+
+def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2: bool) -> str:
+    """The LXC configuration of one container, from its expanded config and devices (pure: unit-tested)."""
+    name = spec.runtime_name
+    lines = [
+        "lxc.include = /usr/share/lxc/config/common.conf",
+        f"lxc.uts.name = {spec.name}",
+        f"lxc.rootfs.path = dir:{spec.volume / 'rootfs'}",
+        "lxc.net.0.type = empty",
+        "lxc.apparmor.profile = unconfined",
+        "lxc.signal.halt = SIGUSR1",
+        "lxc.signal.reboot = SIGTERM",
+        f"lxc.cgroup.dir.monitor = stapes-{server_id}.monitor.{name}",
+        f"lxc.cgroup.dir.container = stapes-{server_id}.payload.{name}",
+        "lxc.autodev = 1",
+        "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed",
+        f"lxc.log.file = {lxc_dir / 'lxc.log'}",
+        "lxc.log.level = WARN",
+        f"lxc.console.logfile = {lxc_dir / 'console.log'}",
+        "lxc.tty.max = 0",
+        "lxc.pty.max = 1024",
+    ]
+    prefix = "lxc.cgroup2" if cgroup2 else "lxc.cgroup"
+    config = spec.config
+    if memory := config.get("limits.memory"):
+        limit = _host_memory() * int(memory[:-1]) // 100 if memory.endswith("%") else parse_size(memory)
+        key = "memory.max" if cgroup2 else "memory.limit_in_bytes"
+        lines.append(f"{prefix}.{key} = {limit}")
+    if cpu := config.get("limits.cpu"):
+        lines.append(f"{prefix}.cpuset.cpus = {_cpuset(cpu)}")
+    if processes := config.get("limits.processes"):
+        lines.append(f"{prefix}.pids.max = {processes}")
+    for dev_name, device in sorted(spec.devices.items()):
+        if device.get("type") == "disk" and device.get("path") != "/":
+            target = device["path"].lstrip("/")
+            options = "bind,create=dir" + (",ro" if device.get("readonly") in ("true", "1") else "")
+            if not Path(device["source"]).is_dir():
+                options = options.replace("create=dir", "create=file")
+            lines.append(f"lxc.mount.entry = {device['source']} {target} none {options} 0 0  # device {dev_name}")
+    if raw := config.get("raw.lxc"):
+        lines.extend(raw.splitlines())
+    return "\n".join(lines) + "\n"
+
+
+class LxcDriver(InstanceDriver):
+    instance_type: ClassVar[str] = "container"
+
+    def __init__(self, lxc_path: Path, server_id: str) -> None:
+        self.lxc_path = lxc_path
+        self.server_id = server_id
+
+    def _dir(self, spec: InstanceSpec) -> Path:
+        return self.lxc_path / spec.runtime_name
+
+    def _tool(self, tool: str, spec: InstanceSpec, *args: str) -> list[str]:
+        return [tool, "-P", str(self.lxc_path), "-n", spec.runtime_name, *args]
+
+    async def define(self, spec: InstanceSpec) -> None:
+        directory = self._dir(spec)
+        text = render_config(spec, lxc_dir=directory, server_id=self.server_id, cgroup2=cgroup_v2_only())
+        await asyncio.to_thread(_write_config, directory, text)
+
+    async def undefine(self, spec: InstanceSpec) -> None:
+        directory = self._dir(spec)
+        if directory.exists():
+            await process.run(["rm", "-rf", "--", str(directory)])
+
+    async def start(self, spec: InstanceSpec) -> None:
+        result = await process.run(self._tool("lxc-start", spec), check=False, timeout=60)
+        if result.returncode != 0:
+            detail = _last_errors(self._dir(spec) / "lxc.log")
+            raise InternalError(f"Failed to start {spec.name!r}: {detail or result.error_text}")
+
+    async def stop(self, spec: InstanceSpec, *, timeout: float, force: bool) -> None:
+        args = ["-k"] if force else ["-t", str(int(timeout))]
+        result = await process.run(self._tool("lxc-stop", spec, *args), check=False, timeout=timeout + 30)
+        if result.returncode != 0 and (await self.state(spec, detail=False)).status != StatusCode.STOPPED:
+            raise InternalError(f"Failed to stop {spec.name!r}: {result.error_text}")
+
+    async def freeze(self, spec: InstanceSpec) -> None:
+        await process.run(self._tool("lxc-freeze", spec), timeout=30)
+
+    async def unfreeze(self, spec: InstanceSpec) -> None:
+        await process.run(self._tool("lxc-unfreeze", spec), timeout=30)
+
+    async def state(self, spec: InstanceSpec, *, detail: bool) -> RuntimeState:
+        if not (self._dir(spec) / "config").exists():
+            return RuntimeState(StatusCode.STOPPED)
+        args = ["-H", "-s", "-p"] + (["-S"] if detail else [])
+        result = await process.run(self._tool("lxc-info", spec, *args), check=False, timeout=30)
+        fields: dict[str, str] = {}
+        for line in result.stdout.decode(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        status = _STATES.get(fields.get("State", "STOPPED"), StatusCode.ERROR)
+        state = RuntimeState(status, pid=int(fields.get("PID", "-1") or -1))
+        if detail and status == StatusCode.RUNNING:
+            state.memory = {"usage": _int(fields.get("Memory use")), "usage_peak": 0}
+            state.cpu = {"usage": _int(fields.get("CPU use"))}
+            state.processes = await asyncio.to_thread(_count_processes, self.server_id, spec.runtime_name)
+        return state
+
+    async def states(self, specs: list[InstanceSpec]) -> dict[str, StatusCode]:
+        if not specs:
+            return {}
+        result = await process.run(
+            ["lxc-ls", "-P", str(self.lxc_path), "--fancy", "--fancy-format", "NAME,STATE"], check=False, timeout=60
+        )
+        found: dict[str, StatusCode] = {}
+        for line in result.stdout.decode(errors="replace").splitlines()[1:]:
+            parts = line.split()
+            if len(parts) >= 2:
+                found[parts[0]] = _STATES.get(parts[1], StatusCode.ERROR)
+        return {spec.runtime_name: found.get(spec.runtime_name, StatusCode.STOPPED) for spec in specs}
+
+    async def exec(self, spec: InstanceSpec, request: ExecRequest, stdio: tuple[Any, Any, Any]
+                   ) -> asyncio.subprocess.Process:
+        env = exec_environment(spec.config, request)
+        argv = self._tool("lxc-attach", spec, "--clear-env", "-u", str(request.user), "-g", str(request.group))
+        for key, value in env.items():
+            argv += ["-v", f"{key}={value}"]
+        argv.append("--")
+        if request.cwd:
+            # lxc-attach has no working-directory option: the container's shell changes it, then execs.
+            argv += ["/bin/sh", "-c", 'cd -- "$0" && exec "$@"', request.cwd]
+        argv += request.command
+        stdin, stdout, stderr = stdio
+        return await process.spawn(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd="/",
+                                   start_new_session=request.interactive)
+
+    def log_files(self, spec: InstanceSpec) -> dict[str, Path]:
+        directory = self._dir(spec)
+        return {"lxc.log": directory / "lxc.log", "console.log": directory / "console.log"}
+
+
+def exec_environment(config: Mapping[str, str], request: ExecRequest) -> dict[str, str]:
+    """Incus's defaults, then the instance's environment.* keys, then what the caller asked for."""
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root" if request.user == 0 else "/", "LANG": "C.UTF-8"}
+    if request.interactive:
+        env["TERM"] = "xterm"
+    env.update({k.removeprefix("environment."): v for k, v in config.items() if k.startswith("environment.")})
+    env.update(request.environment)
+    for key in env:
+        if not key or "=" in key:
+            raise BadRequest(f"Invalid environment variable name {key!r}")
+    return env
+
+
+def _write_config(directory: Path, text: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "config.tmp"
+    tmp.write_text(text)
+    tmp.replace(directory / "config")
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int((value or "0").split()[0])
+    except ValueError:
+        return 0
+
+
+def _count_processes(server_id: str, name: str) -> int:
+    for candidate in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        procs = candidate / f"stapes-{server_id}.payload.{name}" / "cgroup.procs"
+        try:
+            return len(procs.read_text().split())
+        except OSError:
+            continue
+    return -1
+
+
+def _last_errors(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line]
+    except OSError:
+        return ""
+    return lines[-1].split(" - ", 1)[-1] if lines else ""

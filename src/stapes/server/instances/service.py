@@ -1,0 +1,344 @@
+"""Instances: validation, expansion from profiles, lifecycle, and rollback of half-done creations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from stapes.api.config_keys import is_true, validate_instance_config
+from stapes.api.devices import Devices, expand_devices, root_disk, validate_devices
+from stapes.api.errors import BadRequest, Conflict, NotFound
+from stapes.api.names import validate_instance_name
+from stapes.api.status import StatusCode
+from stapes.server.events import EventHub
+from stapes.server.images.store import ARCHITECTURE, ImageStore
+from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec
+from stapes.server.instances.exec_session import run_exec
+from stapes.server.operations import Operation
+from stapes.server.storage.service import StorageService
+from stapes.server.store.db import InstanceRow, Store
+
+log = logging.getLogger(__name__)
+VOLUME_KIND = "containers"
+DEFAULT_STOP_TIMEOUT = 30.0
+
+
+def _iso(timestamp: float) -> str:
+    if not timestamp:
+        return "1970-01-01T00:00:00Z"
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+class InstanceService:
+    def __init__(self, store: Store, storage: StorageService, images: ImageStore, events: EventHub,
+                 drivers: dict[str, InstanceDriver]) -> None:
+        self._store = store
+        self._storage = storage
+        self._images = images
+        self._events = events
+        self._drivers = drivers
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # lookups and expansion
+    def driver(self, instance_type: str) -> InstanceDriver:
+        driver = self._drivers.get(instance_type)
+        if driver is None:
+            supported = ", ".join(sorted(self._drivers))
+            raise BadRequest(f"Instance type {instance_type!r} is not supported here yet (supported: {supported})")
+        return driver
+
+    async def get(self, project: str, name: str) -> InstanceRow:
+        return await self._store.instance(project, name)
+
+    async def expand(self, row: InstanceRow) -> tuple[dict[str, str], Devices]:
+        config: dict[str, str] = {}
+        profile_devices = []
+        for profile_name in row.profiles:
+            profile = await self._store.profile(profile_name)
+            config.update(profile.config)
+            profile_devices.append(profile.devices)
+        config.update(row.config)
+        return config, expand_devices(profile_devices, row.devices)
+
+    async def spec(self, row: InstanceRow) -> InstanceSpec:
+        config, devices = await self.expand(row)
+        root = root_disk(devices)
+        if root is None:
+            raise BadRequest(f"Instance {row.name!r} has no root disk device: add one with a pool, or a profile")
+        pool = await self._storage.driver(root[1].get("pool", ""))
+        return InstanceSpec(row.project, row.name, config, devices, pool.volume_path(VOLUME_KIND, row.project,
+                                                                                     row.name))
+
+    @contextlib.asynccontextmanager
+    async def locked(self, project: str, name: str) -> AsyncIterator[None]:
+        async with self._locks[(project, name)]:
+            yield
+
+    # rendering
+    async def render(self, row: InstanceRow, *, with_state: bool) -> dict[str, Any]:
+        config, devices = await self.expand(row)
+        spec = await self.spec(row)
+        state = await self.driver(row.type).state(spec, detail=with_state)
+        body = self._render_row(row, config, devices, state.status)
+        if with_state:
+            body["state"] = state.to_json()
+            body["snapshots"] = []
+        return body
+
+    def _render_row(self, row: InstanceRow, config: dict[str, str], devices: Devices,
+                    status: StatusCode) -> dict[str, Any]:
+        return {
+            "name": row.name, "project": row.project, "type": row.type, "architecture": row.architecture,
+            "description": row.description, "config": row.config, "devices": row.devices,
+            "profiles": row.profiles, "ephemeral": row.ephemeral, "stateful": False,
+            "expanded_config": config, "expanded_devices": devices, "status": status.label,
+            "status_code": int(status), "created_at": _iso(row.created_at), "last_used_at": _iso(row.last_used_at),
+            "location": "none", "snapshots": None, "backups": None,
+        }
+
+    async def render_all(self, project: str | None, *, with_state: bool) -> list[dict[str, Any]]:
+        rows = await self._store.instances(project)
+        if with_state:
+            return [await self.render(row, with_state=True) for row in rows]
+        by_type: defaultdict[str, list[InstanceSpec]] = defaultdict(list)
+        specs = {}
+        for row in rows:
+            spec = await self.spec(row)
+            specs[(row.project, row.name)] = spec
+            by_type[row.type].append(spec)
+        statuses: dict[str, StatusCode] = {}
+        for instance_type, type_specs in by_type.items():
+            statuses.update(await self.driver(instance_type).states(type_specs))
+        result = []
+        for row in rows:
+            spec = specs[(row.project, row.name)]
+            devices = {name: dict(dev) for name, dev in spec.devices.items()}
+            result.append(self._render_row(row, dict(spec.config), devices,
+                                           statuses.get(spec.runtime_name, StatusCode.ERROR)))
+        return result
+
+    # creation
+    async def validate_new(self, row: InstanceRow) -> None:
+        """Everything checkable before any work starts, so a bad request changes nothing."""
+        validate_instance_name(row.name)
+        self.driver(row.type)
+        await self._store.project(row.project)
+        for profile in row.profiles:
+            await self._store.profile(profile)
+        if len(set(row.profiles)) != len(row.profiles):
+            raise BadRequest("A profile is listed twice")
+        validate_instance_config(row.config)
+        validate_devices(row.devices)
+        config, devices = await self.expand(row)
+        validate_instance_config(config)
+        root = root_disk(devices)
+        if root is None:
+            raise BadRequest(
+                "No root disk device: the instance needs one, from a profile (the default profile has one) or "
+                "from '--device root,path=/,pool=POOL'"
+            )
+        if not root[1].get("pool"):
+            raise BadRequest(f"The root disk device {root[0]!r} names no storage pool")
+        await self._store.pool(root[1]["pool"])
+        with contextlib.suppress(NotFound):
+            await self._store.instance(row.project, row.name)
+            raise Conflict(f"Instance {row.name!r} already exists in project {row.project!r}")
+
+    async def create(self, row: InstanceRow, image: str | None, op: Operation | None) -> None:
+        """Reserve the name, fill the volume, define; on any failure undo every step taken."""
+        fingerprint = None
+        if image is not None:
+            image_row = await self._images.resolve(image)
+            fingerprint = image_row.fingerprint
+            for key, value in image_row.properties.items():
+                row.config.setdefault(f"image.{key}", value)
+            row.config["volatile.base_image"] = fingerprint
+        row.architecture = row.architecture or ARCHITECTURE
+        await self.validate_new(row)
+        await self._store.create_instance(row)
+        volume_created = False
+        spec: InstanceSpec | None = None
+        try:
+            spec = await self.spec(row)
+            pool = await self._storage.driver(spec.devices[root_disk(spec.devices)[0]]["pool"])  # type: ignore[index]
+            volume = await pool.create_volume(VOLUME_KIND, row.project, row.name)
+            volume_created = True
+            if fingerprint is not None:
+                if op is not None:
+                    op.update_metadata(progress={"stage": "unpack", "percent": "0"})
+                await self._images.unpack(fingerprint, volume)
+            else:
+                (volume / "rootfs").mkdir(exist_ok=True)
+            await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
+            await self.driver(row.type).define(spec)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if spec is not None:
+                    await self.driver(row.type).undefine(spec)
+                    if volume_created:
+                        pool = await self._storage.driver(root_disk(spec.devices)[1]["pool"])  # type: ignore[index]
+                        await pool.delete_volume(VOLUME_KIND, row.project, row.name)
+                await self._store.delete_instance(row.project, row.name)
+            raise
+        self._events.lifecycle("instance-created", f"/1.0/instances/{row.name}", row.project)
+
+    # changes
+    async def update(self, project: str, name: str, changes: dict[str, Any], *, replace: bool) -> None:
+        async with self.locked(project, name):
+            row = await self._store.instance(project, name)
+            old = InstanceRow(**vars(row))
+            volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
+            if "config" in changes:
+                config = dict(changes["config"] or {})
+                row.config = config if replace else {**row.config, **config}
+                for key, value in volatile.items():
+                    row.config.setdefault(key, value)
+            if "devices" in changes:
+                devices = dict(changes["devices"] or {})
+                row.devices = devices if replace else {**row.devices, **devices}
+            if "profiles" in changes:
+                row.profiles = list(changes["profiles"] or [])
+            if "description" in changes:
+                row.description = str(changes["description"] or "")
+            validate_instance_config(row.config)
+            validate_devices(row.devices)
+            for profile in row.profiles:
+                await self._store.profile(profile)
+            old_spec = await self.spec(old)
+            new_spec = await self.spec(row)
+            validate_instance_config(dict(new_spec.config))
+            if old_spec.volume != new_spec.volume:
+                raise BadRequest("The root disk's pool cannot change this way: move the instance with '-s POOL'")
+            await self._store.update_instance(row)
+            await self.driver(row.type).define(new_spec)
+        self._events.lifecycle("instance-updated", f"/1.0/instances/{name}", project)
+
+    async def rename(self, project: str, name: str, new_name: str) -> None:
+        validate_instance_name(new_name)
+        async with self.locked(project, name):
+            row = await self._store.instance(project, name)
+            spec = await self.spec(row)
+            driver = self.driver(row.type)
+            if (await driver.state(spec, detail=False)).status != StatusCode.STOPPED:
+                raise BadRequest(f"Instance {name!r} is running: stop it before renaming it")
+            with contextlib.suppress(NotFound):
+                await self._store.instance(project, new_name)
+                raise Conflict(f"Instance {new_name!r} already exists in project {project!r}")
+            pool = await self._storage.driver(root_disk(spec.devices)[1]["pool"])  # type: ignore[index]
+            await pool.rename_volume(VOLUME_KIND, project, name, new_name)
+            try:
+                await self._store.rename_instance(project, name, new_name)
+            except BaseException:
+                await pool.rename_volume(VOLUME_KIND, project, new_name, name)
+                raise
+            await driver.undefine(spec)
+            row.name = new_name
+            new_spec = await self.spec(row)
+            await asyncio.to_thread(_set_hostname, new_spec.volume / "rootfs", new_name)
+            await driver.define(new_spec)
+        self._events.lifecycle("instance-renamed", f"/1.0/instances/{new_name}", project, {"old_name": name})
+
+    async def delete(self, project: str, name: str) -> None:
+        async with self.locked(project, name):
+            row = await self._store.instance(project, name)
+            spec = await self.spec(row)
+            driver = self.driver(row.type)
+            if (await driver.state(spec, detail=False)).status != StatusCode.STOPPED:
+                raise BadRequest(f"Instance {name!r} is running: stop it first, or delete it with --force")
+            root = root_disk(spec.devices)
+            assert root is not None
+            pool = await self._storage.driver(root[1]["pool"])
+            await driver.undefine(spec)
+            await pool.delete_volume(VOLUME_KIND, project, name)
+            await self._store.delete_instance(project, name)
+        self._locks.pop((project, name), None)
+        self._events.lifecycle("instance-deleted", f"/1.0/instances/{name}", project)
+
+    async def change_state(self, project: str, name: str, action: str, *, timeout: float | None = None,
+                           force: bool = False) -> None:
+        async with self.locked(project, name):
+            row = await self._store.instance(project, name)
+            spec = await self.spec(row)
+            driver = self.driver(row.type)
+            status = (await driver.state(spec, detail=False)).status
+            stop_timeout = DEFAULT_STOP_TIMEOUT if timeout is None or timeout < 0 else timeout
+            if action == "start":
+                if status == StatusCode.RUNNING:
+                    raise BadRequest(f"Instance {name!r} is already running")
+                if status == StatusCode.FROZEN:
+                    raise BadRequest(f"Instance {name!r} is frozen: use 'unfreeze' (or 'start' after 'stop')")
+                await driver.define(spec)
+                await driver.start(spec)
+                row.last_used_at = time.time()
+                row.config["volatile.last_state.power"] = "RUNNING"
+            elif action == "stop":
+                if status == StatusCode.STOPPED:
+                    raise BadRequest(f"Instance {name!r} is already stopped")
+                await driver.stop(spec, timeout=stop_timeout, force=force)
+                row.config["volatile.last_state.power"] = "STOPPED"
+            elif action == "restart":
+                if status == StatusCode.STOPPED:
+                    raise BadRequest(f"Instance {name!r} is not running: use 'start'")
+                await driver.stop(spec, timeout=stop_timeout, force=force)
+                await driver.start(spec)
+                row.last_used_at = time.time()
+            elif action == "freeze":
+                if status != StatusCode.RUNNING:
+                    raise BadRequest(f"Instance {name!r} is not running")
+                await driver.freeze(spec)
+            elif action == "unfreeze":
+                if status != StatusCode.FROZEN:
+                    raise BadRequest(f"Instance {name!r} is not frozen")
+                await driver.unfreeze(spec)
+            else:
+                raise BadRequest(f"Unknown state action {action!r}: use start, stop, restart, freeze or unfreeze")
+            await self._store.update_instance(row)
+        verb = {"start": "started", "stop": "stopped", "restart": "restarted", "freeze": "paused",
+                "unfreeze": "resumed"}[action]
+        self._events.lifecycle(f"instance-{verb}", f"/1.0/instances/{name}", project)
+
+    async def exec(self, op: Operation, project: str, name: str, request: ExecRequest, width: int,
+                   height: int) -> dict[str, Any]:
+        row = await self._store.instance(project, name)
+        spec = await self.spec(row)
+        return await run_exec(op, self.driver(row.type), spec, request, width, height)
+
+    async def check_running(self, project: str, name: str) -> None:
+        row = await self._store.instance(project, name)
+        status = (await self.driver(row.type).state(await self.spec(row), detail=False)).status
+        if status != StatusCode.RUNNING:
+            raise BadRequest(f"Instance {name!r} is not running: start it first")
+
+    async def log_files(self, project: str, name: str) -> dict[str, Path]:
+        row = await self._store.instance(project, name)
+        return self.driver(row.type).log_files(await self.spec(row))
+
+    async def restore_power_state(self) -> None:
+        """After a host reboot: start what was running, and what asks to start with the server."""
+        for row in await self._store.instances():
+            wanted = row.config.get("volatile.last_state.power") == "RUNNING" or is_true(
+                (await self.expand(row))[0].get("boot.autostart"))
+            if not wanted:
+                continue
+            try:
+                spec = await self.spec(row)
+                driver = self.driver(row.type)
+                if (await driver.state(spec, detail=False)).status == StatusCode.STOPPED:
+                    await driver.define(spec)
+                    await driver.start(spec)
+            except Exception as err:
+                log.warning("could not start %s/%s at server start: %s", row.project, row.name, err)
+
+
+def _set_hostname(rootfs: Path, name: str) -> None:
+    """What Incus's image templates do for /etc/hostname: the instance is called by its name inside too."""
+    etc = rootfs / "etc"
+    if etc.is_dir() and not (etc / "hostname").is_symlink():
+        (etc / "hostname").write_text(name + "\n")

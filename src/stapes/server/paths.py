@@ -1,0 +1,50 @@
+"""Where a server keeps its files: everything below one state directory, so servers never share paths."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def unix_socket(self) -> Path:
+        return self.root / "unix.socket"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "database" / "stapes.db"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "server.key"
+
+    @property
+    def lxc_path(self) -> Path:
+        """LXC's 'lxcpath': one directory per container with its config and log."""
+        return self.root / "containers"
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def storage_pools(self) -> Path:
+        return self.root / "storage-pools"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def server_id(self) -> str:
+        """Short stable tag that keeps this server's cgroups apart from another's on the same host."""
+        return hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8]

@@ -1,0 +1,142 @@
+"""/1.0/images and /1.0/images/aliases."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from stapes.api.errors import BadRequest, NotFound
+from stapes.server.images.busybox import build_busybox_image
+from stapes.server.operations import Operation
+from stapes.server.rest.common import async_operation, body, daemon, recursion, sync
+from stapes.server.store.db import ImageRow
+
+BUILTIN_IMAGES = {"busybox": build_busybox_image}
+
+
+async def render_image(request: web.Request, row: ImageRow) -> dict[str, Any]:
+    aliases = await daemon(request).store.aliases()
+    created = row.created_at
+    from stapes.server.instances.service import _iso
+
+    return {
+        "fingerprint": row.fingerprint, "filename": row.filename, "size": row.size, "type": row.type,
+        "architecture": row.architecture, "properties": row.properties, "public": row.public,
+        "aliases": [{"name": n, "description": desc} for n, (fp, desc) in aliases.items() if fp == row.fingerprint],
+        "created_at": _iso(created), "uploaded_at": _iso(created), "last_used_at": _iso(0),
+        "expires_at": _iso(0), "auto_update": False, "cached": False, "profiles": ["default"],
+    }
+
+
+def routes(r: web.RouteTableDef) -> None:
+    @r.get("/1.0/images")
+    async def list_images(request: web.Request) -> web.Response:
+        rows = await daemon(request).store.images()
+        if recursion(request):
+            return sync([await render_image(request, row) for row in rows])
+        return sync([f"/1.0/images/{row.fingerprint}" for row in rows])
+
+    @r.post("/1.0/images")
+    async def create_image(request: web.Request) -> web.Response:
+        d = daemon(request)
+        aliases: list[dict[str, Any]] = []
+        if request.content_type == "application/json":
+            data = await body(request)
+            source = data.get("source") or {}
+            aliases = list(data.get("aliases") or [])
+            builder = BUILTIN_IMAGES.get(source.get("name", "")) if source.get("type") == "builtin" else None
+            if builder is None:
+                raise BadRequest(
+                    "Only built-in images can be made from JSON ({'source': {'type': 'builtin', 'name': 'busybox'}}); "
+                    "upload a unified tarball as the request body to import one"
+                )
+            upload = _temp_upload(d.paths.images)
+            await builder(upload)
+        else:
+            upload = _temp_upload(d.paths.images)
+            try:
+                with upload.open("wb") as out:
+                    async for chunk in request.content.iter_chunked(1 << 20):
+                        out.write(chunk)
+            except BaseException:
+                upload.unlink(missing_ok=True)
+                raise
+            header = request.headers.get("X-Incus-aliases") or request.headers.get("X-Stapes-Aliases") or ""
+            aliases = [{"name": a} for a in header.split(",") if a]
+        public = request.headers.get("X-Incus-public") in ("true", "1")
+
+        async def work(op: Operation) -> dict[str, Any]:
+            row = await d.images.import_file(upload, public=public)
+            for alias in aliases:
+                await d.images.set_alias(str(alias["name"]), row.fingerprint, str(alias.get("description", "")))
+            return {"fingerprint": row.fingerprint, "size": row.size}
+
+        op = d.operations.create(op_class="task", description="Importing image", project="default",
+                                 may_cancel=False)
+        op.start(work)
+        return async_operation(op)
+
+    @r.get("/1.0/images/aliases")
+    async def list_aliases(request: web.Request) -> web.Response:
+        aliases = await daemon(request).store.aliases()
+        if recursion(request):
+            return sync([{"name": n, "target": fp, "description": desc, "type": "container"}
+                         for n, (fp, desc) in aliases.items()])
+        return sync([f"/1.0/images/aliases/{n}" for n in aliases])
+
+    @r.post("/1.0/images/aliases")
+    async def create_alias(request: web.Request) -> web.Response:
+        d = daemon(request)
+        data = await body(request)
+        row = await d.images.resolve(str(data.get("target") or ""))
+        name = str(data.get("name") or "")
+        if name in await d.store.aliases():
+            from stapes.api.errors import Conflict
+
+            raise Conflict(f"Alias {name!r} already exists: delete it first")
+        await d.images.set_alias(name, row.fingerprint, str(data.get("description") or ""))
+        return sync()
+
+    @r.get("/1.0/images/aliases/{name}")
+    async def get_alias(request: web.Request) -> web.Response:
+        aliases = await daemon(request).store.aliases()
+        name = request.match_info["name"]
+        if name not in aliases:
+            raise NotFound(f"Image alias {name!r} not found")
+        fp, desc = aliases[name]
+        return sync({"name": name, "target": fp, "description": desc, "type": "container"})
+
+    @r.delete("/1.0/images/aliases/{name}")
+    async def delete_alias(request: web.Request) -> web.Response:
+        if not await daemon(request).store.delete_alias(request.match_info["name"]):
+            raise NotFound(f"Image alias {request.match_info['name']!r} not found")
+        return sync()
+
+    @r.get("/1.0/images/{fingerprint}")
+    async def get_image(request: web.Request) -> web.Response:
+        row = await daemon(request).images.resolve(request.match_info["fingerprint"])
+        return sync(await render_image(request, row))
+
+    @r.delete("/1.0/images/{fingerprint}")
+    async def delete_image(request: web.Request) -> web.Response:
+        d = daemon(request)
+        row = await d.images.resolve(request.match_info["fingerprint"])
+
+        async def work(op: Operation) -> None:
+            await d.images.delete(row.fingerprint)
+
+        op = d.operations.create(op_class="task", description="Deleting image", project="default",
+                                 may_cancel=False)
+        op.start(work)
+        return async_operation(op)
+
+
+def _temp_upload(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="upload-", dir=directory)
+    os.close(fd)
+    return Path(name)

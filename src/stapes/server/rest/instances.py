@@ -1,0 +1,263 @@
+"""/1.0/instances and everything below it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from stapes.api.errors import BadRequest, NotFound
+from stapes.api.filters import matches
+from stapes.server.instances.driver import ExecRequest
+from stapes.server.operations import Operation
+from stapes.server.rest.common import (
+    async_operation,
+    body,
+    daemon,
+    devices_map,
+    project,
+    recursion,
+    string_map,
+    sync,
+)
+from stapes.server.store.db import InstanceRow
+
+
+def instance_url(name: str, project_name: str) -> str:
+    suffix = "" if project_name == "default" else f"?project={project_name}"
+    return f"/1.0/instances/{name}{suffix}"
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"timeout must be a number of seconds, got {value!r}") from None
+
+
+def routes(r: web.RouteTableDef) -> None:
+    @r.get("/1.0/instances")
+    async def list_instances(request: web.Request) -> web.Response:
+        d = daemon(request)
+        all_projects = request.query.get("all-projects") in ("true", "1")
+        proj = None if all_projects else await project(request)
+        level = recursion(request)
+        expression = request.query.get("filter", "")
+        if level == 0 and not expression:
+            rows = await d.store.instances(proj)
+            return sync([instance_url(row.name, row.project) for row in rows])
+        rendered = [i for i in await d.instances.render_all(proj, with_state=level >= 2) if matches(i, expression)]
+        if level == 0:
+            return sync([instance_url(i["name"], i["project"]) for i in rendered])
+        return sync(rendered)
+
+    @r.post("/1.0/instances")
+    async def create_instance(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        data = await body(request)
+        source = data.get("source") or {"type": "none"}
+        source_type = source.get("type", "none")
+        image: str | None = None
+        if source_type == "image":
+            image = source.get("alias") or source.get("fingerprint")
+            if not image:
+                raise BadRequest("An image source needs an 'alias' or a 'fingerprint'")
+            if source.get("server"):
+                raise BadRequest("Images from other servers are not supported yet: import the image here first")
+        elif source_type in ("migration", "copy"):
+            raise BadRequest(f"Creating an instance from a {source_type!r} source is not supported yet")
+        elif source_type != "none":
+            raise BadRequest(f"Unknown source type {source_type!r}: use image or none")
+        profiles = data.get("profiles")
+        row = InstanceRow(
+            project=proj, name=str(data.get("name") or ""), type=data.get("type") or "container",
+            architecture="", description=str(data.get("description") or ""),
+            config=string_map(data.get("config"), "config"), devices=devices_map(data.get("devices")),
+            profiles=["default"] if profiles is None else [str(p) for p in profiles],
+            ephemeral=bool(data.get("ephemeral")),
+        )
+        if not row.name:
+            raise BadRequest("The instance needs a name")
+        if image is not None:
+            await d.images.resolve(image)
+        await d.instances.validate_new(row)
+        start = bool(data.get("start"))
+
+        async def work(op: Operation) -> None:
+            await d.instances.create(row, image, op)
+            if start:
+                await d.instances.change_state(proj, row.name, "start")
+
+        op = d.operations.create(op_class="task", description="Creating instance", project=proj,
+                                 resources={"instances": [instance_url(row.name, proj)]}, may_cancel=False)
+        op.start(work)
+        return async_operation(op)
+
+    @r.get("/1.0/instances/{name}")
+    async def get_instance(request: web.Request) -> web.Response:
+        d = daemon(request)
+        row = await d.instances.get(await project(request), request.match_info["name"])
+        return sync(await d.instances.render(row, with_state=recursion(request) >= 1))
+
+    async def update(request: web.Request, replace: bool) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        await d.instances.get(proj, name)
+        data = await body(request)
+        changes: dict[str, Any] = {}
+        if "config" in data:
+            changes["config"] = string_map(data["config"], "config")
+        if "devices" in data:
+            changes["devices"] = devices_map(data["devices"])
+        for key in ("profiles", "description"):
+            if key in data:
+                changes[key] = data[key]
+        if replace:
+            changes.setdefault("config", {})
+            changes.setdefault("devices", {})
+        await d.instances.update(proj, name, changes, replace=replace)
+        if replace:  # Incus answers PUT with an (already finished) operation
+            op = d.operations.create(op_class="task", description="Updating instance", project=proj,
+                                     resources={"instances": [instance_url(name, proj)]}, may_cancel=False)
+            op.start(_nothing)
+            return async_operation(op)
+        return sync()
+
+    @r.put("/1.0/instances/{name}")
+    async def replace_instance(request: web.Request) -> web.Response:
+        return await update(request, True)
+
+    @r.patch("/1.0/instances/{name}")
+    async def patch_instance(request: web.Request) -> web.Response:
+        return await update(request, False)
+
+    @r.delete("/1.0/instances/{name}")
+    async def delete_instance(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        await d.instances.get(proj, name)
+
+        async def work(op: Operation) -> None:
+            await d.instances.delete(proj, name)
+
+        op = d.operations.create(op_class="task", description="Deleting instance", project=proj,
+                                 resources={"instances": [instance_url(name, proj)]}, may_cancel=False)
+        op.start(work)
+        return async_operation(op)
+
+    @r.post("/1.0/instances/{name}")
+    async def rename_or_migrate(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        await d.instances.get(proj, name)
+        data = await body(request)
+        if data.get("migration"):
+            raise BadRequest("Migrating instances is not supported yet")
+        new_name = str(data.get("name") or "")
+        if not new_name:
+            raise BadRequest("Renaming needs a new 'name'")
+        await d.instances.rename(proj, name, new_name)
+        op = d.operations.create(op_class="task", description="Renaming instance", project=proj,
+                                 resources={"instances": [instance_url(new_name, proj)]}, may_cancel=False)
+        op.start(_nothing)
+        return async_operation(op)
+
+    @r.get("/1.0/instances/{name}/state")
+    async def get_state(request: web.Request) -> web.Response:
+        d = daemon(request)
+        row = await d.instances.get(await project(request), request.match_info["name"])
+        return sync((await d.instances.render(row, with_state=True))["state"])
+
+    @r.put("/1.0/instances/{name}/state")
+    async def change_state(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        await d.instances.get(proj, name)
+        data = await body(request)
+        action = str(data.get("action") or "")
+        if action not in ("start", "stop", "restart", "freeze", "unfreeze"):
+            raise BadRequest(f"Unknown action {action!r}: use start, stop, restart, freeze or unfreeze")
+        if data.get("stateful"):
+            raise BadRequest("Stateful start and stop are not supported yet")
+        timeout = _timeout(data.get("timeout"))
+        force = bool(data.get("force"))
+
+        async def work(op: Operation) -> None:
+            await d.instances.change_state(proj, name, action, timeout=timeout, force=force)
+
+        descriptions = {"start": "Starting", "stop": "Stopping", "restart": "Restarting", "freeze": "Freezing",
+                        "unfreeze": "Unfreezing"}
+        op = d.operations.create(op_class="task", description=f"{descriptions[action]} instance", project=proj,
+                                 resources={"instances": [instance_url(name, proj)]}, may_cancel=False)
+        op.start(work)
+        return async_operation(op)
+
+    @r.post("/1.0/instances/{name}/exec")
+    async def exec_command(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        data = await body(request)
+        command = data.get("command")
+        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+            raise BadRequest("exec needs a 'command': a non-empty list of strings")
+        if not data.get("wait-for-websocket", False):
+            raise BadRequest("exec without websockets ('wait-for-websocket': false) is not supported yet")
+        await d.instances.check_running(proj, name)
+        interactive = bool(data.get("interactive"))
+        exec_request = ExecRequest(
+            command=command, environment=string_map(data.get("environment"), "environment"),
+            cwd=str(data.get("cwd") or ""), user=int(data.get("user") or 0), group=int(data.get("group") or 0),
+            interactive=interactive,
+        )
+        width, height = int(data.get("width") or 80), int(data.get("height") or 24)
+        channels = ("0", "control") if interactive else ("0", "1", "2", "control")
+        op = d.operations.create(op_class="websocket", description="Executing command", project=proj,
+                                 resources={"instances": [instance_url(name, proj)]}, channels=channels)
+        op.metadata["fds"] = dict(op.secrets)
+
+        async def work(op: Operation) -> dict[str, Any]:
+            return await d.instances.exec(op, proj, name, exec_request, width, height)
+
+        op.start(work)
+        return async_operation(op)
+
+    @r.get("/1.0/instances/{name}/snapshots")
+    async def list_snapshots(request: web.Request) -> web.Response:
+        await daemon(request).instances.get(await project(request), request.match_info["name"])
+        return sync([])  # snapshots arrive with the migration work; until then an instance has none
+
+    @r.get("/1.0/instances/{name}/backups")
+    async def list_backups(request: web.Request) -> web.Response:
+        await daemon(request).instances.get(await project(request), request.match_info["name"])
+        return sync([])  # backups are not implemented: an instance never has any
+
+    @r.get("/1.0/instances/{name}/logs")
+    async def list_logs(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        files = await d.instances.log_files(proj, name)
+        return sync([f"/1.0/instances/{name}/logs/{f}" for f, path in files.items() if path.exists()])
+
+    @r.get("/1.0/instances/{name}/logs/{file}")
+    async def get_log(request: web.Request) -> web.StreamResponse:
+        d = daemon(request)
+        files = await d.instances.log_files(await project(request), request.match_info["name"])
+        path = files.get(request.match_info["file"])
+        if path is None or not path.exists():
+            raise NotFound(f"Log file {request.match_info['file']!r} not found")
+        text = await asyncio.to_thread(path.read_bytes)
+        return web.Response(body=text, content_type="text/plain")
+
+
+async def _nothing(op: Operation) -> None:
+    return None

@@ -1,0 +1,101 @@
+"""/1.0/projects: namespaces for instances."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from stapes.api.config_keys import SERVER_NAMESPACES, validate_config
+from stapes.api.errors import BadRequest, Conflict
+from stapes.api.names import validate_entity_name
+from stapes.server.rest.common import body, daemon, recursion, string_map, sync
+from stapes.server.store.db import ProjectRow
+
+
+async def render(request: web.Request, row: ProjectRow) -> dict[str, Any]:
+    from stapes.server.rest.instances import instance_url
+
+    instances = await daemon(request).store.instances(row.name)
+    return {"name": row.name, "description": row.description, "config": row.config,
+            "used_by": [instance_url(i.name, i.project) for i in instances]}
+
+
+def _validate_config(config: dict[str, str]) -> None:
+    validate_config(config, {}, SERVER_NAMESPACES, "project configuration")
+
+
+def routes(r: web.RouteTableDef) -> None:
+    @r.get("/1.0/projects")
+    async def list_projects(request: web.Request) -> web.Response:
+        rows = await daemon(request).store.projects()
+        if recursion(request):
+            return sync([await render(request, row) for row in rows])
+        return sync([f"/1.0/projects/{row.name}" for row in rows])
+
+    @r.post("/1.0/projects")
+    async def create_project(request: web.Request) -> web.Response:
+        data = await body(request)
+        row = ProjectRow(str(data.get("name") or ""), str(data.get("description") or ""),
+                         string_map(data.get("config"), "config"))
+        validate_entity_name("project", row.name)
+        _validate_config(row.config)
+        try:
+            await daemon(request).store.create_project(row)
+        except Conflict:
+            raise Conflict(f"Project {row.name!r} already exists") from None
+        return sync()
+
+    @r.get("/1.0/projects/{name}")
+    async def get_project(request: web.Request) -> web.Response:
+        return sync(await render(request, await daemon(request).store.project(request.match_info["name"])))
+
+    async def update(request: web.Request, replace: bool) -> web.Response:
+        d = daemon(request)
+        row = await d.store.project(request.match_info["name"])
+        data = await body(request)
+        if replace or "config" in data:
+            config = string_map(data.get("config"), "config")
+            row.config = config if replace else {**row.config, **config}
+        if "description" in data:
+            row.description = str(data["description"] or "")
+        _validate_config(row.config)
+        await d.store.update_project(row)
+        return sync()
+
+    @r.put("/1.0/projects/{name}")
+    async def replace_project(request: web.Request) -> web.Response:
+        return await update(request, True)
+
+    @r.patch("/1.0/projects/{name}")
+    async def patch_project(request: web.Request) -> web.Response:
+        return await update(request, False)
+
+    @r.post("/1.0/projects/{name}")
+    async def rename_project(request: web.Request) -> web.Response:
+        d = daemon(request)
+        name = request.match_info["name"]
+        new = str((await body(request)).get("name") or "")
+        validate_entity_name("project", new)
+        await d.store.project(name)
+        if name == "default":
+            raise BadRequest("The default project cannot be renamed")
+        if await d.store.instances(name):
+            raise BadRequest(f"Project {name!r} is not empty: delete or move its instances first")
+        try:
+            await d.store.rename_project(name, new)
+        except Conflict:
+            raise Conflict(f"Project {new!r} already exists") from None
+        return sync()
+
+    @r.delete("/1.0/projects/{name}")
+    async def delete_project(request: web.Request) -> web.Response:
+        d = daemon(request)
+        name = request.match_info["name"]
+        await d.store.project(name)
+        if name == "default":
+            raise BadRequest("The default project cannot be deleted")
+        if await d.store.instances(name):
+            raise BadRequest(f"Project {name!r} is not empty: delete or move its instances first")
+        await d.store.delete_project(name)
+        return sync()

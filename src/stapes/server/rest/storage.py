@@ -1,0 +1,84 @@
+"""/1.0/storage-pools."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from stapes.api.devices import root_disk
+from stapes.server.rest.common import body, daemon, recursion, string_map, sync
+from stapes.server.store.db import PoolRow
+
+
+async def used_by(request: web.Request, pool: str) -> list[str]:
+    from stapes.server.rest.instances import instance_url
+
+    d = daemon(request)
+    users = [f"/1.0/profiles/{p.name}" for p in await d.store.profiles()
+             if (root := root_disk(p.devices)) and root[1].get("pool") == pool]
+    for row in await d.store.instances():
+        spec_root = root_disk((await d.instances.expand(row))[1])
+        if spec_root and spec_root[1].get("pool") == pool:
+            users.append(instance_url(row.name, row.project))
+    return users
+
+
+async def render(request: web.Request, row: PoolRow) -> dict[str, Any]:
+    return {"name": row.name, "driver": row.driver, "description": row.description, "config": row.config,
+            "status": "Created", "locations": ["none"], "used_by": await used_by(request, row.name)}
+
+
+def routes(r: web.RouteTableDef) -> None:
+    @r.get("/1.0/storage-pools")
+    async def list_pools(request: web.Request) -> web.Response:
+        rows = await daemon(request).store.pools()
+        if recursion(request):
+            return sync([await render(request, row) for row in rows])
+        return sync([f"/1.0/storage-pools/{row.name}" for row in rows])
+
+    @r.post("/1.0/storage-pools")
+    async def create_pool(request: web.Request) -> web.Response:
+        data = await body(request)
+        await daemon(request).storage.create(
+            str(data.get("name") or ""), str(data.get("driver") or ""), string_map(data.get("config"), "config"),
+            str(data.get("description") or ""),
+        )
+        return sync()
+
+    @r.get("/1.0/storage-pools/{name}")
+    async def get_pool(request: web.Request) -> web.Response:
+        return sync(await render(request, await daemon(request).store.pool(request.match_info["name"])))
+
+    @r.get("/1.0/storage-pools/{name}/resources")
+    async def pool_resources(request: web.Request) -> web.Response:
+        usage = await (await daemon(request).storage.driver(request.match_info["name"])).usage()
+        return sync({"space": usage, "inodes": {"used": 0, "total": 0}})
+
+    async def update(request: web.Request, replace: bool) -> web.Response:
+        d = daemon(request)
+        row = await d.store.pool(request.match_info["name"])
+        data = await body(request)
+        if "description" in data:
+            row.description = str(data["description"] or "")
+        config = string_map(data.get("config"), "config")
+        if config.get("source", row.config["source"]) != row.config["source"]:
+            from stapes.api.errors import BadRequest
+
+            raise BadRequest("A pool's source cannot change once it is created")
+        await d.store.update_pool(row)
+        return sync()
+
+    @r.put("/1.0/storage-pools/{name}")
+    async def replace_pool(request: web.Request) -> web.Response:
+        return await update(request, True)
+
+    @r.patch("/1.0/storage-pools/{name}")
+    async def patch_pool(request: web.Request) -> web.Response:
+        return await update(request, False)
+
+    @r.delete("/1.0/storage-pools/{name}")
+    async def delete_pool(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        await daemon(request).storage.delete(name, await used_by(request, name))
+        return sync()

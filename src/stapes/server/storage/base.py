@@ -1,0 +1,56 @@
+"""What a storage pool driver must offer.
+
+A driver owns volumes (one per instance, later also snapshots) and declares the migration transports it
+can send and receive; the migration code negotiates from those declarations only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+
+def volume_name(project: str, name: str) -> str:
+    """Incus's on-disk naming: the default project's volumes carry the bare name."""
+    return name if project == "default" else f"{project}_{name}"
+
+
+class PoolDriver(ABC):
+    name: ClassVar[str]
+    migration_transports: ClassVar[tuple[str, ...]]
+
+    def __init__(self, pool: str, config: dict[str, str]) -> None:
+        self.pool = pool
+        self.config = config
+
+    @property
+    def source(self) -> Path:
+        return Path(self.config["source"])
+
+    @classmethod
+    @abstractmethod
+    def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
+        """Complete a new pool's configuration (e.g. its source path) and check it."""
+
+    @abstractmethod
+    async def create_pool(self) -> None: ...
+
+    @abstractmethod
+    async def delete_pool(self) -> None: ...
+
+    @abstractmethod
+    def volume_path(self, kind: str, project: str, name: str) -> Path: ...
+
+    @abstractmethod
+    async def create_volume(self, kind: str, project: str, name: str) -> Path: ...
+
+    @abstractmethod
+    async def delete_volume(self, kind: str, project: str, name: str) -> None: ...
+
+    @abstractmethod
+    async def rename_volume(self, kind: str, project: str, old: str, new: str) -> None: ...
+
+    @abstractmethod
+    async def usage(self) -> dict[str, int]:
+        """{'used': bytes, 'total': bytes} of the pool's backing filesystem."""

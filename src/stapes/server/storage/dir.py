@@ -1,0 +1,64 @@
+"""The `dir` pool: volumes are plain directories below the pool's source path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+from stapes.api.errors import BadRequest, Conflict
+from stapes.server import process
+from stapes.server.storage.base import PoolDriver, volume_name
+
+
+class DirPool(PoolDriver):
+    name: ClassVar[str] = "dir"
+    migration_transports: ClassVar[tuple[str, ...]] = ("rsync",)
+
+    @classmethod
+    def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
+        unknown = set(config) - {"source"}
+        if unknown:
+            raise BadRequest(f"Unknown configuration for a dir pool: {', '.join(sorted(unknown))} (only 'source')")
+        filled = dict(config)
+        filled.setdefault("source", str(default_source))
+        if not filled["source"].startswith("/"):
+            raise BadRequest(f"The pool source {filled['source']!r} must be an absolute path")
+        return filled
+
+    async def create_pool(self) -> None:
+        source = self.source
+        if source.exists() and any(source.iterdir()):
+            raise Conflict(f"The pool source {source} is not empty: choose an empty or new directory")
+        await asyncio.to_thread(lambda: (source / "containers").mkdir(parents=True, exist_ok=True))
+
+    async def delete_pool(self) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.source, True)
+
+    def volume_path(self, kind: str, project: str, name: str) -> Path:
+        return self.source / kind / volume_name(project, name)
+
+    async def create_volume(self, kind: str, project: str, name: str) -> Path:
+        path = self.volume_path(kind, project, name)
+        if path.exists():
+            raise Conflict(f"A volume for {name!r} already exists in pool {self.pool!r} ({path})")
+        await asyncio.to_thread(path.mkdir, 0o711, True)
+        return path
+
+    async def delete_volume(self, kind: str, project: str, name: str) -> None:
+        path = self.volume_path(kind, project, name)
+        if path.exists():
+            await process.run(["rm", "-rf", "--one-file-system", "--", str(path)])
+
+    async def rename_volume(self, kind: str, project: str, old: str, new: str) -> None:
+        src, dst = self.volume_path(kind, project, old), self.volume_path(kind, project, new)
+        if dst.exists():
+            raise Conflict(f"A volume for {new!r} already exists in pool {self.pool!r}")
+        await asyncio.to_thread(os.rename, src, dst)
+
+    async def usage(self) -> dict[str, int]:
+        stat = await asyncio.to_thread(os.statvfs, self.source)
+        total = stat.f_blocks * stat.f_frsize
+        return {"used": total - stat.f_bavail * stat.f_frsize, "total": total}

@@ -1,0 +1,363 @@
+"""SQLite state of a standalone server.
+
+One table per resource, JSON columns for maps. aiosqlite keeps the SQLite calls off the event loop; all
+writes go through one connection, so each method is its own transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from stapes.api.errors import Conflict, NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS projects (
+    name TEXT PRIMARY KEY, description TEXT NOT NULL DEFAULT '', config TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS profiles (
+    name TEXT PRIMARY KEY, description TEXT NOT NULL DEFAULT '',
+    config TEXT NOT NULL DEFAULT '{}', devices TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS storage_pools (
+    name TEXT PRIMARY KEY, driver TEXT NOT NULL, description TEXT NOT NULL DEFAULT '',
+    config TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS instances (
+    project TEXT NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL, architecture TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '', config TEXT NOT NULL DEFAULT '{}',
+    devices TEXT NOT NULL DEFAULT '{}', profiles TEXT NOT NULL DEFAULT '[]',
+    ephemeral INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, last_used_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (project, name));
+CREATE TABLE IF NOT EXISTS images (
+    fingerprint TEXT PRIMARY KEY, filename TEXT NOT NULL, size INTEGER NOT NULL, type TEXT NOT NULL,
+    architecture TEXT NOT NULL, properties TEXT NOT NULL DEFAULT '{}', public INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS image_aliases (
+    name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, description TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS certificates (
+    fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, type TEXT NOT NULL, certificate TEXT NOT NULL,
+    restricted INTEGER NOT NULL DEFAULT 0, projects TEXT NOT NULL DEFAULT '[]');
+CREATE TABLE IF NOT EXISTS trust_tokens (
+    secret TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at REAL NOT NULL, operation TEXT NOT NULL);
+"""
+
+
+@dataclass
+class InstanceRow:
+    project: str
+    name: str
+    type: str
+    architecture: str
+    description: str = ""
+    config: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    profiles: list[str] = field(default_factory=list)
+    ephemeral: bool = False
+    created_at: float = 0.0
+    last_used_at: float = 0.0
+
+
+@dataclass
+class ProfileRow:
+    name: str
+    description: str = ""
+    config: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class PoolRow:
+    name: str
+    driver: str
+    description: str = ""
+    config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ProjectRow:
+    name: str
+    description: str = ""
+    config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ImageRow:
+    fingerprint: str
+    filename: str
+    size: int
+    type: str
+    architecture: str
+    properties: dict[str, str] = field(default_factory=dict)
+    public: bool = False
+    created_at: float = 0.0
+
+
+@dataclass
+class CertificateRow:
+    fingerprint: str
+    name: str
+    type: str
+    certificate: str
+    restricted: bool = False
+    projects: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenRow:
+    secret: str
+    name: str
+    expires_at: float
+    operation: str
+
+
+class Store:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(path)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=NORMAL")
+        await conn.executescript(SCHEMA)
+        await conn.commit()
+        return cls(conn)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._conn.execute(sql, tuple(args)) as cursor:
+            return list(await cursor.fetchall())
+
+    async def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
+        try:
+            cursor = await self._conn.execute(sql, tuple(args))
+        except aiosqlite.IntegrityError as err:
+            raise Conflict(f"Already exists: {err}") from None
+        await self._conn.commit()
+        return cursor.rowcount
+
+    # server config
+    async def server_config(self) -> dict[str, str]:
+        return {row["key"]: row["value"] for row in await self._all("SELECT key, value FROM config")}
+
+    async def replace_server_config(self, config: dict[str, str]) -> None:
+        await self._conn.execute("DELETE FROM config")
+        await self._conn.executemany("INSERT INTO config VALUES (?, ?)", list(config.items()))
+        await self._conn.commit()
+
+    # projects
+    async def projects(self) -> list[ProjectRow]:
+        rows = await self._all("SELECT * FROM projects ORDER BY name")
+        return [ProjectRow(r["name"], r["description"], json.loads(r["config"])) for r in rows]
+
+    async def project(self, name: str) -> ProjectRow:
+        for project in await self.projects():
+            if project.name == name:
+                return project
+        raise NotFound(f"Project {name!r} not found")
+
+    async def create_project(self, row: ProjectRow) -> None:
+        await self._write("INSERT INTO projects VALUES (?, ?, ?)", (row.name, row.description, json.dumps(row.config)))
+
+    async def update_project(self, row: ProjectRow) -> None:
+        await self._write(
+            "UPDATE projects SET description=?, config=? WHERE name=?",
+            (row.description, json.dumps(row.config), row.name),
+        )
+
+    async def rename_project(self, old: str, new: str) -> None:
+        await self._write("UPDATE projects SET name=? WHERE name=?", (new, old))
+
+    async def delete_project(self, name: str) -> None:
+        await self._write("DELETE FROM projects WHERE name=?", (name,))
+
+    # profiles
+    async def profiles(self) -> list[ProfileRow]:
+        rows = await self._all("SELECT * FROM profiles ORDER BY name")
+        return [
+            ProfileRow(r["name"], r["description"], json.loads(r["config"]), json.loads(r["devices"])) for r in rows
+        ]
+
+    async def profile(self, name: str) -> ProfileRow:
+        rows = await self._all("SELECT * FROM profiles WHERE name=?", (name,))
+        if not rows:
+            raise NotFound(f"Profile {name!r} not found")
+        r = rows[0]
+        return ProfileRow(r["name"], r["description"], json.loads(r["config"]), json.loads(r["devices"]))
+
+    async def create_profile(self, row: ProfileRow) -> None:
+        await self._write(
+            "INSERT INTO profiles VALUES (?, ?, ?, ?)",
+            (row.name, row.description, json.dumps(row.config), json.dumps(row.devices)),
+        )
+
+    async def update_profile(self, row: ProfileRow) -> None:
+        await self._write(
+            "UPDATE profiles SET description=?, config=?, devices=? WHERE name=?",
+            (row.description, json.dumps(row.config), json.dumps(row.devices), row.name),
+        )
+
+    async def rename_profile(self, old: str, new: str) -> None:
+        await self._write("UPDATE profiles SET name=? WHERE name=?", (new, old))
+
+    async def delete_profile(self, name: str) -> None:
+        await self._write("DELETE FROM profiles WHERE name=?", (name,))
+
+    # storage pools
+    async def pools(self) -> list[PoolRow]:
+        rows = await self._all("SELECT * FROM storage_pools ORDER BY name")
+        return [PoolRow(r["name"], r["driver"], r["description"], json.loads(r["config"])) for r in rows]
+
+    async def pool(self, name: str) -> PoolRow:
+        for pool in await self.pools():
+            if pool.name == name:
+                return pool
+        raise NotFound(f"Storage pool {name!r} not found")
+
+    async def create_pool(self, row: PoolRow) -> None:
+        await self._write(
+            "INSERT INTO storage_pools VALUES (?, ?, ?, ?)",
+            (row.name, row.driver, row.description, json.dumps(row.config)),
+        )
+
+    async def update_pool(self, row: PoolRow) -> None:
+        await self._write(
+            "UPDATE storage_pools SET description=?, config=? WHERE name=?",
+            (row.description, json.dumps(row.config), row.name),
+        )
+
+    async def delete_pool(self, name: str) -> None:
+        await self._write("DELETE FROM storage_pools WHERE name=?", (name,))
+
+    # instances
+    @staticmethod
+    def _instance(r: aiosqlite.Row) -> InstanceRow:
+        return InstanceRow(
+            project=r["project"], name=r["name"], type=r["type"], architecture=r["architecture"],
+            description=r["description"], config=json.loads(r["config"]), devices=json.loads(r["devices"]),
+            profiles=json.loads(r["profiles"]), ephemeral=bool(r["ephemeral"]), created_at=r["created_at"],
+            last_used_at=r["last_used_at"],
+        )
+
+    async def instances(self, project: str | None = None) -> list[InstanceRow]:
+        if project is None:
+            rows = await self._all("SELECT * FROM instances ORDER BY project, name")
+        else:
+            rows = await self._all("SELECT * FROM instances WHERE project=? ORDER BY name", (project,))
+        return [self._instance(r) for r in rows]
+
+    async def instance(self, project: str, name: str) -> InstanceRow:
+        rows = await self._all("SELECT * FROM instances WHERE project=? AND name=?", (project, name))
+        if not rows:
+            raise NotFound(f"Instance {name!r} not found in project {project!r}")
+        return self._instance(rows[0])
+
+    async def create_instance(self, row: InstanceRow) -> None:
+        row.created_at = row.created_at or time.time()
+        try:
+            await self._conn.execute(
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.project, row.name, row.type, row.architecture, row.description, json.dumps(row.config),
+                 json.dumps(row.devices), json.dumps(row.profiles), int(row.ephemeral), row.created_at,
+                 row.last_used_at),
+            )
+        except aiosqlite.IntegrityError:
+            raise Conflict(f"Instance {row.name!r} already exists in project {row.project!r}") from None
+        await self._conn.commit()
+
+    async def update_instance(self, row: InstanceRow) -> None:
+        await self._write(
+            "UPDATE instances SET description=?, config=?, devices=?, profiles=?, ephemeral=?, last_used_at=?"
+            " WHERE project=? AND name=?",
+            (row.description, json.dumps(row.config), json.dumps(row.devices), json.dumps(row.profiles),
+             int(row.ephemeral), row.last_used_at, row.project, row.name),
+        )
+
+    async def rename_instance(self, project: str, old: str, new: str) -> None:
+        try:
+            await self._conn.execute("UPDATE instances SET name=? WHERE project=? AND name=?", (new, project, old))
+        except aiosqlite.IntegrityError:
+            raise Conflict(f"Instance {new!r} already exists in project {project!r}") from None
+        await self._conn.commit()
+
+    async def delete_instance(self, project: str, name: str) -> None:
+        await self._write("DELETE FROM instances WHERE project=? AND name=?", (project, name))
+
+    # images
+    @staticmethod
+    def _image(r: aiosqlite.Row) -> ImageRow:
+        return ImageRow(r["fingerprint"], r["filename"], r["size"], r["type"], r["architecture"],
+                        json.loads(r["properties"]), bool(r["public"]), r["created_at"])
+
+    async def images(self) -> list[ImageRow]:
+        return [self._image(r) for r in await self._all("SELECT * FROM images ORDER BY created_at")]
+
+    async def create_image(self, row: ImageRow) -> None:
+        await self._write(
+            "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.fingerprint, row.filename, row.size, row.type, row.architecture, json.dumps(row.properties),
+             int(row.public), row.created_at or time.time()),
+        )
+
+    async def delete_image(self, fingerprint: str) -> None:
+        await self._write("DELETE FROM image_aliases WHERE fingerprint=?", (fingerprint,))
+        await self._write("DELETE FROM images WHERE fingerprint=?", (fingerprint,))
+
+    async def aliases(self) -> dict[str, tuple[str, str]]:
+        rows = await self._all("SELECT * FROM image_aliases ORDER BY name")
+        return {r["name"]: (r["fingerprint"], r["description"]) for r in rows}
+
+    async def set_alias(self, name: str, fingerprint: str, description: str = "") -> None:
+        await self._write("INSERT OR REPLACE INTO image_aliases VALUES (?, ?, ?)", (name, fingerprint, description))
+
+    async def delete_alias(self, name: str) -> int:
+        return await self._write("DELETE FROM image_aliases WHERE name=?", (name,))
+
+    # certificates and tokens
+    async def certificates(self) -> list[CertificateRow]:
+        rows = await self._all("SELECT * FROM certificates ORDER BY name")
+        return [CertificateRow(r["fingerprint"], r["name"], r["type"], r["certificate"], bool(r["restricted"]),
+                               json.loads(r["projects"])) for r in rows]
+
+    async def add_certificate(self, row: CertificateRow) -> None:
+        try:
+            await self._conn.execute(
+                "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?)",
+                (row.fingerprint, row.name, row.type, row.certificate, int(row.restricted),
+                 json.dumps(row.projects)),
+            )
+        except aiosqlite.IntegrityError:
+            raise Conflict("This certificate is already trusted") from None
+        await self._conn.commit()
+
+    async def delete_certificate(self, fingerprint: str) -> int:
+        return await self._write("DELETE FROM certificates WHERE fingerprint=?", (fingerprint,))
+
+    async def tokens(self) -> list[TokenRow]:
+        rows = await self._all("SELECT * FROM trust_tokens")
+        return [TokenRow(r["secret"], r["name"], r["expires_at"], r["operation"]) for r in rows]
+
+    async def add_token(self, row: TokenRow) -> None:
+        await self._write("INSERT INTO trust_tokens VALUES (?, ?, ?, ?)",
+                          (row.secret, row.name, row.expires_at, row.operation))
+
+    async def take_token(self, secret: str) -> TokenRow | None:
+        """Single use: the row is deleted in the same step that reads it."""
+        rows = await self._all("SELECT * FROM trust_tokens WHERE secret=?", (secret,))
+        if not rows:
+            return None
+        await self._write("DELETE FROM trust_tokens WHERE secret=?", (secret,))
+        r = rows[0]
+        return TokenRow(r["secret"], r["name"], r["expires_at"], r["operation"])
+
+    async def delete_token_by_operation(self, operation: str) -> int:
+        return await self._write("DELETE FROM trust_tokens WHERE operation=?", (operation,))

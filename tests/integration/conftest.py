@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.harness import Cli, Cluster, Server
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reasons = []
+    if os.geteuid() != 0:
+        reasons.append("integration tests run containers: they need root")
+    if shutil.which("lxc-start") is None:
+        reasons.append("LXC is not installed (make install)")
+    if reasons:
+        for item in items:
+            if "integration" in str(item.path):
+                item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def s1(cluster: Cluster) -> Server:
+    return cluster.server("s1", "127.0.0.1")
+
+
+@pytest.fixture
+def s2(cluster: Cluster) -> Server:
+    return cluster.server("s2", "127.0.0.2")
+
+
+@pytest.fixture
+def cli(cluster: Cluster, s1: Server) -> Cli:
+    """A client that trusts s1 as remote 's1' and whose default remote is s1's unix socket."""
+    client = cluster.cli(s1)
+    client.trust(s1, "s1")
+    return client

@@ -1,0 +1,169 @@
+"""Real stapesd processes and the real `stapes` CLI, for integration tests.
+
+Every server gets its own state directory and its own loopback address; every process we start is ended by
+PID, and every container a server ran is killed, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+STAPES = str(BIN / "stapes")
+STAPESD = str(BIN / "stapesd")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    host: str
+    state_dir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.state_dir.parent / f"{self.name}.log"
+        if not self.port:
+            self.port = free_port(self.host)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.address}"
+
+    def start(self, timeout: float = 30) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [STAPESD, "--state-dir", str(self.state_dir), "--https-address", self.address],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        sock = self.state_dir / "unix.socket"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stapesd {self.name} exited: {self.log_path.read_text()[-2000:]}")
+            if sock.exists() and self._answers():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"stapesd {self.name} did not come up: {self.log_path.read_text()[-2000:]}")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def kill_containers(self) -> None:
+        """Failsafe: whatever the test left running under this server's lxcpath is killed."""
+        lxc_path = self.state_dir / "containers"
+        if not lxc_path.is_dir():
+            return
+        for entry in lxc_path.iterdir():
+            if (entry / "config").exists():
+                subprocess.run(["lxc-stop", "-P", str(lxc_path), "-n", entry.name, "-k"],
+                               capture_output=True, timeout=30, check=False)
+
+    def local_env(self) -> dict[str, str]:
+        return {"STAPES_DIR": str(self.state_dir)}
+
+
+class Cli:
+    """Runs `stapes` with its own client configuration directory."""
+
+    def __init__(self, conf_dir: Path, default_server: Server | None = None) -> None:
+        self.conf_dir = conf_dir
+        self.default_server = default_server
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["STAPES_CONF"] = str(self.conf_dir)
+        if self.default_server is not None:
+            env["STAPES_DIR"] = str(self.default_server.state_dir)
+        return env
+
+    def run(self, *args: str, input: str | None = None, check: bool = True,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([STAPES, *args], env=self.env(), input=input, capture_output=True, text=True,
+                                timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"stapes {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def fails(self, *args: str, input: str | None = None) -> str:
+        result = self.run(*args, input=input, check=False)
+        assert result.returncode != 0, f"stapes {' '.join(args)} should have failed:\n{result.stdout}"
+        assert result.stderr.startswith("Error: "), result.stderr
+        return result.stderr
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "--format", "json").stdout)
+
+    def trust(self, server: Server, remote: str) -> None:
+        """Create a token on the server (through its unix socket) and add the remote with it."""
+        local = Cli(self.conf_dir.parent / f"root-{server.name}", server)
+        token = local.run("config", "trust", "add", f"client-{remote}").stdout.strip().splitlines()[-1]
+        self.run("remote", "add", remote, server.url, "--token", token)
+
+
+class Cluster:
+    """A set of servers for one test, torn down completely afterwards."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="stapes-test-"))
+        self.servers: list[Server] = []
+
+    def server(self, name: str, host: str) -> Server:
+        server = Server(name, host, self.root / name / "state")
+        server.state_dir.mkdir(parents=True)
+        server.start()
+        self.servers.append(server)
+        return server
+
+    def cli(self, default_server: Server | None = None) -> Cli:
+        return Cli(self.root / "client", default_server)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.kill_containers()
+            server.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
