@@ -60,7 +60,7 @@ def _create(image_spec: str, name_spec: str | None, config: tuple[str, ...], pro
     body: dict[str, Any] = {
         "name": name, "type": instance_type, "description": description, "ephemeral": ephemeral,
         "source": {"type": "image", "alias": image}, "config": key_values(config),
-        "profiles": [] if no_profiles else (list(profiles) if profiles else None), "devices": {},
+        "profiles": [] if no_profiles else (list(profiles) if profiles else None), "devices": {}, "start": start,
     }
     with client_for(remote) as client:
         overrides = device_overrides(devices)
@@ -80,8 +80,6 @@ def _create(image_spec: str, name_spec: str | None, config: tuple[str, ...], pro
         verb = "Launching" if start else "Creating"
         with render.progress(f"{verb} {name}", quiet) as update:
             client.create_instance(body, update)
-            if start:
-                client.change_state(name, "start")
     render.success(f"{'Launched' if start else 'Created'} {remote.name}:{name}", quiet)
 
 

@@ -283,6 +283,8 @@ class _ExecStreams:
             ]
             feeder = asyncio.create_task(self._input(sockets["0"]))
             control = sockets["control"]
+            # The server closes the control socket when the command ends; reading it answers that close.
+            drain = asyncio.create_task(self._output(control, None))
             loop = asyncio.get_running_loop()
             handled: list[signal.Signals] = []
             if self.forward_signals:
@@ -299,14 +301,16 @@ class _ExecStreams:
                 for sig in handled:
                     loop.remove_signal_handler(sig)
                 feeder.cancel()
+                drain.cancel()
             return int(result["metadata"].get("return", -1))
 
     async def _output(self, ws: aiohttp.ClientWebSocketResponse, sink: BinaryIO | None) -> None:
         async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.BINARY and sink is not None:
-                sink.write(msg.data)
-                sink.flush()
-            elif msg.type != aiohttp.WSMsgType.BINARY:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                if sink is not None:
+                    sink.write(msg.data)
+                    sink.flush()
+            elif msg.type != aiohttp.WSMsgType.TEXT:
                 break
 
     async def _input(self, ws: aiohttp.ClientWebSocketResponse) -> None:

@@ -70,8 +70,10 @@ def string_map(value: Any, what: str) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be an object of strings")
-    return {str(k): v if isinstance(v, str) else json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-            for k, v in value.items()}
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise BadRequest(f"{what}: the value of {key!r} must be a string, got {json.dumps(item)}")
+    return {str(k): v for k, v in value.items()}
 
 
 def devices_map(value: Any) -> dict[str, dict[str, str]]:

@@ -52,7 +52,7 @@ def routes(r: web.RouteTableDef) -> None:
                 raise Forbidden("A websocket secret is required")
             raise BadRequest("Missing 'secret' query parameter")
         name = op.channel_for_secret(secret)
-        ws = web.WebSocketResponse(max_msg_size=0, compress=False)
+        ws = web.WebSocketResponse(max_msg_size=0, compress=False, timeout=5)
         await ws.prepare(request)
         await op.attach(name, ws)
         return ws

@@ -16,7 +16,7 @@ API_EXTENSIONS = [
     "storage", "projects", "instances", "certificate_token", "explicit_trust_token", "certificate_update",
     "exec_environment", "container_exec_signal_handling", "operation_wait", "image_aliases_list",
     "api_filtering", "container_full", "container_backup", "instance_all_projects", "resources",
-    "server_info_pid",
+    "server_info_pid", "instance_create_start",
 ]
 
 
