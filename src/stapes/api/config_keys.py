@@ -120,7 +120,8 @@ def validate_config(
             if key.startswith(namespaces):
                 continue
             known = ", ".join(sorted(keys))
-            raise BadRequest(f"Unknown {what} key {key!r}: known keys are {known} and {', '.join(namespaces)}*")
+            free = ", ".join(f"{n}*" for n in namespaces)
+            raise BadRequest(f"Unknown {what} key {key!r}: known keys are {known}, and any key under {free}")
         try:
             spec.check(value)
         except ValueError as err:

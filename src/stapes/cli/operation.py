@@ -9,13 +9,11 @@ import json
 import click
 
 from stapes.cli import render
-from stapes.cli.common import config, parse, parse_remote_only, project_override
+from stapes.cli.common import client_for, config, parse, parse_remote_only, project_override
 from stapes.client.client import AsyncClient
 
 
 def register(cli: click.Group) -> None:
-    from stapes.cli.common import client_for
-
     @cli.group()
     def operation() -> None:
         """Background operations."""

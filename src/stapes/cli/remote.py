@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import click
 
 from stapes.api.errors import BadRequest
@@ -29,8 +31,6 @@ def register(cli: click.Group) -> None:
           stapes remote add s1 https://127.0.0.1:8443 --token TOKEN
           stapes remote add s1 TOKEN        (the server address comes from the token)
         """
-        import asyncio
-
         if token is None and address is not None:
             try:
                 decode_token(address)

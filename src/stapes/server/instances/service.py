@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
 from collections import defaultdict
@@ -17,6 +16,7 @@ from stapes.api.devices import Devices, expand_devices, root_disk, validate_devi
 from stapes.api.errors import BadRequest, Conflict, NotFound
 from stapes.api.names import validate_instance_name
 from stapes.api.status import StatusCode
+from stapes.api.timefmt import iso
 from stapes.server.events import EventHub
 from stapes.server.images.store import ARCHITECTURE, ImageStore
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec
@@ -28,12 +28,6 @@ from stapes.server.store.db import InstanceRow, Store
 log = logging.getLogger(__name__)
 VOLUME_KIND = "containers"
 DEFAULT_STOP_TIMEOUT = 30.0
-
-
-def _iso(timestamp: float) -> str:
-    if not timestamp:
-        return "1970-01-01T00:00:00Z"
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 class InstanceService:
@@ -99,7 +93,7 @@ class InstanceService:
             "description": row.description, "config": row.config, "devices": row.devices,
             "profiles": row.profiles, "ephemeral": row.ephemeral, "stateful": False,
             "expanded_config": config, "expanded_devices": devices, "status": status.label,
-            "status_code": int(status), "created_at": _iso(row.created_at), "last_used_at": _iso(row.last_used_at),
+            "status_code": int(status), "created_at": iso(row.created_at), "last_used_at": iso(row.last_used_at),
             "location": "none", "snapshots": None, "backups": None,
         }
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from stapes.api.errors import BadRequest, StapesError
 from stapes.server.auth import Caller
-from stapes.server.operations import Operation
+from stapes.server.operations import Operation, Runner
 
 if TYPE_CHECKING:
     from stapes.server.daemon import Daemon
@@ -21,6 +21,11 @@ def daemon(request: web.Request) -> Daemon:
 
 def caller(request: web.Request) -> Caller:
     return cast(Caller, request["caller"])
+
+
+def instance_url(name: str, project_name: str) -> str:
+    suffix = "" if project_name == "default" else f"?project={project_name}"
+    return f"/1.0/instances/{name}{suffix}"
 
 
 def sync(metadata: Any = None, status: int = 200) -> web.Response:
@@ -35,6 +40,21 @@ def async_operation(op: Operation) -> web.Response:
         "type": "async", "status": "Operation created", "status_code": 100, "operation": op.url,
         "error_code": 0, "error": "", "metadata": op.to_json(),
     }, status=202, headers={"Location": op.url})
+
+
+async def _nothing(op: Operation) -> None:
+    return None
+
+
+def start_task(request: web.Request, description: str, project: str, work: Runner | None = None,
+               instance: str | None = None) -> web.Response:
+    """Run `work` as a task operation that cannot be cancelled (its steps roll back themselves) and answer
+    202; without `work` the operation is already finished (Incus answers some synchronous changes so)."""
+    resources = {"instances": [instance_url(instance, project)]} if instance else {}
+    op = daemon(request).operations.create(op_class="task", description=description, project=project,
+                                           resources=resources, may_cancel=False)
+    op.start(work or _nothing)
+    return async_operation(op)
 
 
 def error(err: StapesError) -> web.Response:

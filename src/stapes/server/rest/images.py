@@ -9,10 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
-from stapes.api.errors import BadRequest, NotFound
+from stapes.api.errors import BadRequest, Conflict, NotFound
+from stapes.api.timefmt import iso
 from stapes.server.images.busybox import build_busybox_image
 from stapes.server.operations import Operation
-from stapes.server.rest.common import async_operation, body, daemon, recursion, sync
+from stapes.server.rest.common import body, daemon, recursion, start_task, sync
 from stapes.server.store.db import ImageRow
 
 BUILTIN_IMAGES = {"busybox": build_busybox_image}
@@ -21,14 +22,12 @@ BUILTIN_IMAGES = {"busybox": build_busybox_image}
 async def render_image(request: web.Request, row: ImageRow) -> dict[str, Any]:
     aliases = await daemon(request).store.aliases()
     created = row.created_at
-    from stapes.server.instances.service import _iso
-
     return {
         "fingerprint": row.fingerprint, "filename": row.filename, "size": row.size, "type": row.type,
         "architecture": row.architecture, "properties": row.properties, "public": row.public,
         "aliases": [{"name": n, "description": desc} for n, (fp, desc) in aliases.items() if fp == row.fingerprint],
-        "created_at": _iso(created), "uploaded_at": _iso(created), "last_used_at": _iso(0),
-        "expires_at": _iso(0), "auto_update": False, "cached": False, "profiles": ["default"],
+        "created_at": iso(created), "uploaded_at": iso(created), "last_used_at": iso(0),
+        "expires_at": iso(0), "auto_update": False, "cached": False, "profiles": ["default"],
     }
 
 
@@ -75,10 +74,7 @@ def routes(r: web.RouteTableDef) -> None:
                 await d.images.set_alias(str(alias["name"]), row.fingerprint, str(alias.get("description", "")))
             return {"fingerprint": row.fingerprint, "size": row.size}
 
-        op = d.operations.create(op_class="task", description="Importing image", project="default",
-                                 may_cancel=False)
-        op.start(work)
-        return async_operation(op)
+        return start_task(request, "Importing image", "default", work)
 
     @r.get("/1.0/images/aliases")
     async def list_aliases(request: web.Request) -> web.Response:
@@ -95,8 +91,6 @@ def routes(r: web.RouteTableDef) -> None:
         row = await d.images.resolve(str(data.get("target") or ""))
         name = str(data.get("name") or "")
         if name in await d.store.aliases():
-            from stapes.api.errors import Conflict
-
             raise Conflict(f"Alias {name!r} already exists: delete it first")
         await d.images.set_alias(name, row.fingerprint, str(data.get("description") or ""))
         return sync()
@@ -129,10 +123,7 @@ def routes(r: web.RouteTableDef) -> None:
         async def work(op: Operation) -> None:
             await d.images.delete(row.fingerprint)
 
-        op = d.operations.create(op_class="task", description="Deleting image", project="default",
-                                 may_cancel=False)
-        op.start(work)
-        return async_operation(op)
+        return start_task(request, "Deleting image", "default", work)
 
 
 def _temp_upload(directory: Path) -> Path:

@@ -16,17 +16,14 @@ from stapes.server.rest.common import (
     body,
     daemon,
     devices_map,
+    instance_url,
     project,
     recursion,
+    start_task,
     string_map,
     sync,
 )
 from stapes.server.store.db import InstanceRow
-
-
-def instance_url(name: str, project_name: str) -> str:
-    suffix = "" if project_name == "default" else f"?project={project_name}"
-    return f"/1.0/instances/{name}{suffix}"
 
 
 def _timeout(value: Any) -> float | None:
@@ -92,10 +89,7 @@ def routes(r: web.RouteTableDef) -> None:
             if start:
                 await d.instances.change_state(proj, row.name, "start")
 
-        op = d.operations.create(op_class="task", description="Creating instance", project=proj,
-                                 resources={"instances": [instance_url(row.name, proj)]}, may_cancel=False)
-        op.start(work)
-        return async_operation(op)
+        return start_task(request, "Creating instance", proj, work, row.name)
 
     @r.get("/1.0/instances/{name}")
     async def get_instance(request: web.Request) -> web.Response:
@@ -122,10 +116,7 @@ def routes(r: web.RouteTableDef) -> None:
             changes.setdefault("devices", {})
         await d.instances.update(proj, name, changes, replace=replace)
         if replace:  # Incus answers PUT with an (already finished) operation
-            op = d.operations.create(op_class="task", description="Updating instance", project=proj,
-                                     resources={"instances": [instance_url(name, proj)]}, may_cancel=False)
-            op.start(_nothing)
-            return async_operation(op)
+            return start_task(request, "Updating instance", proj, None, name)
         return sync()
 
     @r.put("/1.0/instances/{name}")
@@ -146,10 +137,7 @@ def routes(r: web.RouteTableDef) -> None:
         async def work(op: Operation) -> None:
             await d.instances.delete(proj, name)
 
-        op = d.operations.create(op_class="task", description="Deleting instance", project=proj,
-                                 resources={"instances": [instance_url(name, proj)]}, may_cancel=False)
-        op.start(work)
-        return async_operation(op)
+        return start_task(request, "Deleting instance", proj, work, name)
 
     @r.post("/1.0/instances/{name}")
     async def rename_or_migrate(request: web.Request) -> web.Response:
@@ -164,10 +152,7 @@ def routes(r: web.RouteTableDef) -> None:
         if not new_name:
             raise BadRequest("Renaming needs a new 'name'")
         await d.instances.rename(proj, name, new_name)
-        op = d.operations.create(op_class="task", description="Renaming instance", project=proj,
-                                 resources={"instances": [instance_url(new_name, proj)]}, may_cancel=False)
-        op.start(_nothing)
-        return async_operation(op)
+        return start_task(request, "Renaming instance", proj, None, new_name)
 
     @r.get("/1.0/instances/{name}/state")
     async def get_state(request: web.Request) -> web.Response:
@@ -195,10 +180,7 @@ def routes(r: web.RouteTableDef) -> None:
 
         descriptions = {"start": "Starting", "stop": "Stopping", "restart": "Restarting", "freeze": "Freezing",
                         "unfreeze": "Unfreezing"}
-        op = d.operations.create(op_class="task", description=f"{descriptions[action]} instance", project=proj,
-                                 resources={"instances": [instance_url(name, proj)]}, may_cancel=False)
-        op.start(work)
-        return async_operation(op)
+        return start_task(request, f"{descriptions[action]} instance", proj, work, name)
 
     @r.post("/1.0/instances/{name}/exec")
     async def exec_command(request: web.Request) -> web.Response:
@@ -257,7 +239,3 @@ def routes(r: web.RouteTableDef) -> None:
             raise NotFound(f"Log file {request.match_info['file']!r} not found")
         text = await asyncio.to_thread(path.read_bytes)
         return web.Response(body=text, content_type="text/plain")
-
-
-async def _nothing(op: Operation) -> None:
-    return None

@@ -10,13 +10,11 @@ from stapes.api.config_keys import validate_instance_config
 from stapes.api.devices import validate_devices
 from stapes.api.errors import BadRequest, Conflict
 from stapes.api.names import validate_entity_name
-from stapes.server.rest.common import body, daemon, devices_map, recursion, string_map, sync
+from stapes.server.rest.common import body, daemon, devices_map, instance_url, recursion, string_map, sync
 from stapes.server.store.db import ProfileRow
 
 
 async def used_by(request: web.Request, name: str) -> list[str]:
-    from stapes.server.rest.instances import instance_url
-
     return [instance_url(row.name, row.project) for row in await daemon(request).store.instances()
             if name in row.profiles]
 

@@ -9,13 +9,11 @@ from aiohttp import web
 from stapes.api.config_keys import SERVER_NAMESPACES, validate_config
 from stapes.api.errors import BadRequest, Conflict
 from stapes.api.names import validate_entity_name
-from stapes.server.rest.common import body, daemon, recursion, string_map, sync
+from stapes.server.rest.common import body, daemon, instance_url, recursion, string_map, sync
 from stapes.server.store.db import ProjectRow
 
 
 async def render(request: web.Request, row: ProjectRow) -> dict[str, Any]:
-    from stapes.server.rest.instances import instance_url
-
     instances = await daemon(request).store.instances(row.name)
     return {"name": row.name, "description": row.description, "config": row.config,
             "used_by": [instance_url(i.name, i.project) for i in instances]}

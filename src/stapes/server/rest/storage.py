@@ -7,13 +7,12 @@ from typing import Any
 from aiohttp import web
 
 from stapes.api.devices import root_disk
-from stapes.server.rest.common import body, daemon, recursion, string_map, sync
+from stapes.api.errors import BadRequest
+from stapes.server.rest.common import body, daemon, instance_url, recursion, string_map, sync
 from stapes.server.store.db import PoolRow
 
 
 async def used_by(request: web.Request, pool: str) -> list[str]:
-    from stapes.server.rest.instances import instance_url
-
     d = daemon(request)
     users = [f"/1.0/profiles/{p.name}" for p in await d.store.profiles()
              if (root := root_disk(p.devices)) and root[1].get("pool") == pool]
@@ -63,8 +62,6 @@ def routes(r: web.RouteTableDef) -> None:
             row.description = str(data["description"] or "")
         config = string_map(data.get("config"), "config")
         if config.get("source", row.config["source"]) != row.config["source"]:
-            from stapes.api.errors import BadRequest
-
             raise BadRequest("A pool's source cannot change once it is created")
         await d.store.update_pool(row)
         return sync()

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The main job, end to end: two local Stapes servers, a client trusted on both, containers on them.
+# Everything it starts is stopped and removed on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="$PWD/.venv/bin"
+ROOT="$(mktemp -d /tmp/stapes-demo.XXXXXX)"
+PORT="${STAPES_DEMO_PORT:-8443}"
+export STAPES_CONF="$ROOT/client"
+pids=()
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+cleanup() {
+    say "Cleaning up"
+    for s in s1 s2; do
+        [ -S "$ROOT/$s/unix.socket" ] || continue
+        for name in $(STAPES_DIR="$ROOT/$s" STAPES_CONF="$ROOT/root-$s" "$BIN/stapes" list --all-projects \
+                      --format csv -c n 2>/dev/null); do
+            STAPES_DIR="$ROOT/$s" STAPES_CONF="$ROOT/root-$s" "$BIN/stapes" delete --force -q "$name" \
+                2>/dev/null || true
+        done
+    done
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$ROOT"
+}
+trap cleanup EXIT
+
+start_server() {  # name address
+    "$BIN/stapesd" --state-dir "$ROOT/$1" --https-address "$2" >"$ROOT/$1.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do
+        [ -S "$ROOT/$1/unix.socket" ] && return 0
+        kill -0 "${pids[-1]}" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "stapesd $1 did not start:" >&2; cat "$ROOT/$1.log" >&2; exit 1
+}
+
+say "Starting two servers: s1 on 127.0.0.1:$PORT, s2 on 127.0.0.2:$PORT"
+start_server s1 "127.0.0.1:$PORT"
+start_server s2 "127.0.0.2:$PORT"
+
+say "Trusting this client on both servers with single-use tokens"
+for s in s1 s2; do
+    token=$(STAPES_DIR="$ROOT/$s" STAPES_CONF="$ROOT/root-$s" "$BIN/stapes" config trust add "demo-$s" | tail -n1)
+    addr=$([ $s = s1 ] && echo 127.0.0.1 || echo 127.0.0.2)
+    run "$BIN/stapes" remote add "$s" "https://$addr:$PORT" --token "$token"
+done
+run "$BIN/stapes" remote list
+
+say "The built-in busybox image (made locally from busybox-static)"
+run "$BIN/stapes" image list s1:
+
+say "Launching a container on s1 with limits, and running commands in it"
+run "$BIN/stapes" launch s1:busybox c1 -c limits.memory=64MiB -c limits.cpu=1
+run "$BIN/stapes" exec s1:c1 -- cat /etc/hostname
+run "$BIN/stapes" exec s1:c1 -- sh -c 'echo "memory limit: $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max)"'
+echo "hello through stdin" | run "$BIN/stapes" exec s1:c1 -- cat
+set +e; run "$BIN/stapes" exec s1:c1 -- sh -c 'exit 3'; echo "exit status passed on: $?"; set -e
+
+say "A profile and a project on s2"
+run "$BIN/stapes" profile create s2:small
+run "$BIN/stapes" profile set s2:small limits.memory=32MiB
+run "$BIN/stapes" project create s2:staging
+run "$BIN/stapes" --project staging launch s2:busybox web -p default -p small
+run "$BIN/stapes" --project staging exec s2:web -- hostname
+run "$BIN/stapes" --project staging config show s2:web --expanded
+
+say "Listing both servers"
+run "$BIN/stapes" list s1:
+run "$BIN/stapes" list s2: --all-projects
+run "$BIN/stapes" info s1:c1
+
+say "Errors are one clear line, and change nothing"
+run "$BIN/stapes" launch s1:busybox 9bad || true
+run "$BIN/stapes" stop s1:c1 --force
+run "$BIN/stapes" stop s1:c1 || true
+run "$BIN/stapes" config set s1:c1 limits.bogus=1 || true
+
+say "Stopping and deleting"
+run "$BIN/stapes" delete s1:c1
+run "$BIN/stapes" --project staging delete s2:web --force
+run "$BIN/stapes" list s1:
+say "Demo finished"
