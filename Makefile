@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install system demo test lint unit integration bench clean
+.PHONY: install system demo test lint unit integration bench clean proto
 
 install: system $(VENV)/.installed
 
@@ -37,3 +37,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the migration messages after editing migrate.proto (the generated files are committed).
+proto: install
+	cd src/stapes/server/migration && ../../../../$(BIN)/python -m grpc_tools.protoc -I. --python_out=. \
+		--pyi_out=. migrate.proto

@@ -147,7 +147,7 @@ async def run(state_dir: Path, https_address: str | None) -> None:
     paths = StatePaths(state_dir.resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.root, 0o711)
-    ensure_certificate(paths.server_cert, paths.server_key, server=True)
+    await asyncio.to_thread(ensure_certificate, paths.server_cert, paths.server_key, server=True)
     store = await Store.open(paths.database)
     daemon = Daemon(paths, store)
     stop = asyncio.Event()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from pathlib import Path
@@ -60,7 +61,7 @@ def routes(r: web.RouteTableDef) -> None:
             try:
                 with upload.open("wb") as out:
                     async for chunk in request.content.iter_chunked(1 << 20):
-                        out.write(chunk)
+                        await asyncio.to_thread(out.write, chunk)
             except BaseException:
                 upload.unlink(missing_ok=True)
                 raise
