@@ -128,6 +128,13 @@ class Connection:
             raise StapesError(result.get("err") or result["status"])
         return result
 
+    async def poll_until_done(self, op: Json) -> Json:
+        """The operation once it is final, failed or not (no exception for a failure)."""
+        async for current in self.poll(op, 30.0):
+            if current["status_code"] >= 200:
+                return current
+        return await self.request("GET", f"/1.0/operations/{op['id']}")
+
     async def poll(self, op: Json, interval: float = 0.5) -> AsyncIterator[Json]:
         """Yield the operation each time it may have changed, until it is final."""
         op_id = op["id"]

@@ -23,6 +23,7 @@ from stapes.server.images.busybox import build_busybox_image
 from stapes.server.images.store import ImageStore
 from stapes.server.instances.lxc import LxcDriver
 from stapes.server.instances.service import InstanceService
+from stapes.server.migration.service import MigrationService
 from stapes.server.operations import OperationRegistry
 from stapes.server.paths import StatePaths
 from stapes.server.rest.app import build_app
@@ -45,6 +46,7 @@ class Daemon:
             store, self.storage, self.images, self.events,
             {"container": LxcDriver(paths.lxc_path, paths.server_id)},
         )
+        self.migration = MigrationService(self.instances, paths)
         self.certificate_pem = paths.server_cert.read_text()
         self.certificate_fingerprint = fingerprint_pem(self.certificate_pem)
         self.lxc_version = ""

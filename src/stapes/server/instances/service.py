@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from stapes.server.images.store import ARCHITECTURE, ImageStore
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec
 from stapes.server.instances.exec_session import run_exec
 from stapes.server.operations import Operation
+from stapes.server.storage.base import PoolDriver
 from stapes.server.storage.service import StorageService
 from stapes.server.store.db import InstanceRow, Store
 
@@ -146,7 +147,6 @@ class InstanceService:
             raise Conflict(f"Instance {row.name!r} already exists in project {row.project!r}")
 
     async def create(self, row: InstanceRow, image: str | None, op: Operation | None) -> None:
-        """Reserve the name, fill the volume, define; on any failure undo every step taken."""
         fingerprint = None
         if image is not None:
             image_row = await self._images.resolve(image)
@@ -154,6 +154,21 @@ class InstanceService:
             for key, value in image_row.properties.items():
                 row.config.setdefault(f"image.{key}", value)
             row.config["volatile.base_image"] = fingerprint
+
+        async def fill(volume: Path) -> None:
+            if fingerprint is None:
+                (volume / "rootfs").mkdir(exist_ok=True)
+                return
+            if op is not None:
+                op.update_metadata(progress={"stage": "unpack"})
+            await self._images.unpack(fingerprint, volume)
+
+        await self.create_with(row, fill)
+
+    async def create_with(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
+                          finalize: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Reserve the name, create and fill the volume, define, finalize; on any failure (or cancellation)
+        undo every step taken, so nothing of the instance is left."""
         row.architecture = row.architecture or ARCHITECTURE
         await self.validate_new(row)
         await self._store.create_instance(row)
@@ -161,27 +176,33 @@ class InstanceService:
         spec: InstanceSpec | None = None
         try:
             spec = await self.spec(row)
-            pool = await self._storage.driver(spec.devices[root_disk(spec.devices)[0]]["pool"])  # type: ignore[index]
+            pool = await self.pool_of(spec)
             volume = await pool.create_volume(VOLUME_KIND, row.project, row.name)
             volume_created = True
-            if fingerprint is not None:
-                if op is not None:
-                    op.update_metadata(progress={"stage": "unpack", "percent": "0"})
-                await self._images.unpack(fingerprint, volume)
-            else:
-                (volume / "rootfs").mkdir(exist_ok=True)
+            await fill(volume)
             await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
             await self.driver(row.type).define(spec)
+            if finalize is not None:
+                await finalize()
         except BaseException:
-            with contextlib.suppress(Exception):
-                if spec is not None:
-                    await self.driver(row.type).undefine(spec)
-                    if volume_created:
-                        pool = await self._storage.driver(root_disk(spec.devices)[1]["pool"])  # type: ignore[index]
-                        await pool.delete_volume(VOLUME_KIND, row.project, row.name)
-                await self._store.delete_instance(row.project, row.name)
+            await asyncio.shield(self._undo_create(row, spec, volume_created))
             raise
         self._events.lifecycle("instance-created", f"/1.0/instances/{row.name}", row.project)
+
+    async def _undo_create(self, row: InstanceRow, spec: InstanceSpec | None, volume_created: bool) -> None:
+        try:
+            if spec is not None:
+                await self.driver(row.type).undefine(spec)
+                if volume_created:
+                    await (await self.pool_of(spec)).delete_volume(VOLUME_KIND, row.project, row.name)
+        except Exception:
+            log.exception("could not remove the volume of failed instance %s/%s", row.project, row.name)
+        await self._store.delete_instance(row.project, row.name)
+
+    async def pool_of(self, spec: InstanceSpec) -> PoolDriver:
+        root = root_disk(spec.devices)
+        assert root is not None
+        return await self._storage.driver(root[1]["pool"])
 
     # changes
     async def update(self, project: str, name: str, changes: dict[str, Any], *, replace: bool) -> None:
@@ -225,7 +246,7 @@ class InstanceService:
             with contextlib.suppress(NotFound):
                 await self._store.instance(project, new_name)
                 raise Conflict(f"Instance {new_name!r} already exists in project {project!r}")
-            pool = await self._storage.driver(root_disk(spec.devices)[1]["pool"])  # type: ignore[index]
+            pool = await self.pool_of(spec)
             await pool.rename_volume(VOLUME_KIND, project, name, new_name)
             try:
                 await self._store.rename_instance(project, name, new_name)
@@ -246,9 +267,7 @@ class InstanceService:
             driver = self.driver(row.type)
             if (await driver.state(spec, detail=False)).status != StatusCode.STOPPED:
                 raise BadRequest(f"Instance {name!r} is running: stop it first, or delete it with --force")
-            root = root_disk(spec.devices)
-            assert root is not None
-            pool = await self._storage.driver(root[1]["pool"])
+            pool = await self.pool_of(spec)
             await driver.undefine(spec)
             await pool.delete_volume(VOLUME_KIND, project, name)
             await self._store.delete_instance(project, name)
@@ -303,6 +322,9 @@ class InstanceService:
         row = await self._store.instance(project, name)
         spec = await self.spec(row)
         return await run_exec(op, self.driver(row.type), spec, request, width, height)
+
+    async def status(self, row: InstanceRow) -> StatusCode:
+        return (await self.driver(row.type).state(await self.spec(row), detail=False)).status
 
     async def check_running(self, project: str, name: str) -> None:
         row = await self._store.instance(project, name)

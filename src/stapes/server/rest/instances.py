@@ -65,10 +65,10 @@ def routes(r: web.RouteTableDef) -> None:
                 raise BadRequest("An image source needs an 'alias' or a 'fingerprint'")
             if source.get("server"):
                 raise BadRequest("Images from other servers are not supported yet: import the image here first")
-        elif source_type in ("migration", "copy"):
-            raise BadRequest(f"Creating an instance from a {source_type!r} source is not supported yet")
-        elif source_type != "none":
-            raise BadRequest(f"Unknown source type {source_type!r}: use image or none")
+        elif source_type == "copy":
+            raise BadRequest("Copying an instance on the same server is not supported yet: copy through a remote")
+        elif source_type not in ("none", "migration"):
+            raise BadRequest(f"Unknown source type {source_type!r}: use image, migration or none")
         profiles = data.get("profiles")
         row = InstanceRow(
             project=proj, name=str(data.get("name") or ""), type=data.get("type") or "container",
@@ -82,6 +82,8 @@ def routes(r: web.RouteTableDef) -> None:
         if image is not None:
             await d.images.resolve(image)
         await d.instances.validate_new(row)
+        if source_type == "migration":
+            return _receive_migration(request, row, source)
         start = bool(data.get("start"))
 
         async def work(op: Operation) -> None:
@@ -147,7 +149,7 @@ def routes(r: web.RouteTableDef) -> None:
         await d.instances.get(proj, name)
         data = await body(request)
         if data.get("migration"):
-            raise BadRequest("Migrating instances is not supported yet")
+            return await _send_migration(request, proj, name, data)
         new_name = str(data.get("name") or "")
         if not new_name:
             raise BadRequest("Renaming needs a new 'name'")
@@ -239,3 +241,57 @@ def routes(r: web.RouteTableDef) -> None:
             raise NotFound(f"Log file {request.match_info['file']!r} not found")
         text = await asyncio.to_thread(path.read_bytes)
         return web.Response(body=text, content_type="text/plain")
+
+
+MIGRATION_CHANNELS = ("control", "fs")
+
+
+def _migration_operation(request: web.Request, description: str, project: str, name: str, websockets: bool
+                         ) -> Operation:
+    op = daemon(request).operations.create(
+        op_class="websocket" if websockets else "task", description=description, project=project,
+        resources={"instances": [instance_url(name, project)]}, channels=MIGRATION_CHANNELS if websockets else ())
+    if websockets:
+        op.metadata.update(op.secrets)  # Incus puts the secrets at the top of the metadata
+    return op
+
+
+async def _send_migration(request: web.Request, project_name: str, name: str, data: dict[str, Any]) -> web.Response:
+    """Source side: without a target, wait for the target (pull) or the client (relay) to dial us; with a
+    target, dial it (push)."""
+    d = daemon(request)
+    live = bool(data.get("live"))
+    await d.migration.check_source(project_name, name, live)
+    target = data.get("target")
+    if target is not None and not isinstance(target, dict):
+        raise BadRequest("'target' must be an object with operation, secrets and certificate")
+    op = _migration_operation(request, "Migrating instance", project_name, name, websockets=target is None)
+
+    async def work(op: Operation) -> None:
+        await d.migration.run_source(op, project_name, name, target)
+
+    op.start(work)
+    return async_operation(op)
+
+
+def _receive_migration(request: web.Request, row: InstanceRow, source: dict[str, Any]) -> web.Response:
+    """Target side: pull dials the source's operation; push waits for the source (or a relaying client)."""
+    d = daemon(request)
+    mode = source.get("mode") or "pull"
+    if mode not in ("pull", "push"):
+        raise BadRequest(f"Unknown migration mode {mode!r}: use pull or push (relay is push on both ends)")
+    if source.get("live"):
+        raise BadRequest("Live migration is not supported yet")
+    if source.get("refresh"):
+        raise BadRequest("Refreshing an existing copy is not supported yet")
+    if mode == "pull":
+        for key in ("operation", "secrets", "certificate"):
+            if not source.get(key):
+                raise BadRequest(f"A pull migration needs the source's {key!r}")
+    op = _migration_operation(request, "Creating instance", row.project, row.name, websockets=mode == "push")
+
+    async def work(op: Operation) -> None:
+        await d.migration.run_sink(op, row, source)
+
+    op.start(work)
+    return async_operation(op)

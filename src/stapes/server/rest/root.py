@@ -17,6 +17,7 @@ API_EXTENSIONS = [
     "exec_environment", "container_exec_signal_handling", "operation_wait", "image_aliases_list",
     "api_filtering", "container_full", "container_backup", "instance_all_projects", "resources",
     "server_info_pid", "instance_create_start",
+    "container_push", "container_push_target", "container_only_migration", "migration_progress",
 ]
 
 

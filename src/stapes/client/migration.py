@@ -1,0 +1,180 @@
+"""Copying and moving instances between servers, from the client's side: the same requests the Incus client
+sends, for pull (the target dials the source), push (the source dials the target) and relay (this client
+dials both and copies the bytes itself).
+
+A move is a copy followed by deleting the source, and the source is deleted only after both servers reported
+success. Whatever fails, both operations are cancelled and the error says which side failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from stapes.api.errors import BadRequest, StapesError
+from stapes.client.client import AsyncClient
+from stapes.client.connection import Json
+
+MODES = ("pull", "push", "relay")
+CHANNELS = ("control", "fs")
+
+
+class MigrationFailed(StapesError):
+    """One side of a migration failed; the message says which side and why."""
+
+
+@dataclass
+class Overrides:
+    config: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    profiles: list[str] | None = None  # None: keep the source's profiles; []: no profiles
+    storage: str | None = None
+    instance_only: bool = False
+
+
+def target_body(instance: Json, new_name: str, overrides: Overrides, profile_devices: dict[str, dict[str, str]]
+                ) -> dict[str, Any]:
+    """The instance as the target creates it: the source's own config and devices with the overrides applied
+    (pure: unit-tested). Volatile keys stay behind except the base image, as Incus does."""
+    config = {k: v for k, v in instance["config"].items()
+              if not k.startswith("volatile.") or k == "volatile.base_image"}
+    config.update(overrides.config)
+    devices = {name: dict(dev) for name, dev in instance["devices"].items()}
+    for name, values in overrides.devices.items():
+        base = devices.get(name) or profile_devices.get(name)
+        if base is None and "type" not in values:
+            raise BadRequest(f"Device {name!r} is not on the instance or its profiles: give its type too")
+        devices[name] = {**(base or {}), **values}
+    if overrides.storage:
+        root_name = next((n for n, d in {**profile_devices, **devices}.items()
+                          if d.get("type") == "disk" and d.get("path") == "/"), "root")
+        base = devices.get(root_name) or profile_devices.get(root_name) or {"type": "disk", "path": "/"}
+        devices[root_name] = {**base, "pool": overrides.storage}
+    profiles = instance["profiles"] if overrides.profiles is None else overrides.profiles
+    return {"name": new_name, "type": instance["type"], "architecture": instance["architecture"],
+            "description": instance["description"], "ephemeral": instance["ephemeral"], "config": config,
+            "devices": devices, "profiles": profiles}
+
+
+async def _server_address(client: AsyncClient) -> tuple[str, str]:
+    """(https base URL the other server can reach, certificate PEM)."""
+    info = await client.server()
+    env = info.get("environment") or {}
+    if not client.remote.is_unix:
+        url = client.remote.addr.rstrip("/")
+    elif env.get("addresses"):
+        url = f"https://{env['addresses'][0]}"
+    else:
+        raise BadRequest(f"The server behind {client.remote.name!r} is not listening on the network, so the other "
+                         "server cannot reach it: set core.https_address on it")
+    return url, str(env.get("certificate") or "")
+
+
+async def _relay(source: AsyncClient, source_op: Json, target: AsyncClient, target_op: Json) -> None:
+    """Open both ends of every channel and copy each message across, in both directions."""
+    async with contextlib.AsyncExitStack() as stack:
+        pumps = []
+        for name in CHANNELS:
+            src_ws = await stack.enter_async_context(
+                await source.conn.operation_websocket(source_op, source_op["metadata"][name]))
+            dst_ws = await stack.enter_async_context(
+                await target.conn.operation_websocket(target_op, target_op["metadata"][name]))
+            pumps += [asyncio.create_task(_pump(src_ws, dst_ws)), asyncio.create_task(_pump(dst_ws, src_ws))]
+        try:
+            await asyncio.gather(*pumps)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+
+
+async def _pump(reader: aiohttp.ClientWebSocketResponse, writer: aiohttp.ClientWebSocketResponse) -> None:
+    async for msg in reader:
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            await writer.send_bytes(msg.data)
+        elif msg.type == aiohttp.WSMsgType.TEXT:
+            await writer.send_str(msg.data)
+        else:
+            break
+    with contextlib.suppress(Exception):
+        await writer.close()
+
+
+async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new_name: str, *, mode: str = "pull",
+                        overrides: Overrides | None = None, progress: Callable[[Json], None] | None = None) -> None:
+    if mode not in MODES:
+        raise BadRequest(f"Unknown transfer mode {mode!r}: use pull, push or relay")
+    overrides = overrides or Overrides()
+    instance = await source.instance(name)
+    profile_devices: dict[str, dict[str, str]] = {}
+    profiles = instance["profiles"] if overrides.profiles is None else overrides.profiles
+    for profile in profiles:
+        profile_devices.update((await target.entity("profile", profile))["devices"])
+    body = target_body(instance, new_name, overrides, profile_devices)
+    migration = {"type": "migration", "live": False, "instance_only": overrides.instance_only}
+    source_request: dict[str, Any] = {"migration": True, "live": False, "instance_only": overrides.instance_only}
+
+    source_op: Json | None = None
+    target_op: Json | None = None
+    try:
+        if mode == "pull":
+            source_url, source_cert = await _server_address(source)
+            source_op = await source.conn.request("POST", f"/1.0/instances/{name}", source_request)
+            secrets = {k: source_op["metadata"][k] for k in CHANNELS}
+            body["source"] = {**migration, "mode": "pull", "operation": f"{source_url}{_op_path(source_op)}",
+                              "certificate": source_cert, "secrets": secrets}
+            target_op = await target.conn.request("POST", "/1.0/instances", body)
+        else:
+            body["source"] = {**migration, "mode": "push"}
+            target_op = await target.conn.request("POST", "/1.0/instances", body)
+            if mode == "push":
+                target_url, target_cert = await _server_address(target)
+                secrets = {k: target_op["metadata"][k] for k in CHANNELS}
+                source_request["target"] = {"operation": f"{target_url}{_op_path(target_op)}",
+                                            "certificate": target_cert, "secrets": secrets}
+            source_op = await source.conn.request("POST", f"/1.0/instances/{name}", source_request)
+        await _finish(source, source_op, target, target_op, relay=mode == "relay", progress=progress)
+    except BaseException:
+        await asyncio.shield(_cancel(source, source_op, target, target_op))
+        raise
+
+
+def _op_path(op: Json) -> str:
+    return f"/1.0/operations/{op['id']}"
+
+
+async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, target_op: Json, *, relay: bool,
+                  progress: Callable[[Json], None] | None) -> None:
+    async def watch_target() -> Json:
+        async for current in target.conn.poll(target_op):
+            if progress is not None:
+                progress(current)
+        return await target.conn.request("GET", _op_path(target_op))
+
+    tasks = {"source": asyncio.create_task(source.conn.poll_until_done(source_op)),
+             "target": asyncio.create_task(watch_target())}
+    relay_task = asyncio.create_task(_relay(source, source_op, target, target_op)) if relay else None
+    try:
+        results = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
+    finally:
+        if relay_task is not None:
+            relay_task.cancel()
+            with contextlib.suppress(BaseException):
+                await relay_task
+    failures = [(side, op) for side, op in results.items() if op["status_code"] != 200]
+    if failures:
+        # The target usually has the more telling message (it names the source's failure too).
+        side, op = sorted(failures, key=lambda f: f[0] != "target")[0]
+        server = (target if side == "target" else source).remote.name
+        raise MigrationFailed(f"Migration failed on the {side} ({server}): {op.get('err') or op['status']}")
+
+
+async def _cancel(source: AsyncClient, source_op: Json | None, target: AsyncClient, target_op: Json | None) -> None:
+    for client, op in ((target, target_op), (source, source_op)):
+        if op is not None:
+            with contextlib.suppress(Exception):
+                await client.cancel_operation(op["id"])

@@ -1,0 +1,41 @@
+"""Opening another server's operation websockets: our server certificate as the client certificate, the peer's
+certificate pinned (the one the client handed over in the request)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+from stapes.api.errors import BadRequest, Unavailable
+from stapes.client.connection import client_ssl_context
+from stapes.server.migration.channel import Channel
+
+
+@contextlib.asynccontextmanager
+async def dial(operation_url: str, secrets: dict[str, str], names: tuple[str, ...], certificate: str,
+               cert: Path, key: Path) -> AsyncIterator[dict[str, Channel]]:
+    if not operation_url.startswith("https://"):
+        raise BadRequest(f"The peer operation {operation_url!r} must be an https:// URL")
+    missing = [n for n in names if n not in secrets]
+    if missing:
+        raise BadRequest(f"No secret given for the {', '.join(missing)} websocket(s)")
+    if not certificate:
+        raise BadRequest("The peer's certificate is required (it is pinned for the transfer)")
+    context = client_ssl_context(cert, key, certificate)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        channels: dict[str, Channel] = {}
+        try:
+            for name in names:
+                try:
+                    ws = await session.ws_connect(f"{operation_url}/websocket", params={"secret": secrets[name]},
+                                                  max_msg_size=0, heartbeat=30)
+                except (aiohttp.ClientError, OSError) as err:
+                    raise Unavailable(f"Cannot open the {name} websocket of {operation_url}: {err}") from None
+                channels[name] = Channel(name, ws)
+            yield channels
+        finally:
+            for channel in channels.values():
+                await channel.close()
