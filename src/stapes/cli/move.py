@@ -32,6 +32,8 @@ def _options(func: Any) -> Any:
         click.option("--stateless", is_flag=True,
                      help="Stop a running instance, move it and start it on the target"),
         click.option("--target", "member", help="Cluster member to move to"),
+        click.option("--transport", type=click.Choice(["auto", "tar-stream", "rsync"]), default="auto",
+                     help="Force a transport (auto: the best both servers can do)"),
         click.option("-q", "--quiet", is_flag=True, help="No progress output"),
     ]
     for option in reversed(options):
@@ -75,7 +77,8 @@ async def _transfer(move: bool, source_spec: str, dest_spec: str | None, mode: s
             await source.change_state(name, "stop", timeout=30)
         try:
             with render.progress(f"{'Moving' if move else 'Copying'} {name}", quiet) as update:
-                await copy_instance(source, name, target, new_name, mode=mode, overrides=overrides, progress=update)
+                transport = await copy_instance(source, name, target, new_name, mode=mode, overrides=overrides,
+                                                progress=update)
         except BaseException:
             if running:
                 await asyncio.shield(source.change_state(name, "start"))
@@ -87,7 +90,7 @@ async def _transfer(move: bool, source_spec: str, dest_spec: str | None, mode: s
         elif running:
             await source.change_state(name, "start")
         verb = "Moved" if move else "Copied"
-        return f"{verb} {source_remote.name}:{name} to {target_remote.name}:{new_name} ({mode})"
+        return f"{verb} {source_remote.name}:{name} to {target_remote.name}:{new_name} ({mode}, {transport})"
     finally:
         await source.close()
         await target.close()
@@ -95,7 +98,8 @@ async def _transfer(move: bool, source_spec: str, dest_spec: str | None, mode: s
 
 def _run(move: bool, source: str, destination: str | None, mode: str, config_: tuple[str, ...],
          devices: tuple[str, ...], storage: str | None, profiles: tuple[str, ...], no_profiles: bool,
-         target_project: str | None, instance_only: bool, stateless: bool, member: str | None, quiet: bool) -> None:
+         target_project: str | None, instance_only: bool, stateless: bool, member: str | None, transport: str,
+         quiet: bool) -> None:
     if member:
         raise BadRequest("--target names a cluster member, and this server is not clustered")
     if no_profiles and profiles:
@@ -103,7 +107,7 @@ def _run(move: bool, source: str, destination: str | None, mode: str, config_: t
     parse(source)
     overrides = Overrides(config=key_values(config_), devices=device_overrides(devices),
                           profiles=[] if no_profiles else (list(profiles) if profiles else None), storage=storage,
-                          instance_only=instance_only)
+                          instance_only=instance_only, transport=None if transport == "auto" else transport)
     message = asyncio.run(_transfer(move, source, destination, mode, overrides, target_project, stateless, quiet))
     render.success(message, quiet)
 

@@ -35,6 +35,7 @@ class Overrides:
     profiles: list[str] | None = None  # None: keep the source's profiles; []: no profiles
     storage: str | None = None
     instance_only: bool = False
+    transport: str | None = None  # narrow the source's offer (tests, benchmarks); None: the best both can do
 
 
 def target_body(instance: Json, new_name: str, overrides: Overrides, profile_devices: dict[str, dict[str, str]]
@@ -105,7 +106,8 @@ async def _pump(reader: aiohttp.ClientWebSocketResponse, writer: aiohttp.ClientW
 
 
 async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new_name: str, *, mode: str = "pull",
-                        overrides: Overrides | None = None, progress: Callable[[Json], None] | None = None) -> None:
+                        overrides: Overrides | None = None, progress: Callable[[Json], None] | None = None) -> str:
+    """Returns the transport the servers used."""
     if mode not in MODES:
         raise BadRequest(f"Unknown transfer mode {mode!r}: use pull, push or relay")
     overrides = overrides or Overrides()
@@ -117,6 +119,8 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
     body = target_body(instance, new_name, overrides, profile_devices)
     migration = {"type": "migration", "live": False, "instance_only": overrides.instance_only}
     source_request: dict[str, Any] = {"migration": True, "live": False, "instance_only": overrides.instance_only}
+    if overrides.transport:
+        source_request["transport"] = overrides.transport
 
     source_op: Json | None = None
     target_op: Json | None = None
@@ -137,7 +141,7 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
                 source_request["target"] = {"operation": f"{target_url}{_op_path(target_op)}",
                                             "certificate": target_cert, "secrets": secrets}
             source_op = await source.conn.request("POST", f"/1.0/instances/{name}", source_request)
-        await _finish(source, source_op, target, target_op, relay=mode == "relay", progress=progress)
+        return await _finish(source, source_op, target, target_op, relay=mode == "relay", progress=progress)
     except BaseException:
         await asyncio.shield(_cancel(source, source_op, target, target_op))
         raise
@@ -148,7 +152,7 @@ def _op_path(op: Json) -> str:
 
 
 async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, target_op: Json, *, relay: bool,
-                  progress: Callable[[Json], None] | None) -> None:
+                  progress: Callable[[Json], None] | None) -> str:
     async def watch_target() -> Json:
         async for current in target.conn.poll(target_op):
             if progress is not None:
@@ -171,6 +175,7 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
         side, op = sorted(failures, key=lambda f: f[0] != "target")[0]
         server = (target if side == "target" else source).remote.name
         raise MigrationFailed(f"Migration failed on the {side} ({server}): {op.get('err') or op['status']}")
+    return str(results["target"]["metadata"].get("transport", "rsync"))
 
 
 async def _cancel(source: AsyncClient, source_op: Json | None, target: AsyncClient, target_op: Json | None) -> None:

@@ -356,5 +356,10 @@ class InstanceService:
 def _set_hostname(rootfs: Path, name: str) -> None:
     """What Incus's image templates do for /etc/hostname: the instance is called by its name inside too."""
     etc = rootfs / "etc"
-    if etc.is_dir() and not (etc / "hostname").is_symlink():
-        (etc / "hostname").write_text(name + "\n")
+    hostname = etc / "hostname"
+    if not etc.is_dir() or hostname.is_symlink():
+        return
+    with contextlib.suppress(OSError):
+        if hostname.read_text() == name + "\n":
+            return  # a moved instance keeps its files untouched
+    hostname.write_text(name + "\n")

@@ -90,16 +90,18 @@ class Snapshot(_message.Message):
     def __init__(self, name: _Optional[str] = ..., localConfig: _Optional[_Iterable[_Union[Config, _Mapping]]] = ..., profiles: _Optional[_Iterable[str]] = ..., ephemeral: _Optional[bool] = ..., localDevices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., architecture: _Optional[int] = ..., stateful: _Optional[bool] = ..., creation_date: _Optional[int] = ..., last_used_date: _Optional[int] = ..., expiry_date: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class rsyncFeatures(_message.Message):
-    __slots__ = ("xattrs", "delete", "compress", "bidirectional")
+    __slots__ = ("xattrs", "delete", "compress", "bidirectional", "stapesHardLinks")
     XATTRS_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
     BIDIRECTIONAL_FIELD_NUMBER: _ClassVar[int]
+    STAPESHARDLINKS_FIELD_NUMBER: _ClassVar[int]
     xattrs: bool
     delete: bool
     compress: bool
     bidirectional: bool
-    def __init__(self, xattrs: _Optional[bool] = ..., delete: _Optional[bool] = ..., compress: _Optional[bool] = ..., bidirectional: _Optional[bool] = ...) -> None: ...
+    stapesHardLinks: bool
+    def __init__(self, xattrs: _Optional[bool] = ..., delete: _Optional[bool] = ..., compress: _Optional[bool] = ..., bidirectional: _Optional[bool] = ..., stapesHardLinks: _Optional[bool] = ...) -> None: ...
 
 class zfsFeatures(_message.Message):
     __slots__ = ("compress", "migration_header", "header_zvols")

@@ -15,7 +15,7 @@ RSYNC = "rsync"
 TAR_STREAM = "tar-stream"
 BTRFS = "btrfs"
 PREFERENCE = (BTRFS, TAR_STREAM, RSYNC)
-RSYNC_FEATURES = ("xattrs", "delete", "compress", "bidirectional")
+RSYNC_FEATURES = ("xattrs", "delete", "compress", "bidirectional", "stapesHardLinks")
 
 
 def offer(sendable: Sequence[str], *, refresh: bool) -> list[str]:
@@ -43,7 +43,8 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
     transports = offer(sendable, refresh=refresh)
     return pb.MigrationHeader(
         fs=fs_type(transports[0]), criu=pb.NONE, snapshotNames=list(snapshot_names), refresh=refresh,
-        rsyncFeatures=pb.rsyncFeatures(xattrs=True, delete=True, compress=False, bidirectional=False),
+        rsyncFeatures=pb.rsyncFeatures(xattrs=True, delete=True, compress=False, bidirectional=False,
+                                       stapesHardLinks=True),
         stapesTransports=transports, stapesTotalBytes=total_bytes, indexHeaderVersion=0,
     )
 
@@ -57,7 +58,7 @@ def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str]) -> tupl
     reply = pb.MigrationHeader(
         fs=fs_type(chosen), criu=pb.NONE, refresh=offer_.refresh, snapshotNames=list(offer_.snapshotNames),
         rsyncFeatures=pb.rsyncFeatures(xattrs=features.xattrs, delete=features.delete, compress=features.compress,
-                                       bidirectional=False),
+                                       bidirectional=False, stapesHardLinks=features.stapesHardLinks),
         stapesTransports=[chosen],
     )
     return reply, chosen

@@ -108,14 +108,17 @@ class MigrationService:
                 f"Instance {name!r} is running: stop it first, or use --stateless to stop it, move it and start it "
                 "on the target")
 
-    async def run_source(self, op: Operation, project: str, name: str, target: dict[str, Any] | None) -> None:
+    async def run_source(self, op: Operation, project: str, name: str, target: dict[str, Any] | None,
+                         transport: str | None = None) -> None:
+        """`transport` narrows what we offer (benchmarks, tests); rsync stays the fallback."""
         async with self._instances.locked(project, name):
             await self.check_source(project, name, live=False)
             row = await self._instances.get(project, name)
             spec = await self._instances.spec(row)
             pool = await self._instances.pool_of(spec)
             async with self._channels(op, target) as channels:
-                await self._send(op, channels["control"], channels["fs"], spec.volume, pool.migration_transports)
+                sendable = tuple(t for t in pool.migration_transports if transport in (None, t))
+                await self._send(op, channels["control"], channels["fs"], spec.volume, sendable)
 
     async def _send(self, op: Operation, control: Channel, fs: Channel, volume: Path,
                     sendable: tuple[str, ...]) -> None:

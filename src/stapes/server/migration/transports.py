@@ -94,6 +94,8 @@ def _rsync_feature_args(features: Sequence[str]) -> list[str]:
         args.append("--delete")
     if "compress" in features:
         args += ["--compress", "--compress-level=2"]
+    if "stapesHardLinks" in features:
+        args.append("--hard-links")
     return args
 
 

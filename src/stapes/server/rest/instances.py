@@ -10,6 +10,7 @@ from aiohttp import web
 from stapes.api.errors import BadRequest, NotFound
 from stapes.api.filters import matches
 from stapes.server.instances.driver import ExecRequest
+from stapes.server.migration.protocol import PREFERENCE as TRANSPORTS
 from stapes.server.operations import Operation
 from stapes.server.rest.common import (
     async_operation,
@@ -265,10 +266,13 @@ async def _send_migration(request: web.Request, project_name: str, name: str, da
     target = data.get("target")
     if target is not None and not isinstance(target, dict):
         raise BadRequest("'target' must be an object with operation, secrets and certificate")
+    transport = data.get("transport")
+    if transport is not None and transport not in TRANSPORTS:
+        raise BadRequest(f"Unknown transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
     op = _migration_operation(request, "Migrating instance", project_name, name, websockets=target is None)
 
     async def work(op: Operation) -> None:
-        await d.migration.run_source(op, project_name, name, target)
+        await d.migration.run_source(op, project_name, name, target, transport)
 
     op.start(work)
     return async_operation(op)

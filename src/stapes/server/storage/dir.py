@@ -15,7 +15,7 @@ from stapes.server.storage.base import PoolDriver, volume_name
 
 class DirPool(PoolDriver):
     name: ClassVar[str] = "dir"
-    migration_transports: ClassVar[tuple[str, ...]] = ("rsync",)
+    migration_transports: ClassVar[tuple[str, ...]] = ("tar-stream", "rsync")
 
     @classmethod
     def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
