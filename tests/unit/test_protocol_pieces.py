@@ -95,3 +95,14 @@ def test_exec_environment_precedence() -> None:
     assert env["A"] == "request" and env["B"] == "config" and env["TERM"] == "xterm" and env["HOME"] == "/root"
     with pytest.raises(BadRequest):
         exec_environment({}, ExecRequest(["true"], {"A=B": "x"}, "", 0, 0, interactive=False))
+
+
+def test_root_cause_of_a_tool_failure() -> None:
+    from stapes.server.migration.transports import root_cause
+
+    tar = ("tar: ./rootfs/random.bin: Cannot write: No space left on device\n"
+           "tar: Exiting with failure status due to previous errors\n")
+    assert root_cause(tar) == "tar: ./rootfs/random.bin: Cannot write: No space left on device"
+    assert root_cause("rsync error: error in rsync protocol data stream (code 12)\n") == (
+        "rsync error: error in rsync protocol data stream (code 12)")
+    assert root_cause("") == ""

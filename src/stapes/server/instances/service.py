@@ -28,6 +28,7 @@ from stapes.server.store.db import InstanceRow, Store
 
 log = logging.getLogger(__name__)
 VOLUME_KIND = "containers"
+INCOMPLETE = "volatile.incomplete"
 DEFAULT_STOP_TIMEOUT = 30.0
 
 
@@ -171,6 +172,7 @@ class InstanceService:
         undo every step taken, so nothing of the instance is left."""
         row.architecture = row.architecture or ARCHITECTURE
         await self.validate_new(row)
+        row.config[INCOMPLETE] = "true"  # until the end: a server killed half-way cleans up at its next start
         await self._store.create_instance(row)
         volume_created = False
         spec: InstanceSpec | None = None
@@ -182,6 +184,8 @@ class InstanceService:
             await fill(volume)
             await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
             await self.driver(row.type).define(spec)
+            del row.config[INCOMPLETE]
+            await self._store.update_instance(row)
             if finalize is not None:
                 await finalize()
         except BaseException:
@@ -335,6 +339,16 @@ class InstanceService:
     async def log_files(self, project: str, name: str) -> dict[str, Path]:
         row = await self._store.instance(project, name)
         return self.driver(row.type).log_files(await self.spec(row))
+
+    async def remove_incomplete(self) -> None:
+        """Instances whose creation a crash interrupted (a killed server, a lost host) are removed."""
+        for row in await self._store.instances():
+            if row.config.get(INCOMPLETE) == "true":
+                log.warning("removing %s/%s: its creation was interrupted", row.project, row.name)
+                spec = None
+                with contextlib.suppress(Exception):
+                    spec = await self.spec(row)
+                await self._undo_create(row, spec, volume_created=spec is not None)
 
     async def restore_power_state(self) -> None:
         """After a host reboot: start what was running, and what asks to start with the server."""

@@ -32,6 +32,7 @@ from stapes.server.store.db import InstanceRow
 log = logging.getLogger(__name__)
 CHANNELS = ("control", "fs")
 CONNECT_TIMEOUT = 60.0
+FULL_MARGIN = 2**20  # less free than this after a failed receive: the pool filled up
 
 
 async def _volume_bytes(path: Path) -> int:
@@ -165,6 +166,12 @@ class MigrationService:
                 try:
                     await transports.receive(transport, volume, fs, progress, protocol.rsync_features(answer))
                 except (StapesError, OSError) as err:
+                    usage = await pool.usage()
+                    if usage["total"] - usage["used"] < FULL_MARGIN:
+                        raise InternalError(
+                            f"Storage pool {pool.pool!r} is full ({usage['total'] // 2**20} MiB, "
+                            f"{offer.stapesTotalBytes // 2**20} MiB needed): free space or choose another "
+                            "pool with -s") from None
                     reason = await _peer_reason(control, err)
                     raise InternalError(f"Receiving from the source failed: {reason}") from None
                 progress.publish()

@@ -46,11 +46,24 @@ async def _channel_to_stdin(channel: Channel, stdin: asyncio.StreamWriter, progr
 
 async def _finish(proc: asyncio.subprocess.Process, what: str) -> None:
     assert proc.stderr is not None
-    err = (await proc.stderr.read()).decode(errors="replace").strip()
+    err = (await proc.stderr.read()).decode(errors="replace")
     code = await proc.wait()
     process.forget(proc)
     if code != 0:
-        raise InternalError(f"{what} failed: {err.splitlines()[-1] if err else f'exit status {code}'}")
+        raise InternalError(f"{what} failed: {root_cause(err) or f'exit status {code}'}")
+
+
+_GENERIC = ("Exiting with failure status", "Error is not recoverable", "error in rsync protocol data stream",
+            "rsync error:", "connection unexpectedly closed")
+
+
+def root_cause(stderr: str) -> str:
+    """The first line that says what went wrong, not the tool's closing summary (pure: unit-tested)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if not any(generic in line for generic in _GENERIC):
+            return line
+    return lines[-1] if lines else ""
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

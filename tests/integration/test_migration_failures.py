@@ -1,0 +1,155 @@
+"""A failed or cancelled move leaves the source exactly as it was and nothing of the instance on the target."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.fstree import fingerprint
+from tests.integration.harness import STAPES, Cli, Cluster, Server
+
+BIG_MIB = 300
+
+
+@pytest.fixture
+def two(cluster: Cluster, s1: Server, s2: Server) -> Cli:
+    cli = cluster.cli()
+    cli.trust(s1, "s1")
+    cli.trust(s2, "s2")
+    return cli
+
+
+def _big_container(server: Server, cli: Cli, name: str = "big") -> dict[str, tuple[object, ...]]:
+    cli.run("init", "s1:busybox", name, "-q")
+    root = server.state_dir / "storage-pools/default/containers" / name / "rootfs"
+    subprocess.run(["dd", "if=/dev/urandom", f"of={root / 'random.bin'}", "bs=1M", f"count={BIG_MIB}",
+                    "status=none"], check=True)
+    return fingerprint(root)
+
+
+def _assert_untouched(s1: Server, s2: Server, cli: Cli, name: str, before: dict[str, tuple[object, ...]]) -> None:
+    root = s1.state_dir / "storage-pools/default/containers" / name / "rootfs"
+    assert fingerprint(root) == before
+    assert [(i["name"], i["status"]) for i in cli.json("list", "s1:")] == [(name, "Stopped")]
+    assert cli.json("list", "s2:") == []
+    volumes = s2.state_dir / "storage-pools/default/containers"
+    assert not any(volumes.iterdir()), f"left on the target: {list(volumes.iterdir())}"
+    assert not any((s2.state_dir / "containers").iterdir())
+    cli.run("start", f"s1:{name}")  # the source is not locked or damaged
+    cli.run("stop", f"s1:{name}", "--force")
+
+
+def _background_copy(cli: Cli, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([STAPES, "copy", *args], env=cli.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_transfer(cli: Cli, remote: str) -> str:
+    """The id of the target operation once bytes are flowing."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for op in cli.json("operation", "list", remote):
+            progress = (op.get("metadata") or {}).get("progress") or {}
+            if op["status"] == "Running" and progress.get("bytes", 0) > 0:
+                return str(op["id"])
+        time.sleep(0.1)
+    raise AssertionError("the transfer never started")
+
+
+def test_refused_before_anything_moves(s1: Server, s2: Server, two: Cli) -> None:
+    two.run("init", "s1:busybox", "c1", "-q")
+    two.run("init", "s2:busybox", "taken", "-q")
+    cases = {
+        ("copy", "s1:c1", "s2:taken"): "already exists",
+        ("copy", "s1:c1", "s2:", "-s", "nosuch"): "Storage pool 'nosuch' not found",
+        ("copy", "s1:c1", "s2:", "-p", "nosuch"): "Profile 'nosuch' not found",
+        ("copy", "s1:c1", "s2:", "--target-project", "nosuch"): "Project 'nosuch' not found",
+        ("copy", "s1:nosuch", "s2:"): "Instance 'nosuch' not found",
+        ("copy", "s1:c1", "s2:", "-c", "limits.bogus=1"): "Unknown instance configuration key",
+        ("move", "s1:c1", "s2:9bad"): "must not start with a digit",
+        ("move", "s1:c1", "s2:", "--target", "member1"): "not clustered",
+    }
+    for args, expected in cases.items():
+        assert expected in two.fails(*args), args
+    assert two.run("copy", "s1:c1", "s2:", "--mode", "teleport", check=False).returncode == 2
+    assert [i["name"] for i in two.json("list", "s1:")] == ["c1"]
+    assert [i["name"] for i in two.json("list", "s2:")] == ["taken"]
+
+
+def test_target_pool_full(s1: Server, s2: Server, two: Cli, tmp_path: Path) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(mount)], check=True)
+    try:
+        two.run("storage", "create", "s2:small", "dir", f"source={mount / 'pool'}")
+        before = _big_container(s1, two)
+        err = two.fails("copy", "s1:big", "s2:", "-s", "small")
+        assert "Migration failed on the target (s2)" in err and "Storage pool 'small' is full" in err
+        assert two.json("list", "s2:") == []
+        assert not any((mount / "pool/containers").iterdir())
+        _assert_untouched(s1, s2, two, "big", before)
+        two.run("storage", "delete", "s2:small")
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("mode", ["pull", "relay"])
+def test_cancelled_on_the_target(s1: Server, s2: Server, two: Cli, mode: str) -> None:
+    before = _big_container(s1, two)
+    copy = _background_copy(two, "s1:big", "s2:", "--mode", mode, "--transport", "rsync")
+    op_id = _wait_for_transfer(two, "s2:")
+    two.run("operation", "delete", f"s2:{op_id}")
+    _, err = copy.communicate(timeout=60)
+    assert copy.returncode != 0 and "Migration failed" in err and "cancel" in err.lower()
+    _assert_untouched(s1, s2, two, "big", before)
+
+
+def test_client_interrupted(s1: Server, s2: Server, two: Cli) -> None:
+    before = _big_container(s1, two)
+    copy = _background_copy(two, "s1:big", "s2:", "--transport", "rsync")
+    _wait_for_transfer(two, "s2:")
+    copy.send_signal(signal.SIGINT)
+    copy.communicate(timeout=60)
+    assert copy.returncode != 0
+    _wait_until_idle(two)
+    _assert_untouched(s1, s2, two, "big", before)
+
+
+def test_relay_client_killed(s1: Server, s2: Server, two: Cli) -> None:
+    """The relaying client vanishes: both servers see their sockets drop and clean up by themselves."""
+    before = _big_container(s1, two)
+    copy = _background_copy(two, "s1:big", "s2:", "--mode", "relay", "--transport", "rsync")
+    _wait_for_transfer(two, "s2:")
+    copy.kill()
+    copy.communicate(timeout=30)
+    _wait_until_idle(two)
+    _assert_untouched(s1, s2, two, "big", before)
+
+
+def test_target_server_killed(s1: Server, s2: Server, two: Cli) -> None:
+    before = _big_container(s1, two)
+    copy = _background_copy(two, "s1:big", "s2:", "--transport", "rsync")
+    _wait_for_transfer(two, "s2:")
+    s2.kill()
+    _, err = copy.communicate(timeout=60)
+    assert copy.returncode != 0 and "Error:" in err
+    s2.start()  # the half-received instance is removed when the server comes back
+    _wait_until_idle(two)
+    _assert_untouched(s1, s2, two, "big", before)
+
+
+def _wait_until_idle(cli: Cli) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = [op for remote in ("s1:", "s2:") for op in cli.json("operation", "list", remote)
+                   if op["status"] == "Running"]
+        if not running:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"operations still running: {json.dumps(running)[:500]}")
+
