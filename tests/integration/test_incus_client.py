@@ -58,3 +58,22 @@ def test_incus_client_drives_stapes(cluster: Cluster, s1: Server) -> None:
 
     err = incus(conf, "exec", "st:nosuch", "--", "true", check=False)
     assert err.returncode != 0 and "not found" in err.stderr
+
+
+@pytest.mark.parametrize("mode", ["pull", "push", "relay"])
+def test_incus_client_moves_and_copies_between_stapes_servers(cluster: Cluster, s1: Server, s2: Server,
+                                                              mode: str) -> None:
+    conf = cluster.root / "incus-client"
+    conf.mkdir()
+    for server, remote in ((s1, "a"), (s2, "b")):
+        token = cluster.cli(server).run("config", "trust", "add", f"incus-{remote}").stdout.strip().splitlines()[-1]
+        incus(conf, "remote", "add", remote, token)
+    incus(conf, "init", "a:busybox", "a:c1")
+    incus(conf, "copy", "a:c1", "b:c1-copy", "--mode", mode)
+    incus(conf, "move", "a:c1", "b:c1", "--mode", mode)
+    assert json.loads(incus(conf, "list", "a:", "--format", "json").stdout) == []
+    names = sorted(i["name"] for i in json.loads(incus(conf, "list", "b:", "--format", "json").stdout))
+    assert names == ["c1", "c1-copy"]
+    incus(conf, "start", "b:c1")
+    assert incus(conf, "exec", "b:c1", "--", "cat", "/etc/hostname").stdout == "c1\n"
+    incus(conf, "delete", "b:c1", "--force")
