@@ -8,7 +8,7 @@ import click
 
 from stapes import __version__
 from stapes.api.errors import StapesError
-from stapes.cli import config, entities, image, instance, move, operation, remote, render
+from stapes.cli import config, entities, image, instance, move, operation, remote, render, snapshot
 
 
 class StapesGroup(click.Group):
@@ -33,7 +33,7 @@ def cli(project: str | None) -> None:
     """
 
 
-for module in (instance, move, config, remote, entities, image, operation):
+for module in (instance, move, snapshot, config, remote, entities, image, operation):
     module.register(cli)
 
 

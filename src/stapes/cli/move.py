@@ -99,7 +99,7 @@ async def _transfer(move: bool, source_spec: str, dest_spec: str | None, mode: s
 def _run(move: bool, source: str, destination: str | None, mode: str, config_: tuple[str, ...],
          devices: tuple[str, ...], storage: str | None, profiles: tuple[str, ...], no_profiles: bool,
          target_project: str | None, instance_only: bool, stateless: bool, member: str | None, transport: str,
-         quiet: bool) -> None:
+         quiet: bool, refresh: bool = False) -> None:
     if member:
         raise BadRequest("--target names a cluster member, and this server is not clustered")
     if no_profiles and profiles:
@@ -107,7 +107,8 @@ def _run(move: bool, source: str, destination: str | None, mode: str, config_: t
     parse(source)
     overrides = Overrides(config=key_values(config_), devices=device_overrides(devices),
                           profiles=[] if no_profiles else (list(profiles) if profiles else None), storage=storage,
-                          instance_only=instance_only, transport=None if transport == "auto" else transport)
+                          instance_only=instance_only, transport=None if transport == "auto" else transport,
+                          refresh=refresh)
     message = asyncio.run(_transfer(move, source, destination, mode, overrides, target_project, stateless, quiet))
     render.success(message, quiet)
 
@@ -133,6 +134,7 @@ def register(cli: click.Group) -> None:
     @click.argument("source")
     @click.argument("destination", required=False)
     @_options
+    @click.option("--refresh", is_flag=True, help="Update an existing copy, sending only what changed")
     def copy(source: str, destination: str | None, **kwargs: Any) -> None:
         """Copy an instance to another server (or to the same one under another name).
 

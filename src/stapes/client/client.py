@@ -104,6 +104,24 @@ class AsyncClient:
                                      {"action": action, "timeout": timeout, "force": force})
         await self.run_operation(op, progress)
 
+    async def snapshots(self, name: str) -> list[Json]:
+        result: list[Json] = await self.conn.request("GET", f"/1.0/instances/{name}/snapshots",
+                                                     params={"recursion": "1"})
+        return result
+
+    async def create_snapshot(self, name: str, snapshot: str = "") -> None:
+        await self.conn.wait(await self.conn.request("POST", f"/1.0/instances/{name}/snapshots", {"name": snapshot}))
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> None:
+        await self.conn.wait(await self.conn.request("DELETE", f"/1.0/instances/{name}/snapshots/{snapshot}"))
+
+    async def rename_snapshot(self, name: str, snapshot: str, new_name: str) -> None:
+        await self.conn.wait(await self.conn.request("POST", f"/1.0/instances/{name}/snapshots/{snapshot}",
+                                                     {"name": new_name}))
+
+    async def restore_snapshot(self, name: str, snapshot: str) -> None:
+        await self.conn.wait(await self.conn.request("PUT", f"/1.0/instances/{name}", {"restore": snapshot}))
+
     async def instance_logs(self, name: str) -> list[str]:
         result: list[str] = await self.conn.request("GET", f"/1.0/instances/{name}/logs")
         return result

@@ -36,6 +36,7 @@ class Overrides:
     storage: str | None = None
     instance_only: bool = False
     transport: str | None = None  # narrow the source's offer (tests, benchmarks); None: the best both can do
+    refresh: bool = False  # bring an existing copy up to date (only what changed is sent)
 
 
 def target_body(instance: Json, new_name: str, overrides: Overrides, profile_devices: dict[str, dict[str, str]]
@@ -117,7 +118,8 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
     for profile in profiles:
         profile_devices.update((await target.entity("profile", profile))["devices"])
     body = target_body(instance, new_name, overrides, profile_devices)
-    migration = {"type": "migration", "live": False, "instance_only": overrides.instance_only}
+    migration = {"type": "migration", "live": False, "instance_only": overrides.instance_only,
+                 "refresh": overrides.refresh}
     source_request: dict[str, Any] = {"migration": True, "live": False, "instance_only": overrides.instance_only}
     if overrides.transport:
         source_request["transport"] = overrides.transport

@@ -14,7 +14,7 @@ from typing import Any
 from stapes.api.config_keys import is_true, validate_instance_config
 from stapes.api.devices import Devices, expand_devices, root_disk, validate_devices
 from stapes.api.errors import BadRequest, Conflict, NotFound
-from stapes.api.names import validate_instance_name
+from stapes.api.names import validate_entity_name, validate_instance_name
 from stapes.api.status import StatusCode
 from stapes.api.timefmt import iso
 from stapes.server.events import EventHub
@@ -24,7 +24,7 @@ from stapes.server.instances.exec_session import run_exec
 from stapes.server.operations import Operation
 from stapes.server.storage.base import PoolDriver
 from stapes.server.storage.service import StorageService
-from stapes.server.store.db import InstanceRow, Store
+from stapes.server.store.db import InstanceRow, SnapshotRow, Store
 
 log = logging.getLogger(__name__)
 VOLUME_KIND = "containers"
@@ -85,7 +85,8 @@ class InstanceService:
         body = self._render_row(row, config, devices, state.status)
         if with_state:
             body["state"] = state.to_json()
-            body["snapshots"] = []
+            body["snapshots"] = [self.render_snapshot(row, s) for s in await self._store.snapshots(row.project,
+                                                                                                  row.name)]
         return body
 
     def _render_row(self, row: InstanceRow, config: dict[str, str], devices: Devices,
@@ -201,12 +202,97 @@ class InstanceService:
                     await (await self.pool_of(spec)).delete_volume(VOLUME_KIND, row.project, row.name)
         except Exception:
             log.exception("could not remove the volume of failed instance %s/%s", row.project, row.name)
+        await self._store.delete_snapshots(row.project, row.name)
         await self._store.delete_instance(row.project, row.name)
 
     async def pool_of(self, spec: InstanceSpec) -> PoolDriver:
         root = root_disk(spec.devices)
         assert root is not None
         return await self._storage.driver(root[1]["pool"])
+
+    # snapshots
+    async def snapshots(self, project: str, name: str) -> list[SnapshotRow]:
+        await self._store.instance(project, name)
+        return await self._store.snapshots(project, name)
+
+    async def snapshot(self, project: str, name: str, snapshot: str) -> SnapshotRow:
+        for row in await self.snapshots(project, name):
+            if row.name == snapshot:
+                return row
+        raise NotFound(f"Snapshot {snapshot!r} of instance {name!r} not found")
+
+    def render_snapshot(self, instance: InstanceRow, snap: SnapshotRow) -> dict[str, Any]:
+        return {
+            "name": snap.name, "description": snap.description, "config": snap.config, "devices": snap.devices,
+            "profiles": snap.profiles, "expanded_config": snap.config, "expanded_devices": snap.devices,
+            "architecture": instance.architecture, "ephemeral": False, "stateful": False,
+            "created_at": iso(snap.created_at), "last_used_at": iso(0), "expires_at": iso(0), "size": -1,
+        }
+
+    async def create_snapshot(self, project: str, name: str, snapshot: str | None, description: str = "") -> str:
+        async with self.locked(project, name):
+            row = await self._store.instance(project, name)
+            existing = {s.name for s in await self._store.snapshots(project, name)}
+            if not snapshot:
+                snapshot = next(f"snap{i}" for i in range(len(existing) + 1) if f"snap{i}" not in existing)
+            validate_entity_name("snapshot", snapshot)
+            if snapshot in existing:
+                raise Conflict(f"Snapshot {snapshot!r} of {name!r} already exists")
+            pool = await self.pool_of(await self.spec(row))
+            await pool.create_snapshot(VOLUME_KIND, project, name, snapshot)
+            try:
+                await self._store.create_snapshot(SnapshotRow(
+                    project, name, snapshot, description, dict(row.config), dict(row.devices), list(row.profiles),
+                    time.time()))
+            except BaseException:
+                await pool.delete_snapshot(VOLUME_KIND, project, name, snapshot)
+                raise
+        self._events.lifecycle("instance-snapshot-created", f"/1.0/instances/{name}/snapshots/{snapshot}", project)
+        return snapshot
+
+    async def record_snapshot(self, row: SnapshotRow) -> None:
+        """A snapshot whose files arrived by migration."""
+        await self._store.create_snapshot(row)
+
+    async def delete_snapshot(self, project: str, name: str, snapshot: str) -> None:
+        async with self.locked(project, name):
+            await self.delete_snapshot_unlocked(project, name, snapshot)
+
+    async def delete_snapshot_unlocked(self, project: str, name: str, snapshot: str) -> None:
+        """For callers that already hold the instance's lock."""
+        await self.snapshot(project, name, snapshot)
+        pool = await self.pool_of(await self.spec(await self._store.instance(project, name)))
+        await self._store.delete_snapshot(project, name, snapshot)
+        await pool.delete_snapshot(VOLUME_KIND, project, name, snapshot)
+        self._events.lifecycle("instance-snapshot-deleted", f"/1.0/instances/{name}/snapshots/{snapshot}", project)
+
+    async def rename_snapshot(self, project: str, name: str, snapshot: str, new: str) -> None:
+        validate_entity_name("snapshot", new)
+        async with self.locked(project, name):
+            await self.snapshot(project, name, snapshot)
+            pool = await self.pool_of(await self.spec(await self._store.instance(project, name)))
+            await self._store.rename_snapshot(project, name, snapshot, new)
+            try:
+                await pool.rename_snapshot(VOLUME_KIND, project, name, snapshot, new)
+            except BaseException:
+                await self._store.rename_snapshot(project, name, new, snapshot)
+                raise
+
+    async def restore_snapshot(self, project: str, name: str, snapshot: str) -> None:
+        """Files, configuration, devices and profiles go back to what they were at the snapshot."""
+        async with self.locked(project, name):
+            snap = await self.snapshot(project, name, snapshot)
+            row = await self._store.instance(project, name)
+            if await self.status(row) != StatusCode.STOPPED:
+                raise BadRequest(f"Instance {name!r} is running: stop it before restoring a snapshot")
+            spec = await self.spec(row)
+            await (await self.pool_of(spec)).restore_snapshot(VOLUME_KIND, project, name, snapshot)
+            volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
+            row.config = {**snap.config, **volatile}
+            row.devices, row.profiles = dict(snap.devices), list(snap.profiles)
+            await self._store.update_instance(row)
+            await self.driver(row.type).define(await self.spec(row))
+        self._events.lifecycle("instance-restored", f"/1.0/instances/{name}", project, {"snapshot": snapshot})
 
     # changes
     async def update(self, project: str, name: str, changes: dict[str, Any], *, replace: bool) -> None:
@@ -239,6 +325,17 @@ class InstanceService:
             await self.driver(row.type).define(new_spec)
         self._events.lifecycle("instance-updated", f"/1.0/instances/{name}", project)
 
+    async def update_unlocked(self, new: InstanceRow) -> None:
+        """Take over another copy's configuration (a refresh); volatile keys stay this server's own."""
+        row = await self._store.instance(new.project, new.name)
+        volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
+        row.config = {**{k: v for k, v in new.config.items() if not k.startswith("volatile.")}, **volatile}
+        row.devices, row.profiles, row.description = dict(new.devices), list(new.profiles), new.description
+        validate_instance_config(row.config)
+        validate_devices(row.devices)
+        await self._store.update_instance(row)
+        await self.driver(row.type).define(await self.spec(row))
+
     async def rename(self, project: str, name: str, new_name: str) -> None:
         validate_instance_name(new_name)
         async with self.locked(project, name):
@@ -254,6 +351,7 @@ class InstanceService:
             await pool.rename_volume(VOLUME_KIND, project, name, new_name)
             try:
                 await self._store.rename_instance(project, name, new_name)
+                await self._store.rename_snapshots_instance(project, name, new_name)
             except BaseException:
                 await pool.rename_volume(VOLUME_KIND, project, new_name, name)
                 raise
@@ -274,6 +372,7 @@ class InstanceService:
             pool = await self.pool_of(spec)
             await driver.undefine(spec)
             await pool.delete_volume(VOLUME_KIND, project, name)
+            await self._store.delete_snapshots(project, name)
             await self._store.delete_instance(project, name)
         self._locks.pop((project, name), None)
         self._events.lifecycle("instance-deleted", f"/1.0/instances/{name}", project)

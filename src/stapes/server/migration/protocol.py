@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stapes.server.migration import migrate_pb2 as pb
+from stapes.server.store.db import SnapshotRow
 
 RSYNC = "rsync"
 TAR_STREAM = "tar-stream"
@@ -38,25 +39,49 @@ def fs_type(transport: str) -> pb.MigrationFSType:
     return pb.BTRFS if transport == BTRFS else pb.RSYNC
 
 
+def snapshot_message(row: SnapshotRow) -> pb.Snapshot:
+    return pb.Snapshot(
+        name=row.name, localConfig=[pb.Config(key=k, value=v) for k, v in sorted(row.config.items())],
+        profiles=list(row.profiles), ephemeral=False,
+        localDevices=[pb.Device(name=n, config=[pb.Config(key=k, value=v) for k, v in sorted(d.items())])
+                      for n, d in sorted(row.devices.items())],
+        architecture=0, stateful=False, creation_date=int(row.created_at), description=row.description,
+    )
+
+
+def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotRow:
+    return SnapshotRow(
+        project=project, instance=instance, name=message.name, description=message.description,
+        config={c.key: c.value for c in message.localConfig},
+        devices={d.name: {c.key: c.value for c in d.config} for d in message.localDevices},
+        profiles=list(message.profiles), created_at=float(message.creation_date),
+    )
+
+
 def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
-                 snapshot_names: Sequence[str] = ()) -> pb.MigrationHeader:
+                 snapshots: Sequence[SnapshotRow] = ()) -> pb.MigrationHeader:
     transports = offer(sendable, refresh=refresh)
     return pb.MigrationHeader(
-        fs=fs_type(transports[0]), criu=pb.NONE, snapshotNames=list(snapshot_names), refresh=refresh,
+        fs=fs_type(transports[0]), criu=pb.NONE, snapshotNames=[s.name for s in snapshots],
+        snapshots=[snapshot_message(s) for s in snapshots], refresh=refresh,
         rsyncFeatures=pb.rsyncFeatures(xattrs=True, delete=True, compress=False, bidirectional=False,
                                        stapesHardLinks=True),
         stapesTransports=transports, stapesTotalBytes=total_bytes, indexHeaderVersion=0,
     )
 
 
-def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str]) -> tuple[pb.MigrationHeader, str]:
+def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_snapshots: Sequence[str] | None = None,
+                  *, refresh: bool = False) -> tuple[pb.MigrationHeader, str]:
     """The receiver's reply and the transport it chose. An Incus sender offers no Stapes transports: its
-    `fs` field decides (rsync unless both sides could do better)."""
+    `fs` field decides (rsync unless both sides could do better). `wanted_snapshots` (default: all offered)
+    are the snapshots the receiver asks for, in the sender's order."""
+    wanted = list(offer_.snapshotNames) if wanted_snapshots is None else [
+        n for n in offer_.snapshotNames if n in wanted_snapshots]
     offered = list(offer_.stapesTransports) or ([BTRFS] if offer_.fs == pb.BTRFS else []) + [RSYNC]
-    chosen = choose(offered, receivable)
+    chosen = RSYNC if refresh else choose(offered, receivable)
     features = offer_.rsyncFeatures if offer_.HasField("rsyncFeatures") else pb.rsyncFeatures()
     reply = pb.MigrationHeader(
-        fs=fs_type(chosen), criu=pb.NONE, refresh=offer_.refresh, snapshotNames=list(offer_.snapshotNames),
+        fs=fs_type(chosen), criu=pb.NONE, refresh=refresh, snapshotNames=wanted,
         rsyncFeatures=pb.rsyncFeatures(xattrs=features.xattrs, delete=features.delete, compress=features.compress,
                                        bidirectional=False, stapesHardLinks=features.stapesHardLinks),
         stapesTransports=[chosen],

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
-from stapes.api.errors import BadRequest, InternalError, StapesError
+from stapes.api.errors import BadRequest, InternalError, NotFound, StapesError
 from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.instances.service import InstanceService
@@ -27,7 +27,8 @@ from stapes.server.migration.dial import dial
 from stapes.server.migration.progress import Progress
 from stapes.server.operations import Operation
 from stapes.server.paths import StatePaths
-from stapes.server.store.db import InstanceRow
+from stapes.server.storage.base import PoolDriver
+from stapes.server.store.db import InstanceRow, SnapshotRow
 
 log = logging.getLogger(__name__)
 CHANNELS = ("control", "fs")
@@ -110,21 +111,24 @@ class MigrationService:
                 "on the target")
 
     async def run_source(self, op: Operation, project: str, name: str, target: dict[str, Any] | None,
-                         transport: str | None = None) -> None:
+                         transport: str | None = None, instance_only: bool = False) -> None:
         """`transport` narrows what we offer (benchmarks, tests); rsync stays the fallback."""
         async with self._instances.locked(project, name):
             await self.check_source(project, name, live=False)
             row = await self._instances.get(project, name)
             spec = await self._instances.spec(row)
             pool = await self._instances.pool_of(spec)
+            snapshots = [] if instance_only else await self._instances.snapshots(project, name)
+            sendable = tuple(t for t in pool.migration_transports if transport in (None, t))
             async with self._channels(op, target) as channels:
-                sendable = tuple(t for t in pool.migration_transports if transport in (None, t))
-                await self._send(op, channels["control"], channels["fs"], spec.volume, sendable)
+                await self._send(op, channels["control"], channels["fs"], spec.volume, pool, sendable, snapshots)
 
-    async def _send(self, op: Operation, control: Channel, fs: Channel, volume: Path,
-                    sendable: tuple[str, ...]) -> None:
-        total = await _volume_bytes(volume)
-        await control.send(protocol.offer_header(sendable, refresh=False, total_bytes=total).SerializeToString())
+    async def _send(self, op: Operation, control: Channel, fs: Channel, volume: Path, pool: PoolDriver,
+                    sendable: tuple[str, ...], snapshots: list[SnapshotRow]) -> None:
+        paths = {s.name: pool.snapshot_path("containers", s.project, s.instance, s.name) for s in snapshots}
+        total = await _volume_bytes(volume) + sum([await _volume_bytes(p) for p in paths.values()])
+        header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots)
+        await control.send(header.SerializeToString())
         reply = await control.receive()
         if reply is None:
             raise InternalError("Protocol error: the target answered the migration header with nothing")
@@ -132,8 +136,13 @@ class MigrationService:
         transport = protocol.chosen_transport(answer)
         op.update_metadata(transport=transport)
         progress = _progress(op, "fs", total)
+        features = protocol.rsync_features(answer)
         try:
-            await transports.send(transport, volume, fs, progress, protocol.rsync_features(answer))
+            for snapshot in answer.snapshotNames:
+                if snapshot not in paths:
+                    raise InternalError(f"Protocol error: the target asked for unknown snapshot {snapshot!r}")
+                await transports.send(transport, paths[snapshot], fs, progress, features)
+            await transports.send(transport, volume, fs, progress, features)
         except (StapesError, OSError) as err:
             reason = await _peer_reason(control, err)
             with contextlib.suppress(Exception):
@@ -147,48 +156,102 @@ class MigrationService:
 
     # target
     async def run_sink(self, op: Operation, row: InstanceRow, source: dict[str, Any]) -> None:
-        mode = source.get("mode") or "pull"
-        peer = source if mode == "pull" else None
-
-        async with self._channels(op, peer) as channels:
-            control, fs = channels["control"], channels["fs"]
+        """A new instance: everything it received is removed again if anything fails."""
+        async with self._sink_channels(op, source) as (control, fs):
 
             async def fill(volume: Path) -> None:
-                data = await control.receive()
-                if data is None:
-                    raise InternalError("Protocol error: the source sent an empty migration header")
-                offer = pb.MigrationHeader.FromString(data)
-                pool = await self._instances.pool_of(await self._instances.spec(row))
-                answer, transport = protocol.answer_header(offer, pool.migration_transports)
-                await control.send(answer.SerializeToString())
-                op.update_metadata(transport=transport)
-                progress = _progress(op, "fs", offer.stapesTotalBytes)
-                try:
-                    await transports.receive(transport, volume, fs, progress, protocol.rsync_features(answer))
-                except (StapesError, OSError) as err:
-                    usage = await pool.usage()
-                    if usage["total"] - usage["used"] < FULL_MARGIN:
-                        raise InternalError(
-                            f"Storage pool {pool.pool!r} is full ({usage['total'] // 2**20} MiB, "
-                            f"{offer.stapesTotalBytes // 2**20} MiB needed): free space or choose another "
-                            "pool with -s") from None
-                    reason = await _peer_reason(control, err)
-                    raise InternalError(f"Receiving from the source failed: {reason}") from None
-                progress.publish()
-                result = await _receive_control(control)
-                if not result.success:
-                    raise InternalError(f"The source failed: {result.message}")
+                await self._receive(op, control, fs, row, volume, refresh=False)
 
             async def confirm() -> None:
                 await _send_control(control, True)
 
-            try:
-                await self._instances.create_with(row, fill, confirm)
-            except BaseException as err:
-                message = err.message if isinstance(err, StapesError) else (
-                    "cancelled" if isinstance(err, asyncio.CancelledError) else str(err))
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(_send_control(control, False, message))
-                if isinstance(err, ChannelClosed):
-                    raise InternalError(f"The source went away during the transfer: {err.message}") from None
-                raise
+            await self._report_failure(control, self._instances.create_with(row, fill, confirm))
+
+    async def run_refresh(self, op: Operation, row: InstanceRow, source: dict[str, Any]) -> None:
+        """An existing copy brought up to date: rsync sends only what changed, plus the snapshots the copy
+        lacks; snapshots the source no longer has are removed. Snapshots received before a failure are removed
+        again; the instance's files may be left partly updated (still a consistent set of files per file)."""
+        async with self._instances.locked(row.project, row.name):
+            current = await self._instances.get(row.project, row.name)
+            if await self._instances.status(current) != StatusCode.STOPPED:
+                raise BadRequest(f"Instance {row.name!r} is running on the target: stop it before refreshing it")
+            spec = await self._instances.spec(current)
+            async with self._sink_channels(op, source) as (control, fs):
+
+                async def work() -> None:
+                    await self._receive(op, control, fs, row, spec.volume, refresh=True)
+                    await self._instances.update_unlocked(row)
+                    await _send_control(control, True)
+
+                await self._report_failure(control, work())
+
+    @contextlib.asynccontextmanager
+    async def _sink_channels(self, op: Operation, source: dict[str, Any]) -> AsyncIterator[tuple[Channel, Channel]]:
+        peer = source if (source.get("mode") or "pull") == "pull" else None
+        async with self._channels(op, peer) as channels:
+            yield channels["control"], channels["fs"]
+
+    async def _report_failure(self, control: Channel, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except BaseException as err:
+            message = err.message if isinstance(err, StapesError) else (
+                "cancelled" if isinstance(err, asyncio.CancelledError) else str(err))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(_send_control(control, False, message))
+            if isinstance(err, ChannelClosed):
+                raise InternalError(f"The source went away during the transfer: {err.message}") from None
+            raise
+
+    async def _receive(self, op: Operation, control: Channel, fs: Channel, row: InstanceRow, volume: Path, *,
+                       refresh: bool) -> None:
+        data = await control.receive()
+        if data is None:
+            raise InternalError("Protocol error: the source sent an empty migration header")
+        offer = pb.MigrationHeader.FromString(data)
+        pool = await self._instances.pool_of(await self._instances.spec(row))
+        existing = {s.name for s in await self._instances.snapshots(row.project, row.name)}
+        wanted = [n for n in offer.snapshotNames if n not in existing]
+        answer, transport = protocol.answer_header(offer, pool.migration_transports, wanted, refresh=refresh)
+        await control.send(answer.SerializeToString())
+        op.update_metadata(transport=transport)
+        if refresh:
+            for gone in existing - set(offer.snapshotNames):
+                await self._instances.delete_snapshot_unlocked(row.project, row.name, gone)
+        messages = {s.name: s for s in offer.snapshots}
+        progress = _progress(op, "fs", offer.stapesTotalBytes)
+        features = protocol.rsync_features(answer)
+        received: list[str] = []
+        try:
+            for name in answer.snapshotNames:
+                if refresh:
+                    # Seed the new snapshot with the copy we already have: rsync then sends only the difference.
+                    await pool.create_snapshot("containers", row.project, row.name, name)
+                    target = pool.snapshot_path("containers", row.project, row.name, name)
+                else:
+                    target = await pool.prepare_snapshot_target("containers", row.project, row.name, name)
+                received.append(name)
+                await transports.receive(transport, target, fs, progress, features)
+                message = messages.get(name) or pb.Snapshot(name=name, ephemeral=False, architecture=0,
+                                                            stateful=False)
+                await self._instances.record_snapshot(protocol.snapshot_row(row.project, row.name, message))
+            await transports.receive(transport, volume, fs, progress, features)
+        except (StapesError, OSError) as err:
+            if refresh:  # a new copy is removed whole by create_with; a refreshed one loses what it half-received
+                for name in received:
+                    try:
+                        await self._instances.delete_snapshot_unlocked(row.project, row.name, name)
+                    except NotFound:
+                        await pool.delete_snapshot("containers", row.project, row.name, name)
+            usage = await pool.usage()
+            if usage["total"] - usage["used"] < FULL_MARGIN:
+                raise InternalError(
+                    f"Storage pool {pool.pool!r} is full ({usage['total'] // 2**20} MiB, "
+                    f"{offer.stapesTotalBytes // 2**20} MiB needed): free space or choose another "
+                    "pool with -s") from None
+            reason = await _peer_reason(control, err)
+            raise InternalError(f"Receiving from the source failed: {reason}") from None
+        progress.publish()
+        result = await _receive_control(control)
+        if not result.success:
+            raise InternalError(f"The source failed: {result.message}")

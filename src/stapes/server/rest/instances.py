@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from stapes.api.config_keys import validate_instance_config
 from stapes.api.errors import BadRequest, NotFound
 from stapes.api.filters import matches
 from stapes.server.instances.driver import ExecRequest
@@ -82,6 +83,8 @@ def routes(r: web.RouteTableDef) -> None:
             raise BadRequest("The instance needs a name")
         if image is not None:
             await d.images.resolve(image)
+        if source_type == "migration" and source.get("refresh") and await _exists(request, proj, row.name):
+            return await _refresh_migration(request, row, source)
         await d.instances.validate_new(row)
         if source_type == "migration":
             return _receive_migration(request, row, source)
@@ -106,6 +109,14 @@ def routes(r: web.RouteTableDef) -> None:
         name = request.match_info["name"]
         await d.instances.get(proj, name)
         data = await body(request)
+        if replace and data.get("restore"):
+            snapshot = str(data["restore"])
+            await d.instances.snapshot(proj, name, snapshot)
+
+            async def restore(op: Operation) -> None:
+                await d.instances.restore_snapshot(proj, name, snapshot)
+
+            return start_task(request, "Restoring snapshot", proj, restore, name)
         changes: dict[str, Any] = {}
         if "config" in data:
             changes["config"] = string_map(data["config"], "config")
@@ -217,8 +228,61 @@ def routes(r: web.RouteTableDef) -> None:
 
     @r.get("/1.0/instances/{name}/snapshots")
     async def list_snapshots(request: web.Request) -> web.Response:
-        await daemon(request).instances.get(await project(request), request.match_info["name"])
-        return sync([])  # snapshots arrive with the migration work; until then an instance has none
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        row = await d.instances.get(proj, name)
+        snaps = await d.instances.snapshots(proj, name)
+        if recursion(request):
+            return sync([d.instances.render_snapshot(row, s) for s in snaps])
+        return sync([f"/1.0/instances/{name}/snapshots/{s.name}" for s in snaps])
+
+    @r.post("/1.0/instances/{name}/snapshots")
+    async def create_snapshot(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        await d.instances.get(proj, name)
+        data = await body(request)
+        if data.get("stateful"):
+            raise BadRequest("Stateful snapshots are not supported yet")
+        snapshot = str(data.get("name") or "")
+
+        async def work(op: Operation) -> None:
+            await d.instances.create_snapshot(proj, name, snapshot or None, str(data.get("description") or ""))
+
+        return start_task(request, "Snapshotting instance", proj, work, name)
+
+    @r.get("/1.0/instances/{name}/snapshots/{snapshot}")
+    async def get_snapshot(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        row = await d.instances.get(proj, request.match_info["name"])
+        snap = await d.instances.snapshot(proj, row.name, request.match_info["snapshot"])
+        return sync(d.instances.render_snapshot(row, snap))
+
+    @r.delete("/1.0/instances/{name}/snapshots/{snapshot}")
+    async def delete_snapshot(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name, snapshot = request.match_info["name"], request.match_info["snapshot"]
+        await d.instances.snapshot(proj, name, snapshot)
+
+        async def work(op: Operation) -> None:
+            await d.instances.delete_snapshot(proj, name, snapshot)
+
+        return start_task(request, "Deleting snapshot", proj, work, name)
+
+    @r.post("/1.0/instances/{name}/snapshots/{snapshot}")
+    async def rename_snapshot(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name, snapshot = request.match_info["name"], request.match_info["snapshot"]
+        data = await body(request)
+        if data.get("migration"):
+            raise BadRequest("Migrating a single snapshot is not supported: copy the instance")
+        await d.instances.rename_snapshot(proj, name, snapshot, str(data.get("name") or ""))
+        return start_task(request, "Renaming snapshot", proj, None, name)
 
     @r.get("/1.0/instances/{name}/backups")
     async def list_backups(request: web.Request) -> web.Response:
@@ -271,8 +335,10 @@ async def _send_migration(request: web.Request, project_name: str, name: str, da
         raise BadRequest(f"Unknown transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
     op = _migration_operation(request, "Migrating instance", project_name, name, websockets=target is None)
 
+    instance_only = bool(data.get("instance_only"))
+
     async def work(op: Operation) -> None:
-        await d.migration.run_source(op, project_name, name, target, transport)
+        await d.migration.run_source(op, project_name, name, target, transport, instance_only)
 
     op.start(work)
     return async_operation(op)
@@ -281,21 +347,49 @@ async def _send_migration(request: web.Request, project_name: str, name: str, da
 def _receive_migration(request: web.Request, row: InstanceRow, source: dict[str, Any]) -> web.Response:
     """Target side: pull dials the source's operation; push waits for the source (or a relaying client)."""
     d = daemon(request)
+    _check_migration_source(source)
+    op = _migration_operation(request, "Creating instance", row.project, row.name,
+                              websockets=source.get("mode") == "push")
+
+    async def work(op: Operation) -> None:
+        await d.migration.run_sink(op, row, source)
+
+    op.start(work)
+    return async_operation(op)
+
+
+def _check_migration_source(source: dict[str, Any]) -> None:
     mode = source.get("mode") or "pull"
     if mode not in ("pull", "push"):
         raise BadRequest(f"Unknown migration mode {mode!r}: use pull or push (relay is push on both ends)")
     if source.get("live"):
         raise BadRequest("Live migration is not supported yet")
-    if source.get("refresh"):
-        raise BadRequest("Refreshing an existing copy is not supported yet")
     if mode == "pull":
         for key in ("operation", "secrets", "certificate"):
             if not source.get(key):
                 raise BadRequest(f"A pull migration needs the source's {key!r}")
-    op = _migration_operation(request, "Creating instance", row.project, row.name, websockets=mode == "push")
+
+
+async def _exists(request: web.Request, project_name: str, name: str) -> bool:
+    try:
+        await daemon(request).instances.get(project_name, name)
+    except NotFound:
+        return False
+    return True
+
+
+async def _refresh_migration(request: web.Request, row: InstanceRow, source: dict[str, Any]) -> web.Response:
+    """copy --refresh onto an existing copy."""
+    d = daemon(request)
+    _check_migration_source(source)
+    validate_instance_config(row.config)
+    for profile in row.profiles:
+        await d.store.profile(profile)
+    op = _migration_operation(request, "Refreshing instance", row.project, row.name,
+                              websockets=source.get("mode") == "push")
 
     async def work(op: Operation) -> None:
-        await d.migration.run_sink(op, row, source)
+        await d.migration.run_refresh(op, row, source)
 
     op.start(work)
     return async_operation(op)

@@ -51,6 +51,26 @@ class PoolDriver(ABC):
     @abstractmethod
     async def rename_volume(self, kind: str, project: str, old: str, new: str) -> None: ...
 
+    def snapshot_path(self, kind: str, project: str, name: str, snapshot: str) -> Path:
+        """Incus's layout: <pool>/<kind>-snapshots/<volume>/<snapshot>."""
+        return self.source / f"{kind}-snapshots" / volume_name(project, name) / snapshot
+
+    @abstractmethod
+    async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None: ...
+
+    @abstractmethod
+    async def delete_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None: ...
+
+    @abstractmethod
+    async def restore_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None: ...
+
+    @abstractmethod
+    async def rename_snapshot(self, kind: str, project: str, name: str, old: str, new: str) -> None: ...
+
+    @abstractmethod
+    async def prepare_snapshot_target(self, kind: str, project: str, name: str, snapshot: str) -> Path:
+        """An empty place to receive a snapshot's files into (migration)."""
+
     @abstractmethod
     async def usage(self) -> dict[str, int]:
         """{'used': bytes, 'total': bytes} of the pool's backing filesystem."""

@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS instances (
     devices TEXT NOT NULL DEFAULT '{}', profiles TEXT NOT NULL DEFAULT '[]',
     ephemeral INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, last_used_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (project, name));
+CREATE TABLE IF NOT EXISTS snapshots (
+    project TEXT NOT NULL, instance TEXT NOT NULL, name TEXT NOT NULL, description TEXT NOT NULL DEFAULT '',
+    config TEXT NOT NULL DEFAULT '{}', devices TEXT NOT NULL DEFAULT '{}', profiles TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL, PRIMARY KEY (project, instance, name));
 CREATE TABLE IF NOT EXISTS images (
     fingerprint TEXT PRIMARY KEY, filename TEXT NOT NULL, size INTEGER NOT NULL, type TEXT NOT NULL,
     architecture TEXT NOT NULL, properties TEXT NOT NULL DEFAULT '{}', public INTEGER NOT NULL DEFAULT 0,
@@ -60,6 +64,18 @@ class InstanceRow:
     ephemeral: bool = False
     created_at: float = 0.0
     last_used_at: float = 0.0
+
+
+@dataclass
+class SnapshotRow:
+    project: str
+    instance: str
+    name: str
+    description: str = ""
+    config: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    profiles: list[str] = field(default_factory=list)
+    created_at: float = 0.0
 
 
 @dataclass
@@ -291,6 +307,40 @@ class Store:
 
     async def delete_instance(self, project: str, name: str) -> None:
         await self._write("DELETE FROM instances WHERE project=? AND name=?", (project, name))
+
+    # snapshots
+    async def snapshots(self, project: str, instance: str) -> list[SnapshotRow]:
+        rows = await self._all("SELECT * FROM snapshots WHERE project=? AND instance=? ORDER BY created_at, name",
+                               (project, instance))
+        return [SnapshotRow(r["project"], r["instance"], r["name"], r["description"], json.loads(r["config"]),
+                            json.loads(r["devices"]), json.loads(r["profiles"]), r["created_at"]) for r in rows]
+
+    async def create_snapshot(self, row: SnapshotRow) -> None:
+        try:
+            await self._conn.execute(
+                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.project, row.instance, row.name, row.description, json.dumps(row.config),
+                 json.dumps(row.devices), json.dumps(row.profiles), row.created_at or time.time()))
+        except aiosqlite.IntegrityError:
+            raise Conflict(f"Snapshot {row.name!r} of {row.instance!r} already exists") from None
+        await self._conn.commit()
+
+    async def delete_snapshot(self, project: str, instance: str, name: str) -> None:
+        await self._write("DELETE FROM snapshots WHERE project=? AND instance=? AND name=?", (project, instance, name))
+
+    async def delete_snapshots(self, project: str, instance: str) -> None:
+        await self._write("DELETE FROM snapshots WHERE project=? AND instance=?", (project, instance))
+
+    async def rename_snapshot(self, project: str, instance: str, old: str, new: str) -> None:
+        try:
+            await self._conn.execute("UPDATE snapshots SET name=? WHERE project=? AND instance=? AND name=?",
+                                     (new, project, instance, old))
+        except aiosqlite.IntegrityError:
+            raise Conflict(f"Snapshot {new!r} of {instance!r} already exists") from None
+        await self._conn.commit()
+
+    async def rename_snapshots_instance(self, project: str, old: str, new: str) -> None:
+        await self._write("UPDATE snapshots SET instance=? WHERE project=? AND instance=?", (new, project, old))
 
     # images
     @staticmethod
