@@ -10,7 +10,7 @@ fi
 
 . /etc/os-release
 codename="${VERSION_CODENAME:-}"
-packages=(lxc busybox-static rsync nftables tar gzip xz-utils python3 python3-venv python3-dev gcc
+packages=(lxc busybox-static rsync btrfs-progs nftables tar gzip xz-utils python3 python3-venv python3-dev gcc
           ca-certificates curl incus-client)
 
 backports=()

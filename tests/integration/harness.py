@@ -166,4 +166,12 @@ class Cluster:
         for server in self.servers:
             server.kill_containers()
             server.stop()
+        unmount_below(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def unmount_below(root: Path) -> None:
+    """Pools a test made (btrfs loop files) are unmounted; a loop mount frees its loop device with it."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(str(root))), reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True, check=False)

@@ -133,6 +133,7 @@ class Daemon:
             await self.store.replace_server_config(config)
         if config.get("core.https_address"):
             await self._listen_https(config["core.https_address"])
+        await self.storage.activate_all()
         await self.instances.remove_incomplete()
         await self.instances.restore_power_state()
         log.info("stapesd ready: unix socket %s, https %s", sock, self._https_address or "off")

@@ -137,17 +137,20 @@ class MigrationService:
         op.update_metadata(transport=transport)
         progress = _progress(op, "fs", total)
         features = protocol.rsync_features(answer)
+        sender = transports.open_transport(transport, fs, progress, features)
         try:
             for snapshot in answer.snapshotNames:
                 if snapshot not in paths:
                     raise InternalError(f"Protocol error: the target asked for unknown snapshot {snapshot!r}")
-                await transports.send(transport, paths[snapshot], fs, progress, features)
-            await transports.send(transport, volume, fs, progress, features)
+                await sender.send(paths[snapshot])
+            await sender.send(volume)
         except (StapesError, OSError) as err:
             reason = await _peer_reason(control, err)
             with contextlib.suppress(Exception):
                 await _send_control(control, False, reason)
             raise InternalError(f"Transfer to the target failed: {reason}") from None
+        finally:
+            await asyncio.shield(sender.close())
         progress.publish()
         await _send_control(control, True)
         result = await _receive_control(control)
@@ -222,20 +225,21 @@ class MigrationService:
         progress = _progress(op, "fs", offer.stapesTotalBytes)
         features = protocol.rsync_features(answer)
         received: list[str] = []
+        receiver = transports.open_transport(transport, fs, progress, features)
         try:
             for name in answer.snapshotNames:
                 if refresh:
                     # Seed the new snapshot with the copy we already have: rsync then sends only the difference.
-                    await pool.create_snapshot("containers", row.project, row.name, name)
+                    await pool.create_snapshot("containers", row.project, row.name, name, writable=True)
                     target = pool.snapshot_path("containers", row.project, row.name, name)
                 else:
                     target = await pool.prepare_snapshot_target("containers", row.project, row.name, name)
                 received.append(name)
-                await transports.receive(transport, target, fs, progress, features)
+                await receiver.receive(target, snapshot=True)
                 message = messages.get(name) or pb.Snapshot(name=name, ephemeral=False, architecture=0,
                                                             stateful=False)
                 await self._instances.record_snapshot(protocol.snapshot_row(row.project, row.name, message))
-            await transports.receive(transport, volume, fs, progress, features)
+            await receiver.receive(volume, snapshot=False)
         except (StapesError, OSError) as err:
             if refresh:  # a new copy is removed whole by create_with; a refreshed one loses what it half-received
                 for name in received:
@@ -251,6 +255,8 @@ class MigrationService:
                     "pool with -s") from None
             reason = await _peer_reason(control, err)
             raise InternalError(f"Receiving from the source failed: {reason}") from None
+        finally:
+            await asyncio.shield(receiver.close())
         progress.publish()
         result = await _receive_control(control)
         if not result.success:

@@ -1,9 +1,10 @@
-"""Moving one volume's files over the fs channel.
+"""Moving volumes' files over the fs channel.
 
 - tar-stream (Stapes only): GNU tar at both ends, raw binary messages in between. One pass, no round trips;
   keeps owners, modes, xattrs, hard links, sparse files and device nodes.
 - rsync (Incus-compatible): the receiver runs `rsync --server` on the channel, the sender runs rsync with a
   remote shell that is joined to the channel, exactly the arguments Incus uses, so either end can be Incus.
+- btrfs (both pools btrfs): btrfs send | btrfs receive, incremental along the snapshots.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from stapes.api.errors import InternalError
 from stapes.server import process
 from stapes.server.migration.channel import Channel
 from stapes.server.migration.progress import Progress
+from stapes.server.storage.btrfs import delete_subvolume
 
 CHUNK = 1 << 20
 TAR_COMMON = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse"]
@@ -165,17 +167,97 @@ async def rsync_receive(path: Path, channel: Channel, progress: Progress | None,
         await _kill(proc)
 
 
-async def send(transport: str, path: Path, channel: Channel, progress: Progress | None,
-               features: Sequence[str]) -> None:
-    if transport == "tar-stream":
-        await tar_send(path, channel, progress)
-    else:
-        await rsync_send(path, channel, progress, features)
+class Transport:
+    """One migration's data path on the fs channel: streams sent or received one after the other."""
+
+    def __init__(self, channel: Channel, progress: Progress | None, features: Sequence[str]) -> None:
+        self.channel = channel
+        self.progress = progress
+        self.features = features
+
+    async def send(self, path: Path) -> None:
+        raise NotImplementedError
+
+    async def receive(self, path: Path, *, snapshot: bool) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Remove whatever the transport made for itself (temporary snapshots)."""
 
 
-async def receive(transport: str, path: Path, channel: Channel, progress: Progress | None,
-                  features: Sequence[str]) -> None:
-    if transport == "tar-stream":
-        await tar_receive(path, channel, progress)
-    else:
-        await rsync_receive(path, channel, progress, features)
+class TarStream(Transport):
+    async def send(self, path: Path) -> None:
+        await tar_send(path, self.channel, self.progress)
+
+    async def receive(self, path: Path, *, snapshot: bool) -> None:
+        await tar_receive(path, self.channel, self.progress)
+
+
+class Rsync(Transport):
+    async def send(self, path: Path) -> None:
+        await rsync_send(path, self.channel, self.progress, self.features)
+
+    async def receive(self, path: Path, *, snapshot: bool) -> None:
+        await rsync_receive(path, self.channel, self.progress, self.features)
+
+
+class BtrfsSendReceive(Transport):
+    """btrfs send | btrfs receive. Each stream is sent from a read-only snapshot taken for the purpose, with
+    the previous one as its parent, so a snapshot series costs only its differences. The receiver keeps
+    received snapshots as they arrive (their received UUID makes them parents for the next stream) and turns
+    the last stream, the instance's volume, into a writable subvolume."""
+
+    def __init__(self, channel: Channel, progress: Progress | None, features: Sequence[str]) -> None:
+        super().__init__(channel, progress, features)
+        self._sent: list[Path] = []
+
+    async def send(self, path: Path) -> None:
+        frozen = path.parent / f".stapes-send-{uuid.uuid4().hex[:12]}"
+        await process.run(["btrfs", "subvolume", "snapshot", "-r", str(path), str(frozen)])
+        self._sent.append(frozen)
+        parent = ["-p", str(self._sent[-2])] if len(self._sent) > 1 else []
+        proc = await process.spawn(["btrfs", "send", "-q", *parent, str(frozen)], stdin=asyncio.subprocess.DEVNULL,
+                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            await _stdout_to_channel(proc.stdout, self.channel, self.progress)
+            await _finish(proc, "Sending the files (btrfs send)")
+        finally:
+            await _kill(proc)
+
+    async def receive(self, path: Path, *, snapshot: bool) -> None:
+        # Received into the final directory: a read-only subvolume cannot move to another directory later.
+        before = set(path.parent.iterdir())
+        try:
+            proc = await process.spawn(["btrfs", "receive", "-q", str(path.parent)], stdin=asyncio.subprocess.PIPE,
+                                       stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            try:
+                assert proc.stdin is not None
+                await _channel_to_stdin(self.channel, proc.stdin, self.progress)
+                await _finish(proc, "Receiving the files (btrfs receive)")
+            finally:
+                await _kill(proc)
+        except BaseException:
+            for partial in set(path.parent.iterdir()) - before:
+                with contextlib.suppress(Exception):
+                    await delete_subvolume(partial)
+            raise
+        received = next(p for p in set(path.parent.iterdir()) - before if p.name.startswith(".stapes-send-"))
+        await delete_subvolume(path)  # the empty subvolume made for us
+        if snapshot:
+            received.rename(path)
+        else:
+            await process.run(["btrfs", "subvolume", "snapshot", str(received), str(path)])
+            self._sent.append(received)  # removed at close: nothing follows the volume itself
+
+    async def close(self) -> None:
+        for frozen in self._sent:
+            with contextlib.suppress(Exception):
+                await delete_subvolume(frozen)
+
+
+TRANSPORTS: dict[str, type[Transport]] = {"tar-stream": TarStream, "rsync": Rsync, "btrfs": BtrfsSendReceive}
+
+
+def open_transport(name: str, channel: Channel, progress: Progress | None, features: Sequence[str]) -> Transport:
+    return TRANSPORTS[name](channel, progress, features)

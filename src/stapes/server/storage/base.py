@@ -6,6 +6,8 @@ can send and receive; the migration code negotiates from those declarations only
 
 from __future__ import annotations
 
+import asyncio
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -28,6 +30,14 @@ class PoolDriver(ABC):
     def source(self) -> Path:
         return Path(self.config["source"])
 
+    @property
+    def root(self) -> Path:
+        """Where the volumes live (the source itself, or where it is mounted)."""
+        return self.source
+
+    async def activate(self) -> None:  # noqa: B027 - most drivers have nothing to do
+        """Make the pool usable after the server (or the host) restarted, e.g. mount it."""
+
     @classmethod
     @abstractmethod
     def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
@@ -39,8 +49,8 @@ class PoolDriver(ABC):
     @abstractmethod
     async def delete_pool(self) -> None: ...
 
-    @abstractmethod
-    def volume_path(self, kind: str, project: str, name: str) -> Path: ...
+    def volume_path(self, kind: str, project: str, name: str) -> Path:
+        return self.root / kind / volume_name(project, name)
 
     @abstractmethod
     async def create_volume(self, kind: str, project: str, name: str) -> Path: ...
@@ -53,10 +63,12 @@ class PoolDriver(ABC):
 
     def snapshot_path(self, kind: str, project: str, name: str, snapshot: str) -> Path:
         """Incus's layout: <pool>/<kind>-snapshots/<volume>/<snapshot>."""
-        return self.source / f"{kind}-snapshots" / volume_name(project, name) / snapshot
+        return self.root / f"{kind}-snapshots" / volume_name(project, name) / snapshot
 
     @abstractmethod
-    async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None: ...
+    async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str, *,
+                              writable: bool = False) -> None:
+        """`writable` for a snapshot that is about to receive files (a refresh seeds it from the volume)."""
 
     @abstractmethod
     async def delete_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None: ...
@@ -71,6 +83,8 @@ class PoolDriver(ABC):
     async def prepare_snapshot_target(self, kind: str, project: str, name: str, snapshot: str) -> Path:
         """An empty place to receive a snapshot's files into (migration)."""
 
-    @abstractmethod
     async def usage(self) -> dict[str, int]:
         """{'used': bytes, 'total': bytes} of the pool's backing filesystem."""
+        stat = await asyncio.to_thread(os.statvfs, self.root)
+        total = stat.f_blocks * stat.f_frsize
+        return {"used": total - stat.f_bavail * stat.f_frsize, "total": total}

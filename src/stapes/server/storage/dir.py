@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from stapes.api.errors import BadRequest, Conflict
 from stapes.server import process
-from stapes.server.storage.base import PoolDriver, volume_name
+from stapes.server.storage.base import PoolDriver
 
 
 class DirPool(PoolDriver):
@@ -37,9 +37,6 @@ class DirPool(PoolDriver):
     async def delete_pool(self) -> None:
         await asyncio.to_thread(shutil.rmtree, self.source, True)
 
-    def volume_path(self, kind: str, project: str, name: str) -> Path:
-        return self.source / kind / volume_name(project, name)
-
     async def create_volume(self, kind: str, project: str, name: str) -> Path:
         path = self.volume_path(kind, project, name)
         if path.exists():
@@ -62,7 +59,8 @@ class DirPool(PoolDriver):
         if snaps_src.exists():
             await asyncio.to_thread(os.rename, snaps_src, self.snapshot_path(kind, project, new, "x").parent)
 
-    async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None:
+    async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str, *,
+                              writable: bool = False) -> None:
         target = await self.prepare_snapshot_target(kind, project, name, snapshot)
         target.rmdir()
         # cp -a keeps owners, modes, xattrs, hard links and sparse files; reflinks where the fs has them.
@@ -89,8 +87,3 @@ class DirPool(PoolDriver):
             raise Conflict(f"Snapshot {snapshot!r} of {name!r} already exists in pool {self.pool!r}")
         await asyncio.to_thread(path.mkdir, 0o711, True)
         return path
-
-    async def usage(self) -> dict[str, int]:
-        stat = await asyncio.to_thread(os.statvfs, self.source)
-        total = stat.f_blocks * stat.f_frsize
-        return {"used": total - stat.f_bavail * stat.f_frsize, "total": total}

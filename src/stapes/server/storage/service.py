@@ -6,10 +6,11 @@ from stapes.api.errors import BadRequest, Conflict
 from stapes.api.names import validate_entity_name
 from stapes.server.paths import StatePaths
 from stapes.server.storage.base import PoolDriver
+from stapes.server.storage.btrfs import BtrfsPool
 from stapes.server.storage.dir import DirPool
 from stapes.server.store.db import PoolRow, Store
 
-DRIVERS: dict[str, type[PoolDriver]] = {DirPool.name: DirPool}
+DRIVERS: dict[str, type[PoolDriver]] = {DirPool.name: DirPool, BtrfsPool.name: BtrfsPool}
 
 
 class StorageService:
@@ -38,6 +39,10 @@ class StorageService:
             await pool.delete_pool()
             raise
         return row
+
+    async def activate_all(self) -> None:
+        for row in await self._store.pools():
+            await DRIVERS[row.driver](row.name, row.config).activate()
 
     async def delete(self, name: str, used_by: list[str]) -> None:
         if used_by:
