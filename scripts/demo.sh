@@ -74,6 +74,34 @@ run "$BIN/stapes" list s1:
 run "$BIN/stapes" list s2: --all-projects
 run "$BIN/stapes" info s1:c1
 
+say "Moving containers between the servers: pull, push and relay"
+run "$BIN/stapes" launch s1:busybox mover
+run "$BIN/stapes" exec s1:mover -- sh -c 'dd if=/dev/urandom of=/root/data.bin bs=1M count=64 2>/dev/null; md5sum /root/data.bin'
+run "$BIN/stapes" snapshot create s1:mover before-move
+run "$BIN/stapes" move s1:mover s2: || true   # refused: it is running
+run "$BIN/stapes" move s1:mover s2: --stateless           # pull (the default): s2 dials s1
+run "$BIN/stapes" exec s2:mover -- md5sum /root/data.bin
+run "$BIN/stapes" snapshot list s2:mover
+run "$BIN/stapes" stop s2:mover --force
+run "$BIN/stapes" move s2:mover s1:mover2 --mode push     # s2 dials s1
+run "$BIN/stapes" move s1:mover2 s2:mover3 --mode relay -c limits.memory=96MiB   # this client relays
+run "$BIN/stapes" copy s2:mover3 s1:backup --instance-only
+run "$BIN/stapes" exec s2:mover3 -- true 2>/dev/null || run "$BIN/stapes" start s2:mover3
+run "$BIN/stapes" exec s2:mover3 -- sh -c 'echo changed > /root/new-file'
+run "$BIN/stapes" stop s2:mover3 --force
+run "$BIN/stapes" copy s2:mover3 s1:backup --refresh      # only what changed travels
+run "$BIN/stapes" list s1:
+run "$BIN/stapes" list s2:
+run "$BIN/stapes" delete s1:backup
+run "$BIN/stapes" delete s2:mover3
+
+say "A failed move leaves everything as it was"
+run "$BIN/stapes" launch s1:busybox safe
+run "$BIN/stapes" stop s1:safe --force
+run "$BIN/stapes" move s1:safe s2: -s nosuchpool || true
+run "$BIN/stapes" list s1:
+run "$BIN/stapes" delete s1:safe
+
 say "Errors are one clear line, and change nothing"
 run "$BIN/stapes" launch s1:busybox 9bad || true
 run "$BIN/stapes" stop s1:c1 --force

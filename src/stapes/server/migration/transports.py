@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import sys
 import uuid
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from stapes.api.errors import InternalError
@@ -23,7 +25,21 @@ from stapes.server.migration.progress import Progress
 from stapes.server.storage.btrfs import delete_subvolume
 
 CHUNK = 1 << 20
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
 TAR_COMMON = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse"]
+
+
+async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
+    """Pipes of 1 MiB instead of 64 KiB: a quarter of the wake-ups and system calls per byte moved."""
+    proc = await process.spawn(argv, **kwargs)
+    for stream in (proc.stdin, proc.stdout):
+        transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
+        pipe = transport.get_extra_info("pipe") if transport is not None else None
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+    return proc
 
 
 async def _stdout_to_channel(stream: asyncio.StreamReader, channel: Channel, progress: Progress | None) -> None:
@@ -77,7 +93,7 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
 
 
 async def tar_send(path: Path, channel: Channel, progress: Progress | None) -> None:
-    proc = await process.spawn(["tar", "-C", str(path), "-cf", "-", *TAR_COMMON, "--one-file-system", "."],
+    proc = await _spawn(["tar", "-C", str(path), "-cf", "-", *TAR_COMMON, "--one-file-system", "."],
                                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                                stderr=asyncio.subprocess.PIPE)
     try:
@@ -89,7 +105,7 @@ async def tar_send(path: Path, channel: Channel, progress: Progress | None) -> N
 
 
 async def tar_receive(path: Path, channel: Channel, progress: Progress | None) -> None:
-    proc = await process.spawn(["tar", "-C", str(path), "-xf", "-", *TAR_COMMON, "--same-permissions",
+    proc = await _spawn(["tar", "-C", str(path), "-xf", "-", *TAR_COMMON, "--same-permissions",
                                 "--same-owner"],
                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
                                stderr=asyncio.subprocess.PIPE)
@@ -127,7 +143,7 @@ async def rsync_send(path: Path, channel: Channel, progress: Progress | None, fe
     shell = f"{sys.executable} -m stapes.server.migration.netcat {address}"
     argv = ["rsync", "-ar", "--devices", "--numeric-ids", "--partial", "--sparse", *_rsync_feature_args(features),
             f"{path}/", "localhost:/tmp/foo", "-e", shell]
-    proc = await process.spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+    proc = await _spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                                stderr=asyncio.subprocess.PIPE)
     try:
         reader, writer = await asyncio.wait_for(accepted, 30)
@@ -155,7 +171,7 @@ async def rsync_send(path: Path, channel: Channel, progress: Progress | None, fe
 async def rsync_receive(path: Path, channel: Channel, progress: Progress | None, features: Sequence[str]) -> None:
     argv = ["rsync", "--server", "-vlogDtpre.iLsfx", "--numeric-ids", "--devices", "--partial", "--sparse",
             "--modify-window=-1", *_rsync_feature_args(features), ".", str(path)]
-    proc = await process.spawn(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    proc = await _spawn(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                                stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdin is not None and proc.stdout is not None
@@ -216,7 +232,7 @@ class BtrfsSendReceive(Transport):
         await process.run(["btrfs", "subvolume", "snapshot", "-r", str(path), str(frozen)])
         self._sent.append(frozen)
         parent = ["-p", str(self._sent[-2])] if len(self._sent) > 1 else []
-        proc = await process.spawn(["btrfs", "send", "-q", *parent, str(frozen)], stdin=asyncio.subprocess.DEVNULL,
+        proc = await _spawn(["btrfs", "send", "-q", *parent, str(frozen)], stdin=asyncio.subprocess.DEVNULL,
                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             assert proc.stdout is not None
@@ -229,7 +245,7 @@ class BtrfsSendReceive(Transport):
         # Received into the final directory: a read-only subvolume cannot move to another directory later.
         before = set(path.parent.iterdir())
         try:
-            proc = await process.spawn(["btrfs", "receive", "-q", str(path.parent)], stdin=asyncio.subprocess.PIPE,
+            proc = await _spawn(["btrfs", "receive", "-q", str(path.parent)], stdin=asyncio.subprocess.PIPE,
                                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
             try:
                 assert proc.stdin is not None
