@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stapes.client.client import AsyncClient, add_remote_with_token  # noqa: E402
-from stapes.client.config import ClientConfig, Remote  # noqa: E402
+from stapes.client.config import ClientConfig  # noqa: E402
 from stapes.client.migration import Overrides, copy_instance  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -15,8 +15,8 @@ import fcntl
 import sys
 import uuid
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from stapes.api.errors import InternalError
 from stapes.server import process
