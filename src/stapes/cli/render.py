@@ -14,6 +14,7 @@ import click
 import yaml
 from rich import box
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 FORMATS = ("table", "json", "yaml", "csv", "compact")
@@ -54,16 +55,31 @@ def success(message: str, quiet: bool = False) -> None:
 
 @contextmanager
 def progress(label: str, quiet: bool = False) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A live status line on stderr for a running operation; silent when quiet or not a terminal."""
-    if quiet or not sys.stderr.isatty():
+    """A live status line on stderr for a running operation (on a terminal), then the final figures as one
+    line once it succeeded (terminal or not). Nothing with --quiet, nothing extra on failure."""
+    last = ""
+    status: Status | None = None
+
+    def update(op: dict[str, Any]) -> None:
+        nonlocal last
+        last = _progress_text(op) or last
+        if status is not None and last:
+            status.update(f"{label}: {last}")
+
+    if quiet:
         yield lambda op: None
         return
-    with _err_console.status(label) as status:
-        def update(op: dict[str, Any]) -> None:
-            meta = op.get("metadata") or {}
-            detail = meta.get("progress")
-            if isinstance(detail, dict):
-                text = " ".join(f"{k}: {v}" for k, v in detail.items())
-                status.update(f"{label} ({text})")
-
+    if sys.stderr.isatty():
+        with _err_console.status(label) as status:
+            yield update
+    else:
         yield update
+    if last:
+        click.echo(f"{label}: {last}", err=True)
+
+
+def _progress_text(op: dict[str, Any]) -> str:
+    detail = (op.get("metadata") or {}).get("progress")
+    if not isinstance(detail, dict):
+        return ""
+    return str(detail.get("text") or "")
