@@ -70,10 +70,23 @@ def test_overrides_on_the_target(s1: Server, s2: Server, two: Cli, tmp_path: obj
     assert bare["profiles"] == [] and bare["devices"]["root"]["pool"] == "default"
 
 
-def test_move_on_one_server_renames(s1: Server, two: Cli) -> None:
+def test_move_on_one_server_renames_or_changes_pool_or_project(s1: Server, two: Cli) -> None:
     two.run("init", "s1:busybox", "c1", "-q")
+    (s1.state_dir / "storage-pools/default/containers/c1/rootfs/root/mark").write_text("here")
+    two.run("snapshot", "create", "s1:c1", "snap")
     assert "Renamed" in two.run("move", "s1:c1", "s1:c2").stdout
     assert [i["name"] for i in two.json("list", "s1:")] == ["c2"]
+    two.run("storage", "create", "s1:other", "dir")
+    two.run("move", "s1:c2", "s1:", "-s", "other")
+    moved = two.json("list", "s1:")
+    assert [(i["name"], i["expanded_devices"]["root"]["pool"]) for i in moved] == [("c2", "other")]
+    assert (s1.state_dir / "storage-pools/other/containers/c2/rootfs/root/mark").read_text() == "here"
+    assert not (s1.state_dir / "storage-pools/default/containers/c2").exists()
+    assert [s["name"] for s in two.json("snapshot", "list", "s1:c2")] == ["snap"]
+    two.run("project", "create", "s1:p2")
+    two.run("move", "s1:c2", "s1:", "--target-project", "p2")
+    assert two.json("list", "s1:") == []
+    assert [i["name"] for i in two.json("--project", "p2", "list", "s1:")] == ["c2"]
 
 
 def test_stateless_move_of_a_running_container(s1: Server, s2: Server, two: Cli) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from typing import Any
 
 import click
@@ -73,11 +74,15 @@ async def _transfer(move: bool, source_spec: str, dest_spec: str | None, mode: s
             raise BadRequest(
                 f"Instance {name!r} is running: stop it first, or add --stateless to stop it, "
                 f"{'move' if move else 'copy'} it and start it again")
+        # Moving to another pool under the same name and project: copy to a temporary name, then swap.
+        in_place = move and source_remote.name == target_remote.name and new_name == name and (
+            target_project or project or "default") == (project or "default")
+        landing = f"{name[:50]}-moving-{secrets.token_hex(3)}" if in_place else new_name
         if running:
             await source.change_state(name, "stop", timeout=30)
         try:
             with render.progress(f"{'Moving' if move else 'Copying'} {name}", quiet) as update:
-                transport = await copy_instance(source, name, target, new_name, mode=mode, overrides=overrides,
+                transport = await copy_instance(source, name, target, landing, mode=mode, overrides=overrides,
                                                 progress=update)
         except BaseException:
             if running:
@@ -85,6 +90,8 @@ async def _transfer(move: bool, source_spec: str, dest_spec: str | None, mode: s
             raise
         if move:
             await source.delete_instance(name)
+            if in_place:
+                await target.rename_instance(landing, name)
             if running:
                 await target.change_state(new_name, "start")
         elif running:
