@@ -41,6 +41,15 @@ def s2(cluster: Cluster) -> Server:
 
 
 @pytest.fixture
+def two(cluster: Cluster, s1: Server, s2: Server) -> Cli:
+    """A client trusted on both servers, as remotes 's1' and 's2'."""
+    client = cluster.cli()
+    client.trust(s1, "s1")
+    client.trust(s2, "s2")
+    return client
+
+
+@pytest.fixture
 def cli(cluster: Cluster, s1: Server) -> Cli:
     """A client that trusts s1 as remote 's1' and whose default remote is s1's unix socket."""
     client = cluster.cli(s1)

@@ -37,6 +37,8 @@ def test_refused_requests_change_nothing(s1: Server, cli: Cli) -> None:
         ("profile", "delete", "default"): "cannot be deleted",
         ("project", "delete", "default"): "cannot be deleted",
         ("storage", "create", "p2", "zfs"): "Unknown storage driver 'zfs'",
+        ("storage", "create", "p3", "dir", "rsync.bwlimit=fast"): "Invalid rsync.bwlimit",
+        ("storage", "create", "p4", "dir", "compression=on"): "Unknown configuration for a dir pool",
     }
     for args, expected in cases.items():
         err = cli.fails(*args)

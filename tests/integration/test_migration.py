@@ -5,19 +5,11 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.fstree import fingerprint, populate
-from tests.integration.harness import Cli, Cluster, Server
+from tests.integration.harness import Cli, Server
 
 
 def rootfs(server: Server, name: str, pool: str = "default") -> str:
     return str(server.state_dir / "storage-pools" / pool / "containers" / name / "rootfs")
-
-
-@pytest.fixture
-def two(cluster: Cluster, s1: Server, s2: Server) -> Cli:
-    cli = cluster.cli()
-    cli.trust(s1, "s1")
-    cli.trust(s2, "s2")
-    return cli
 
 
 @pytest.mark.parametrize("mode", ["pull", "push", "relay"])

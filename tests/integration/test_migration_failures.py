@@ -11,29 +11,29 @@ from pathlib import Path
 import pytest
 
 from tests.integration.fstree import fingerprint
-from tests.integration.harness import STAPES, Cli, Cluster, Server
+from tests.integration.harness import STAPES, Cli, Server
 
-BIG_MIB = 300
-
-
-@pytest.fixture
-def two(cluster: Cluster, s1: Server, s2: Server) -> Cli:
-    cli = cluster.cli()
-    cli.trust(s1, "s1")
-    cli.trust(s2, "s2")
-    return cli
+BIG_MIB = 200
+SLOW = "40MiB"  # rsync.bwlimit on the source pool: the transfer lasts five seconds, long enough to interrupt
 
 
-def _big_container(server: Server, cli: Cli, name: str = "big") -> dict[str, tuple[object, ...]]:
-    cli.run("init", "s1:busybox", name, "-q")
-    root = server.state_dir / "storage-pools/default/containers" / name / "rootfs"
+def _big_container(server: Server, cli: Cli, name: str = "big", pool: str = "default"
+                   ) -> dict[str, tuple[object, ...]]:
+    cli.run("init", "s1:busybox", name, "-s", pool, "-q")
+    root = server.state_dir / "storage-pools" / pool / "containers" / name / "rootfs"
     subprocess.run(["dd", "if=/dev/urandom", f"of={root / 'random.bin'}", "bs=1M", f"count={BIG_MIB}",
                     "status=none"], check=True)
     return fingerprint(root)
 
 
-def _assert_untouched(s1: Server, s2: Server, cli: Cli, name: str, before: dict[str, tuple[object, ...]]) -> None:
-    root = s1.state_dir / "storage-pools/default/containers" / name / "rootfs"
+def _slow_container(server: Server, cli: Cli) -> dict[str, tuple[object, ...]]:
+    cli.run("storage", "create", "s1:slow", "dir", f"rsync.bwlimit={SLOW}")
+    return _big_container(server, cli, pool="slow")
+
+
+def _assert_untouched(s1: Server, s2: Server, cli: Cli, name: str, before: dict[str, tuple[object, ...]],
+                      pool: str = "slow") -> None:
+    root = s1.state_dir / "storage-pools" / pool / "containers" / name / "rootfs"
     assert fingerprint(root) == before
     assert [(i["name"], i["status"]) for i in cli.json("list", "s1:")] == [(name, "Stopped")]
     assert cli.json("list", "s2:") == []
@@ -92,7 +92,7 @@ def test_target_pool_full(s1: Server, s2: Server, two: Cli, tmp_path: Path) -> N
         assert "Migration failed on the target (s2)" in err and "Storage pool 'small' is full" in err
         assert two.json("list", "s2:") == []
         assert not any((mount / "pool/containers").iterdir())
-        _assert_untouched(s1, s2, two, "big", before)
+        _assert_untouched(s1, s2, two, "big", before, pool="default")
         two.run("storage", "delete", "s2:small")
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -100,8 +100,8 @@ def test_target_pool_full(s1: Server, s2: Server, two: Cli, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("mode", ["pull", "relay"])
 def test_cancelled_on_the_target(s1: Server, s2: Server, two: Cli, mode: str) -> None:
-    before = _big_container(s1, two)
-    copy = _background_copy(two, "s1:big", "s2:", "--mode", mode, "--transport", "rsync")
+    before = _slow_container(s1, two)
+    copy = _background_copy(two, "s1:big", "s2:", "-s", "default", "--mode", mode, "--transport", "rsync")
     op_id = _wait_for_transfer(two, "s2:")
     two.run("operation", "delete", f"s2:{op_id}")
     _, err = copy.communicate(timeout=60)
@@ -110,8 +110,8 @@ def test_cancelled_on_the_target(s1: Server, s2: Server, two: Cli, mode: str) ->
 
 
 def test_client_interrupted(s1: Server, s2: Server, two: Cli) -> None:
-    before = _big_container(s1, two)
-    copy = _background_copy(two, "s1:big", "s2:", "--transport", "rsync")
+    before = _slow_container(s1, two)
+    copy = _background_copy(two, "s1:big", "s2:", "-s", "default", "--transport", "rsync")
     _wait_for_transfer(two, "s2:")
     copy.send_signal(signal.SIGINT)
     copy.communicate(timeout=60)
@@ -122,8 +122,8 @@ def test_client_interrupted(s1: Server, s2: Server, two: Cli) -> None:
 
 def test_relay_client_killed(s1: Server, s2: Server, two: Cli) -> None:
     """The relaying client vanishes: both servers see their sockets drop and clean up by themselves."""
-    before = _big_container(s1, two)
-    copy = _background_copy(two, "s1:big", "s2:", "--mode", "relay", "--transport", "rsync")
+    before = _slow_container(s1, two)
+    copy = _background_copy(two, "s1:big", "s2:", "-s", "default", "--mode", "relay", "--transport", "rsync")
     _wait_for_transfer(two, "s2:")
     copy.kill()
     copy.communicate(timeout=30)
@@ -132,8 +132,8 @@ def test_relay_client_killed(s1: Server, s2: Server, two: Cli) -> None:
 
 
 def test_target_server_killed(s1: Server, s2: Server, two: Cli) -> None:
-    before = _big_container(s1, two)
-    copy = _background_copy(two, "s1:big", "s2:", "--transport", "rsync")
+    before = _slow_container(s1, two)
+    copy = _background_copy(two, "s1:big", "s2:", "-s", "default", "--transport", "rsync")
     _wait_for_transfer(two, "s2:")
     s2.kill()
     _, err = copy.communicate(timeout=60)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Cli, Cluster, Server
+from tests.integration.harness import Cli, Server
 
 
 def rootfs(server: Server, name: str) -> Path:
@@ -16,14 +16,6 @@ def rootfs(server: Server, name: str) -> Path:
 
 def snapshot_rootfs(server: Server, name: str, snap: str) -> Path:
     return server.state_dir / "storage-pools/default/containers-snapshots" / name / snap / "rootfs"
-
-
-@pytest.fixture
-def two(cluster: Cluster, s1: Server, s2: Server) -> Cli:
-    cli = cluster.cli()
-    cli.trust(s1, "s1")
-    cli.trust(s2, "s2")
-    return cli
 
 
 def test_snapshot_create_restore_rename_delete(s1: Server, cli: Cli) -> None:

@@ -137,7 +137,7 @@ class MigrationService:
         op.update_metadata(transport=transport)
         progress = _progress(op, "fs", total)
         features = protocol.rsync_features(answer)
-        sender = transports.open_transport(transport, fs, progress, features)
+        sender = transports.open_transport(transport, fs, progress, features, pool.config.get("rsync.bwlimit"))
         try:
             for snapshot in answer.snapshotNames:
                 if snapshot not in paths:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from stapes.api.config_keys import parse_size
 from stapes.api.errors import InternalError
 from stapes.server import process
 from stapes.server.migration.channel import Channel
@@ -130,7 +131,8 @@ def _rsync_feature_args(features: Sequence[str]) -> list[str]:
     return args
 
 
-async def rsync_send(path: Path, channel: Channel, progress: Progress | None, features: Sequence[str]) -> None:
+async def rsync_send(path: Path, channel: Channel, progress: Progress | None, features: Sequence[str],
+                     bwlimit: str | None = None) -> None:
     address = f"@stapes/{uuid.uuid4()}"
     accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
         asyncio.get_running_loop().create_future())
@@ -141,8 +143,9 @@ async def rsync_send(path: Path, channel: Channel, progress: Progress | None, fe
 
     server = await asyncio.start_unix_server(on_connect, path="\0" + address[1:])
     shell = f"{sys.executable} -m stapes.server.migration.netcat {address}"
-    argv = ["rsync", "-ar", "--devices", "--numeric-ids", "--partial", "--sparse", *_rsync_feature_args(features),
-            f"{path}/", "localhost:/tmp/foo", "-e", shell]
+    limit = [f"--bwlimit={max(1, parse_size(bwlimit) // 1024)}"] if bwlimit else []
+    argv = ["rsync", "-ar", "--devices", "--numeric-ids", "--partial", "--sparse", *limit,
+            *_rsync_feature_args(features), f"{path}/", "localhost:/tmp/foo", "-e", shell]
     proc = await _spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                                stderr=asyncio.subprocess.PIPE)
     try:
@@ -186,10 +189,12 @@ async def rsync_receive(path: Path, channel: Channel, progress: Progress | None,
 class Transport:
     """One migration's data path on the fs channel: streams sent or received one after the other."""
 
-    def __init__(self, channel: Channel, progress: Progress | None, features: Sequence[str]) -> None:
+    def __init__(self, channel: Channel, progress: Progress | None, features: Sequence[str],
+                 bwlimit: str | None = None) -> None:
         self.channel = channel
         self.progress = progress
         self.features = features
+        self.bwlimit = bwlimit
 
     async def send(self, path: Path) -> None:
         raise NotImplementedError
@@ -211,7 +216,7 @@ class TarStream(Transport):
 
 class Rsync(Transport):
     async def send(self, path: Path) -> None:
-        await rsync_send(path, self.channel, self.progress, self.features)
+        await rsync_send(path, self.channel, self.progress, self.features, self.bwlimit)
 
     async def receive(self, path: Path, *, snapshot: bool) -> None:
         await rsync_receive(path, self.channel, self.progress, self.features)
@@ -223,8 +228,9 @@ class BtrfsSendReceive(Transport):
     received snapshots as they arrive (their received UUID makes them parents for the next stream) and turns
     the last stream, the instance's volume, into a writable subvolume."""
 
-    def __init__(self, channel: Channel, progress: Progress | None, features: Sequence[str]) -> None:
-        super().__init__(channel, progress, features)
+    def __init__(self, channel: Channel, progress: Progress | None, features: Sequence[str],
+                 bwlimit: str | None = None) -> None:
+        super().__init__(channel, progress, features, bwlimit)
         self._sent: list[Path] = []
 
     async def send(self, path: Path) -> None:
@@ -275,5 +281,6 @@ class BtrfsSendReceive(Transport):
 TRANSPORTS: dict[str, type[Transport]] = {"tar-stream": TarStream, "rsync": Rsync, "btrfs": BtrfsSendReceive}
 
 
-def open_transport(name: str, channel: Channel, progress: Progress | None, features: Sequence[str]) -> Transport:
-    return TRANSPORTS[name](channel, progress, features)
+def open_transport(name: str, channel: Channel, progress: Progress | None, features: Sequence[str],
+                   bwlimit: str | None = None) -> Transport:
+    return TRANSPORTS[name](channel, progress, features, bwlimit)

@@ -9,6 +9,7 @@ from aiohttp import web
 from stapes.api.devices import root_disk
 from stapes.api.errors import BadRequest
 from stapes.server.rest.common import body, daemon, instance_url, recursion, string_map, sync
+from stapes.server.storage.base import TUNABLE_KEYS, check_tunables
 from stapes.server.store.db import PoolRow
 
 
@@ -61,8 +62,16 @@ def routes(r: web.RouteTableDef) -> None:
         if "description" in data:
             row.description = str(data["description"] or "")
         config = string_map(data.get("config"), "config")
-        if config.get("source", row.config["source"]) != row.config["source"]:
-            raise BadRequest("A pool's source cannot change once it is created")
+        fixed = {k: v for k, v in row.config.items() if k not in TUNABLE_KEYS}
+        changed = [k for k in config if k not in TUNABLE_KEYS and config[k] != fixed.get(k)]
+        if changed:
+            raise BadRequest(f"{', '.join(sorted(changed))} cannot change once the pool exists; only "
+                             f"{', '.join(TUNABLE_KEYS)} can")
+        old = {} if replace else {k: v for k, v in row.config.items() if k in TUNABLE_KEYS}
+        merged = {**old, **{k: v for k, v in config.items() if k in TUNABLE_KEYS}}
+        tunables = {k: v for k, v in merged.items() if v}  # an empty value unsets the key
+        check_tunables(tunables)
+        row.config = {**fixed, **tunables}
         await d.store.update_pool(row)
         return sync()
 

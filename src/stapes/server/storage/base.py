@@ -12,6 +12,20 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
+from stapes.api.config_keys import parse_size
+from stapes.api.errors import BadRequest, Conflict
+
+TUNABLE_KEYS = ("rsync.bwlimit",)  # keys any pool takes and that may change after creation
+
+
+def check_tunables(config: dict[str, str]) -> None:
+    """`rsync.bwlimit`: Incus's per-pool cap on what rsync sends from this pool (e.g. 50MiB, per second)."""
+    if "rsync.bwlimit" in config:
+        try:
+            parse_size(config["rsync.bwlimit"])
+        except ValueError as err:
+            raise BadRequest(f"Invalid rsync.bwlimit: {err}") from None
+
 
 def volume_name(project: str, name: str) -> str:
     """Incus's on-disk naming: the default project's volumes carry the bare name."""
@@ -58,8 +72,15 @@ class PoolDriver(ABC):
     @abstractmethod
     async def delete_volume(self, kind: str, project: str, name: str) -> None: ...
 
-    @abstractmethod
-    async def rename_volume(self, kind: str, project: str, old: str, new: str) -> None: ...
+    async def rename_volume(self, kind: str, project: str, old: str, new: str) -> None:
+        """Volumes and snapshot directories are renamed in place (subvolumes included)."""
+        src, dst = self.volume_path(kind, project, old), self.volume_path(kind, project, new)
+        if dst.exists():
+            raise Conflict(f"A volume for {new!r} already exists in pool {self.pool!r}")
+        await asyncio.to_thread(os.rename, src, dst)
+        snaps = self.snapshot_path(kind, project, old, "x").parent
+        if snaps.exists():
+            await asyncio.to_thread(os.rename, snaps, self.snapshot_path(kind, project, new, "x").parent)
 
     def snapshot_path(self, kind: str, project: str, name: str, snapshot: str) -> Path:
         """Incus's layout: <pool>/<kind>-snapshots/<volume>/<snapshot>."""

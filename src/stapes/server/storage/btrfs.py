@@ -16,7 +16,7 @@ from typing import ClassVar
 from stapes.api.config_keys import parse_size
 from stapes.api.errors import BadRequest, Conflict
 from stapes.server import process
-from stapes.server.storage.base import PoolDriver
+from stapes.server.storage.base import TUNABLE_KEYS, PoolDriver, check_tunables
 
 DEFAULT_SIZE = "5GiB"
 
@@ -38,10 +38,11 @@ class BtrfsPool(PoolDriver):
 
     @classmethod
     def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
-        unknown = set(config) - {"source", "size"}
+        unknown = set(config) - {"source", "size", *TUNABLE_KEYS}
         if unknown:
             raise BadRequest(f"Unknown configuration for a btrfs pool: {', '.join(sorted(unknown))} "
-                             "(source, size)")
+                             f"(source, size, {', '.join(TUNABLE_KEYS)})")
+        check_tunables(config)
         filled = dict(config)
         if "source" in filled:
             if "size" in filled:
@@ -117,15 +118,6 @@ class BtrfsPool(PoolDriver):
                 await delete_subvolume(snap)
             await asyncio.to_thread(shutil.rmtree, snapshots, True)
         await delete_subvolume(self.volume_path(kind, project, name))
-
-    async def rename_volume(self, kind: str, project: str, old: str, new: str) -> None:
-        src, dst = self.volume_path(kind, project, old), self.volume_path(kind, project, new)
-        if dst.exists():
-            raise Conflict(f"A volume for {new!r} already exists in pool {self.pool!r}")
-        await asyncio.to_thread(os.rename, src, dst)
-        snaps = self.snapshot_path(kind, project, old, "x").parent
-        if snaps.exists():
-            await asyncio.to_thread(os.rename, snaps, self.snapshot_path(kind, project, new, "x").parent)
 
     async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str, *,
                               writable: bool = False) -> None:

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from stapes.api.errors import BadRequest, Conflict
 from stapes.server import process
-from stapes.server.storage.base import PoolDriver
+from stapes.server.storage.base import TUNABLE_KEYS, PoolDriver, check_tunables
 
 
 class DirPool(PoolDriver):
@@ -19,9 +19,11 @@ class DirPool(PoolDriver):
 
     @classmethod
     def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
-        unknown = set(config) - {"source"}
+        unknown = set(config) - {"source", *TUNABLE_KEYS}
         if unknown:
-            raise BadRequest(f"Unknown configuration for a dir pool: {', '.join(sorted(unknown))} (only 'source')")
+            raise BadRequest(f"Unknown configuration for a dir pool: {', '.join(sorted(unknown))} "
+                             f"(source, {', '.join(TUNABLE_KEYS)})")
+        check_tunables(config)
         filled = dict(config)
         filled.setdefault("source", str(default_source))
         if not filled["source"].startswith("/"):
@@ -49,15 +51,6 @@ class DirPool(PoolDriver):
         for path in (self.volume_path(kind, project, name), self.snapshot_path(kind, project, name, "x").parent):
             if path.exists():
                 await process.run(["rm", "-rf", "--one-file-system", "--", str(path)])
-
-    async def rename_volume(self, kind: str, project: str, old: str, new: str) -> None:
-        src, dst = self.volume_path(kind, project, old), self.volume_path(kind, project, new)
-        if dst.exists():
-            raise Conflict(f"A volume for {new!r} already exists in pool {self.pool!r}")
-        await asyncio.to_thread(os.rename, src, dst)
-        snaps_src = self.snapshot_path(kind, project, old, "x").parent
-        if snaps_src.exists():
-            await asyncio.to_thread(os.rename, snaps_src, self.snapshot_path(kind, project, new, "x").parent)
 
     async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str, *,
                               writable: bool = False) -> None:
