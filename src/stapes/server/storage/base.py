@@ -97,8 +97,9 @@ class PoolDriver(ABC):
     @abstractmethod
     async def restore_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None: ...
 
-    @abstractmethod
-    async def rename_snapshot(self, kind: str, project: str, name: str, old: str, new: str) -> None: ...
+    async def rename_snapshot(self, kind: str, project: str, name: str, old: str, new: str) -> None:
+        await asyncio.to_thread(os.rename, self.snapshot_path(kind, project, name, old),
+                                self.snapshot_path(kind, project, name, new))
 
     @abstractmethod
     async def prepare_snapshot_target(self, kind: str, project: str, name: str, snapshot: str) -> Path:

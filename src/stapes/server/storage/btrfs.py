@@ -140,10 +140,6 @@ class BtrfsPool(PoolDriver):
         await delete_subvolume(volume)
         await asyncio.to_thread(os.rename, staged, volume)
 
-    async def rename_snapshot(self, kind: str, project: str, name: str, old: str, new: str) -> None:
-        await asyncio.to_thread(os.rename, self.snapshot_path(kind, project, name, old),
-                                self.snapshot_path(kind, project, name, new))
-
     async def prepare_snapshot_target(self, kind: str, project: str, name: str, snapshot: str) -> Path:
         path = self.snapshot_path(kind, project, name, snapshot)
         if path.exists():

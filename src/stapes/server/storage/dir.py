@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -69,10 +68,6 @@ class DirPool(PoolDriver):
         await process.run(["rsync", "-aHAX", "--delete", "--numeric-ids", "--sparse",
                            f"{self.snapshot_path(kind, project, name, snapshot)}/",
                            f"{self.volume_path(kind, project, name)}/"])
-
-    async def rename_snapshot(self, kind: str, project: str, name: str, old: str, new: str) -> None:
-        await asyncio.to_thread(os.rename, self.snapshot_path(kind, project, name, old),
-                                self.snapshot_path(kind, project, name, new))
 
     async def prepare_snapshot_target(self, kind: str, project: str, name: str, snapshot: str) -> Path:
         path = self.snapshot_path(kind, project, name, snapshot)
