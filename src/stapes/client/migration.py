@@ -173,10 +173,14 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
                 await relay_task
     failures = [(side, op) for side, op in results.items() if op["status_code"] != 200]
     if failures:
-        # The target usually has the more telling message (it names the source's failure too).
-        side, op = sorted(failures, key=lambda f: f[0] != "target")[0]
-        server = (target if side == "target" else source).remote.name
-        raise MigrationFailed(f"Migration failed on the {side} ({server}): {op.get('err') or op['status']}")
+        # The target usually has the more telling message (it names the source's failure too); when both
+        # failed, the source's own reason follows.
+        failures.sort(key=lambda f: f[0] != "target")
+        parts = []
+        for side, op in failures:
+            server = (target if side == "target" else source).remote.name
+            parts.append(f"the {side} ({server}): {op.get('err') or op['status']}")
+        raise MigrationFailed("Migration failed on " + "; and on ".join(parts))
     return str(results["target"]["metadata"].get("transport", "rsync"))
 
 

@@ -237,6 +237,8 @@ class BtrfsSendReceive(Transport):
         frozen = path.parent / f".stapes-send-{uuid.uuid4().hex[:12]}"
         await process.run(["btrfs", "subvolume", "snapshot", "-r", str(path), str(frozen)])
         self._sent.append(frozen)
+        # `send -p` finds the parent through the UUID tree, which a new snapshot joins only at commit.
+        await process.run(["btrfs", "filesystem", "sync", str(path.parent)])
         parent = ["-p", str(self._sent[-2])] if len(self._sent) > 1 else []
         proc = await _spawn(["btrfs", "send", "-q", *parent, str(frozen)], stdin=asyncio.subprocess.DEVNULL,
                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -265,6 +267,8 @@ class BtrfsSendReceive(Transport):
                     await delete_subvolume(partial)
             raise
         received = next(p for p in set(path.parent.iterdir()) - before if p.name.startswith(".stapes-send-"))
+        # The next stream's `receive` looks this one up as its parent in the UUID tree: commit it first.
+        await process.run(["btrfs", "filesystem", "sync", str(path.parent)])
         await delete_subvolume(path)  # the empty subvolume made for us
         if snapshot:
             received.rename(path)
