@@ -38,7 +38,8 @@ async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
         transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
         pipe = transport.get_extra_info("pipe") if transport is not None else None
         if pipe is not None:
-            with contextlib.suppress(OSError):
+            # A fast tool may already have written everything and the pipe be closed: nothing to tune then.
+            with contextlib.suppress(OSError, ValueError):
                 fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
     return proc
 
