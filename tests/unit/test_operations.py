@@ -56,13 +56,35 @@ async def test_websocket_secrets_are_single_use() -> None:
     registry = OperationRegistry(EventHub())
     op = registry.create(op_class="websocket", description="ws", project="default", channels=("control", "fs"))
     assert set(op.secrets) == {"control", "fs"} and len(op.secrets["fs"]) == 64
-    assert op.channel_for_secret(op.secrets["fs"]) == "fs"
+    assert op.claim_channel(op.secrets["fs"]) == "fs"
     with pytest.raises(Forbidden):
-        op.channel_for_secret("0" * 64)
+        op.claim_channel("0" * 64)
+    # A second connection with the same secret is refused at once, before the first one even attached.
+    with pytest.raises(Forbidden, match="already used"):
+        op.claim_channel(op.secrets["fs"])
     fake_ws: Any = object()
     attach = asyncio.create_task(op.attach("fs", fake_ws))
     assert await op.channel("fs", 1) is fake_ws
-    with pytest.raises(Forbidden, match="already used"):
-        op.channel_for_secret(op.secrets["fs"])
     op.release("fs")
     await asyncio.wait_for(attach, 1)
+
+
+async def test_failed_upgrade_gives_the_secret_back() -> None:
+    op = OperationRegistry(EventHub()).create(op_class="websocket", description="ws", project="default",
+                                              channels=("control",))
+    name = op.claim_channel(op.secrets["control"])
+    op.unclaim_channel(name)
+    assert op.claim_channel(op.secrets["control"]) == "control"
+
+
+async def test_secret_of_a_finished_operation_is_refused() -> None:
+    op = OperationRegistry(EventHub()).create(op_class="websocket", description="ws", project="default",
+                                              channels=("control", "fs"))
+
+    async def done(op: Any) -> None:
+        return None
+
+    op.start(done)
+    await asyncio.wait_for(op.done.wait(), 5)
+    with pytest.raises(Forbidden, match="finished"):
+        op.claim_channel(op.secrets["control"])

@@ -37,6 +37,10 @@ class PreconditionFailed(StapesError):
     status = 412
 
 
+class RequestTooLarge(StapesError):
+    status = 413
+
+
 class InternalError(StapesError):
     status = 500
 
@@ -48,7 +52,8 @@ class Unavailable(StapesError):
 
 
 _BY_STATUS: dict[int, type[StapesError]] = {
-    cls.status: cls for cls in (BadRequest, Forbidden, NotFound, Conflict, PreconditionFailed, Unavailable)
+    cls.status: cls for cls in (BadRequest, Forbidden, NotFound, Conflict, PreconditionFailed, RequestTooLarge,
+                                 Unavailable)
 }
 
 

@@ -77,6 +77,8 @@ class Daemon:
                 await self.images.set_alias("busybox", row.fingerprint, "Built-in busybox image")
             except Exception as err:
                 log.warning("could not build the built-in busybox image: %s", err)
+            finally:
+                upload.unlink(missing_ok=True)  # imported (moved away) or failed: never left behind
         result = await process.run(["lxc-start", "--version"], check=False)
         self.lxc_version = result.stdout.decode().strip()
 

@@ -48,6 +48,7 @@ class Operation:
         self.finished_at = 0.0
         self.secrets = {name: secrets.token_hex(32) for name in channels}
         self._sockets: dict[str, asyncio.Future[web.WebSocketResponse]] = {}
+        self._claimed: set[str] = set()
         self._released: dict[str, asyncio.Event] = {}
         self._task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
@@ -88,9 +89,11 @@ class Operation:
         except asyncio.CancelledError:
             self.status = StatusCode.CANCELLED
             self.err = self.err or "The operation was cancelled"
+            log.warning("operation %s (%s, %s) cancelled", self.id, self.description, self._subject())
         except StapesError as err:
             self.status = StatusCode.FAILURE
             self.err = err.message
+            log.warning("operation %s (%s, %s) failed: %s", self.id, self.description, self._subject(), err.message)
         except Exception as err:  # an operation must always end with a status, never vanish
             log.exception("operation %s (%s) failed", self.id, self.description)
             self.status = StatusCode.FAILURE
@@ -104,6 +107,9 @@ class Operation:
             self.finished_at = time.monotonic()
             self.done.set()
             self._touch()
+
+    def _subject(self) -> str:
+        return ", ".join(url for urls in self.resources.values() for url in urls) or "no resource"
 
     async def cancel(self) -> None:
         if self.status.is_final:
@@ -138,13 +144,22 @@ class Operation:
             self._released[name] = asyncio.Event()
         return self._sockets[name]
 
-    def channel_for_secret(self, secret: str) -> str:
+    def claim_channel(self, secret: str) -> str:
+        """The channel a secret opens, claimed at once (before the upgrade): a second connection with the
+        same secret, or any connection to a finished operation, is refused."""
         for name, expected in self.secrets.items():
             if secrets.compare_digest(expected, secret):
-                if name in self._sockets and self._sockets[name].done():
+                if self.status.is_final:
+                    raise Forbidden("The operation has finished: its websockets cannot be opened any more")
+                if name in self._claimed:
                     raise Forbidden(f"The secret for websocket {name!r} was already used")
+                self._claimed.add(name)
                 return name
         raise Forbidden("Invalid websocket secret")
+
+    def unclaim_channel(self, name: str) -> None:
+        """The upgrade itself failed: the secret may be tried again."""
+        self._claimed.discard(name)
 
     async def attach(self, name: str, ws: web.WebSocketResponse) -> None:
         """Called by the websocket handler; returns when the operation is done with the socket."""

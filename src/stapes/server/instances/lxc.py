@@ -111,6 +111,9 @@ class LxcDriver(InstanceDriver):
             await process.run(["rm", "-rf", "--", str(directory)])
 
     async def start(self, spec: InstanceSpec) -> None:
+        root = spec.volume / "rootfs"
+        if root.is_symlink() or not root.is_dir():  # never let LXC take a host directory as the root
+            raise InternalError(f"Failed to start {spec.name!r}: its rootfs is not a directory in its volume")
         result = await process.run(self._tool("lxc-start", spec), check=False, timeout=60)
         if result.returncode != 0:
             detail = _last_errors(self._dir(spec) / "lxc.log")

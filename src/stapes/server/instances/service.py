@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,10 +14,11 @@ from typing import Any
 
 from stapes.api.config_keys import is_true, validate_instance_config
 from stapes.api.devices import Devices, expand_devices, root_disk, validate_devices
-from stapes.api.errors import BadRequest, Conflict, NotFound
+from stapes.api.errors import BadRequest, Conflict, NotFound, StapesError
 from stapes.api.names import validate_entity_name, validate_instance_name
 from stapes.api.status import StatusCode
 from stapes.api.timefmt import iso
+from stapes.server import rootfs
 from stapes.server.events import EventHub
 from stapes.server.images.store import ARCHITECTURE, ImageStore
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec
@@ -24,7 +26,7 @@ from stapes.server.instances.exec_session import run_exec
 from stapes.server.operations import Operation
 from stapes.server.storage.base import PoolDriver
 from stapes.server.storage.service import StorageService
-from stapes.server.store.db import InstanceRow, SnapshotRow, Store
+from stapes.server.store.db import InstanceRow, ProfileRow, SnapshotRow, Store
 
 log = logging.getLogger(__name__)
 VOLUME_KIND = "containers"
@@ -40,7 +42,12 @@ class InstanceService:
         self._images = images
         self._events = events
         self._drivers = drivers
-        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        # A lock lives as long as someone holds or waits for it (the waiters keep it referenced), so removing
+        # an instance never drops a lock that others still wait on.
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+        # Instances taking part in a migration (either side), with the operation that holds them: anything
+        # else that would change them is refused at once, as Incus's operation lock does.
+        self._busy: dict[tuple[str, str], str] = {}
 
     # lookups and expansion
     def driver(self, instance_type: str) -> InstanceDriver:
@@ -52,6 +59,9 @@ class InstanceService:
 
     async def get(self, project: str, name: str) -> InstanceRow:
         return await self._store.instance(project, name)
+
+    async def profile(self, name: str) -> ProfileRow:
+        return await self._store.profile(name)
 
     async def expand(self, row: InstanceRow) -> tuple[dict[str, str], Devices]:
         config: dict[str, str] = {}
@@ -74,8 +84,29 @@ class InstanceService:
 
     @contextlib.asynccontextmanager
     async def locked(self, project: str, name: str) -> AsyncIterator[None]:
-        async with self._locks[(project, name)]:
+        lock = self._locks.get((project, name))
+        if lock is None:
+            lock = self._locks[(project, name)] = asyncio.Lock()
+        async with lock:
             yield
+
+    def mark_busy(self, project: str, name: str, operation: Operation) -> Callable[[], None]:
+        """Claim the instance for `operation` (a migration); returns the release. Refused if already claimed."""
+        self.check_idle(project, name)
+        key = (project, name)
+        self._busy[key] = f"operation {operation.id} ({operation.description})"
+
+        def release() -> None:
+            if self._busy.get(key, "").startswith(f"operation {operation.id} "):
+                del self._busy[key]
+
+        return release
+
+    def check_idle(self, project: str, name: str) -> None:
+        holder = self._busy.get((project, name))
+        if holder is not None:
+            raise Conflict(f"Instance {name!r} is busy: {holder} is running; wait for it to finish, or cancel it "
+                           f"with 'stapes operation delete {holder.split()[1]}'")
 
     # rendering
     async def render(self, row: InstanceRow, *, with_state: bool) -> dict[str, Any]:
@@ -101,13 +132,26 @@ class InstanceService:
         }
 
     async def render_all(self, project: str | None, *, with_state: bool) -> list[dict[str, Any]]:
+        """One broken instance (a row that no longer expands) shows with an Error status and its reason; it
+        never hides the others."""
         rows = await self._store.instances(project)
         if with_state:
-            return [await self.render(row, with_state=True) for row in rows]
+            rendered = []
+            for row in rows:
+                try:
+                    rendered.append(await self.render(row, with_state=True))
+                except StapesError as err:
+                    rendered.append(self._render_broken(row, err))
+            return rendered
         by_type: defaultdict[str, list[InstanceSpec]] = defaultdict(list)
-        specs = {}
+        specs: dict[tuple[str, str], InstanceSpec | StapesError] = {}
         for row in rows:
-            spec = await self.spec(row)
+            try:
+                spec = await self.spec(row)
+                self.driver(row.type)
+            except StapesError as err:
+                specs[(row.project, row.name)] = err
+                continue
             specs[(row.project, row.name)] = spec
             by_type[row.type].append(spec)
         statuses: dict[str, StatusCode] = {}
@@ -115,11 +159,19 @@ class InstanceService:
             statuses.update(await self.driver(instance_type).states(type_specs))
         result = []
         for row in rows:
-            spec = specs[(row.project, row.name)]
-            devices = {name: dict(dev) for name, dev in spec.devices.items()}
-            result.append(self._render_row(row, dict(spec.config), devices,
-                                           statuses.get(spec.runtime_name, StatusCode.ERROR)))
+            found = specs[(row.project, row.name)]
+            if isinstance(found, StapesError):
+                result.append(self._render_broken(row, found))
+                continue
+            devices = {name: dict(dev) for name, dev in found.devices.items()}
+            result.append(self._render_row(row, dict(found.config), devices,
+                                           statuses.get(found.runtime_name, StatusCode.ERROR)))
         return result
+
+    def _render_broken(self, row: InstanceRow, err: StapesError) -> dict[str, Any]:
+        body = self._render_row(row, dict(row.config), dict(row.devices), StatusCode.ERROR)
+        body["status_error"] = f"{err.message} (fix it with 'stapes config edit', or delete the instance)"
+        return body
 
     # creation
     async def validate_new(self, row: InstanceRow) -> None:
@@ -172,6 +224,12 @@ class InstanceService:
         """Reserve the name, create and fill the volume, define, finalize; on any failure (or cancellation)
         undo every step taken, so nothing of the instance is left."""
         row.architecture = row.architecture or ARCHITECTURE
+        async with self.locked(row.project, row.name):
+            await self._create_locked(row, fill, finalize)
+        self._events.lifecycle("instance-created", f"/1.0/instances/{row.name}", row.project)
+
+    async def _create_locked(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
+                             finalize: Callable[[], Awaitable[None]] | None) -> None:
         await self.validate_new(row)
         row.config[INCOMPLETE] = "true"  # until the end: a server killed half-way cleans up at its next start
         await self._store.create_instance(row)
@@ -183,6 +241,7 @@ class InstanceService:
             volume = await pool.create_volume(VOLUME_KIND, row.project, row.name)
             volume_created = True
             await fill(volume)
+            await asyncio.to_thread(check_volume_layout, volume)
             await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
             await self.driver(row.type).define(spec)
             del row.config[INCOMPLETE]
@@ -192,7 +251,6 @@ class InstanceService:
         except BaseException:
             await asyncio.shield(self._undo_create(row, spec, volume_created))
             raise
-        self._events.lifecycle("instance-created", f"/1.0/instances/{row.name}", row.project)
 
     async def _undo_create(self, row: InstanceRow, spec: InstanceSpec | None, volume_created: bool) -> None:
         try:
@@ -202,7 +260,6 @@ class InstanceService:
                     await (await self.pool_of(spec)).delete_volume(VOLUME_KIND, row.project, row.name)
         except Exception:
             log.exception("could not remove the volume of failed instance %s/%s", row.project, row.name)
-        await self._store.delete_snapshots(row.project, row.name)
         await self._store.delete_instance(row.project, row.name)
 
     async def pool_of(self, spec: InstanceSpec) -> PoolDriver:
@@ -231,6 +288,7 @@ class InstanceService:
 
     async def create_snapshot(self, project: str, name: str, snapshot: str | None, description: str = "") -> str:
         async with self.locked(project, name):
+            self.check_idle(project, name)
             row = await self._store.instance(project, name)
             existing = {s.name for s in await self._store.snapshots(project, name)}
             if not snapshot:
@@ -256,6 +314,7 @@ class InstanceService:
 
     async def delete_snapshot(self, project: str, name: str, snapshot: str) -> None:
         async with self.locked(project, name):
+            self.check_idle(project, name)
             await self.delete_snapshot_unlocked(project, name, snapshot)
 
     async def delete_snapshot_unlocked(self, project: str, name: str, snapshot: str) -> None:
@@ -269,6 +328,7 @@ class InstanceService:
     async def rename_snapshot(self, project: str, name: str, snapshot: str, new: str) -> None:
         validate_entity_name("snapshot", new)
         async with self.locked(project, name):
+            self.check_idle(project, name)
             await self.snapshot(project, name, snapshot)
             pool = await self.pool_of(await self.spec(await self._store.instance(project, name)))
             await self._store.rename_snapshot(project, name, snapshot, new)
@@ -281,22 +341,30 @@ class InstanceService:
     async def restore_snapshot(self, project: str, name: str, snapshot: str) -> None:
         """Files, configuration, devices and profiles go back to what they were at the snapshot."""
         async with self.locked(project, name):
+            self.check_idle(project, name)
             snap = await self.snapshot(project, name, snapshot)
             row = await self._store.instance(project, name)
             if await self.status(row) != StatusCode.STOPPED:
                 raise BadRequest(f"Instance {name!r} is running: stop it before restoring a snapshot")
             spec = await self.spec(row)
-            await (await self.pool_of(spec)).restore_snapshot(VOLUME_KIND, project, name, snapshot)
             volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
-            row.config = {**snap.config, **volatile}
-            row.devices, row.profiles = dict(snap.devices), list(snap.profiles)
-            await self._store.update_instance(row)
-            await self.driver(row.type).define(await self.spec(row))
+            restored = InstanceRow(**{**vars(row), "config": {**snap.config, **volatile},
+                                      "devices": dict(snap.devices), "profiles": list(snap.profiles)})
+            try:  # the snapshot must still define a valid instance here, on the same volume: check first
+                new_spec = await self.validate_row(restored)
+            except StapesError as err:
+                raise BadRequest(f"Snapshot {snapshot!r} cannot be restored: {err.message}") from None
+            if new_spec.volume != spec.volume:
+                raise BadRequest(f"Snapshot {snapshot!r} cannot be restored: its root disk is on another pool")
+            await (await self.pool_of(spec)).restore_snapshot(VOLUME_KIND, project, name, snapshot)
+            await self._store.update_instance(restored)
+            await self.driver(row.type).define(new_spec)
         self._events.lifecycle("instance-restored", f"/1.0/instances/{name}", project, {"snapshot": snapshot})
 
     # changes
     async def update(self, project: str, name: str, changes: dict[str, Any], *, replace: bool) -> None:
         async with self.locked(project, name):
+            self.check_idle(project, name)
             row = await self._store.instance(project, name)
             old = InstanceRow(**vars(row))
             volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
@@ -312,14 +380,12 @@ class InstanceService:
                 row.profiles = list(changes["profiles"] or [])
             if "description" in changes:
                 row.description = str(changes["description"] or "")
-            validate_instance_config(row.config)
-            validate_devices(row.devices)
-            for profile in row.profiles:
-                await self._store.profile(profile)
-            old_spec = await self.spec(old)
-            new_spec = await self.spec(row)
-            validate_instance_config(dict(new_spec.config))
-            if old_spec.volume != new_spec.volume:
+            new_spec = await self.validate_row(row)
+            try:
+                old_volume: Path | None = (await self.spec(old)).volume
+            except StapesError:
+                old_volume = None  # a broken instance being repaired: its volume is where the fix points
+            if old_volume is not None and old_volume != new_spec.volume:
                 raise BadRequest("The root disk's pool cannot change this way: move the instance with '-s POOL'")
             await self._store.update_instance(row)
             await self.driver(row.type).define(new_spec)
@@ -331,14 +397,48 @@ class InstanceService:
         volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
         row.config = {**{k: v for k, v in new.config.items() if not k.startswith("volatile.")}, **volatile}
         row.devices, row.profiles, row.description = dict(new.devices), list(new.profiles), new.description
+        spec = await self.validate_row(row)
+        await self._store.update_instance(row)
+        await self.driver(row.type).define(spec)
+
+    async def validate_row(self, row: InstanceRow) -> InstanceSpec:
+        """An existing instance's (changed) row: its own keys, its profiles, and the expanded result."""
         validate_instance_config(row.config)
         validate_devices(row.devices)
-        await self._store.update_instance(row)
-        await self.driver(row.type).define(await self.spec(row))
+        for profile in row.profiles:
+            await self._store.profile(profile)
+        spec = await self.spec(row)
+        validate_instance_config(dict(spec.config))
+        await self._store.pool(root_disk(spec.devices)[1]["pool"])  # type: ignore[index]
+        return spec
+
+    async def check_profile_change(self, profile: ProfileRow) -> None:
+        """A profile edit must leave every instance that uses it valid (a root disk on a pool, valid keys)."""
+        for row in await self._store.instances():
+            if profile.name not in row.profiles:
+                continue
+            config: dict[str, str] = {}
+            profile_devices = []
+            for name in row.profiles:
+                current = profile if name == profile.name else await self._store.profile(name)
+                config.update(current.config)
+                profile_devices.append(current.devices)
+            config.update(row.config)
+            devices = expand_devices(profile_devices, row.devices)
+            try:
+                validate_instance_config(config)
+                root = root_disk(devices)
+                if root is None or not root[1].get("pool"):
+                    raise BadRequest("it would have no root disk on a pool")
+                await self._store.pool(root[1]["pool"])
+            except StapesError as err:
+                raise BadRequest(f"Profile {profile.name!r} cannot change so: instance {row.name!r} (project "
+                                 f"{row.project!r}) uses it and {err.message}") from None
 
     async def rename(self, project: str, name: str, new_name: str) -> None:
         validate_instance_name(new_name)
         async with self.locked(project, name):
+            self.check_idle(project, name)
             row = await self._store.instance(project, name)
             spec = await self.spec(row)
             driver = self.driver(row.type)
@@ -351,7 +451,6 @@ class InstanceService:
             await pool.rename_volume(VOLUME_KIND, project, name, new_name)
             try:
                 await self._store.rename_instance(project, name, new_name)
-                await self._store.rename_snapshots_instance(project, name, new_name)
             except BaseException:
                 await pool.rename_volume(VOLUME_KIND, project, new_name, name)
                 raise
@@ -364,28 +463,48 @@ class InstanceService:
 
     async def delete(self, project: str, name: str) -> None:
         async with self.locked(project, name):
+            self.check_idle(project, name)
             row = await self._store.instance(project, name)
-            spec = await self.spec(row)
-            driver = self.driver(row.type)
-            if (await driver.state(spec, detail=False)).status != StatusCode.STOPPED:
-                raise BadRequest(f"Instance {name!r} is running: stop it first, or delete it with --force")
-            pool = await self.pool_of(spec)
-            await driver.undefine(spec)
-            await pool.delete_volume(VOLUME_KIND, project, name)
-            await self._store.delete_snapshots(project, name)
-            await self._store.delete_instance(project, name)
-        self._locks.pop((project, name), None)
+            try:
+                spec = await self.spec(row)
+            except StapesError:
+                await self._delete_broken(row)
+            else:
+                driver = self.driver(row.type)
+                if (await driver.state(spec, detail=False)).status != StatusCode.STOPPED:
+                    raise BadRequest(f"Instance {name!r} is running: stop it first, or delete it with --force")
+                pool = await self.pool_of(spec)
+                await driver.undefine(spec)
+                await pool.delete_volume(VOLUME_KIND, project, name)
+                await self._store.delete_instance(project, name)
         self._events.lifecycle("instance-deleted", f"/1.0/instances/{name}", project)
+
+    async def _delete_broken(self, row: InstanceRow) -> None:
+        """An instance whose row no longer expands (a lost profile or pool): remove what can be found of it,
+        its volume on whichever pool holds one, and the row, so one bad row can always be repaired."""
+        for pool_row in await self._store.pools():
+            with contextlib.suppress(StapesError):
+                pool = await self._storage.driver(pool_row.name)
+                if pool.volume_path(VOLUME_KIND, row.project, row.name).exists():
+                    await pool.delete_volume(VOLUME_KIND, row.project, row.name)
+        with contextlib.suppress(StapesError):
+            spec = InstanceSpec(row.project, row.name, {}, {}, Path("/nonexistent"))
+            await self.driver(row.type).undefine(spec)
+        await self._store.delete_instance(row.project, row.name)
 
     async def change_state(self, project: str, name: str, action: str, *, timeout: float | None = None,
                            force: bool = False) -> None:
         async with self.locked(project, name):
+            self.check_idle(project, name)
             row = await self._store.instance(project, name)
             spec = await self.spec(row)
             driver = self.driver(row.type)
             status = (await driver.state(spec, detail=False)).status
             stop_timeout = DEFAULT_STOP_TIMEOUT if timeout is None or timeout < 0 else timeout
             if action == "start":
+                if row.config.get(INCOMPLETE) == "true":
+                    raise Conflict(f"Instance {name!r} is incomplete (an interrupted migration or creation left it): "
+                                   "it cannot start; delete it, or restart the server to remove it")
                 if status == StatusCode.RUNNING:
                     raise BadRequest(f"Instance {name!r} is already running")
                 if status == StatusCode.FROZEN:
@@ -466,13 +585,22 @@ class InstanceService:
                 log.warning("could not start %s/%s at server start: %s", row.project, row.name, err)
 
 
-def _set_hostname(rootfs: Path, name: str) -> None:
-    """What Incus's image templates do for /etc/hostname: the instance is called by its name inside too."""
-    etc = rootfs / "etc"
-    hostname = etc / "hostname"
-    if not etc.is_dir() or hostname.is_symlink():
-        return
+def check_volume_layout(volume: Path) -> None:
+    """A container volume holds a real `rootfs` directory: a symlink there (from an image or a migration
+    peer) would make LXC use a host directory as the container's root."""
+    root = volume / "rootfs"
+    if root.is_symlink() or not root.is_dir():
+        raise BadRequest(f"The instance's files are not a container volume: {root.name!r} is not a directory "
+                         "(a symlink or a file was received in its place)")
+
+
+def _set_hostname(root: Path, name: str) -> None:
+    """What Incus's image templates do for /etc/hostname: the instance is called by its name inside too.
+    Resolved inside the rootfs only: a symlinked /etc never leads to the host's files."""
     with contextlib.suppress(OSError):
-        if hostname.read_text() == name + "\n":
+        if rootfs.read_text(root, "etc/hostname") == name + "\n":
             return  # a moved instance keeps its files untouched
-    hostname.write_text(name + "\n")
+    try:
+        rootfs.write_text(root, "etc/hostname", name + "\n")
+    except OSError as err:
+        log.info("not setting the hostname file of %s: %s", name, err)

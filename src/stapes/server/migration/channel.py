@@ -2,49 +2,67 @@
 
 Framing, as Incus: binary messages carry data; an empty text message (a "barrier") ends one stream, so
 several streams can follow each other on one socket; control messages are one protobuf per binary message.
+
+Every message in either direction counts as activity: `idle_timeout()` abandons a migration whose peer
+went silent (alive on TCP, or not) instead of keeping an incomplete instance forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aiohttp
 
 from stapes.api.errors import StapesError
 
+MAX_MESSAGE = 16 << 20  # one websocket message; senders use 1 MiB at most (Incus far less)
+IDLE_TIMEOUT = float(os.environ.get("STAPES_MIGRATION_IDLE_TIMEOUT", "120"))
+
 
 class ChannelClosed(StapesError):
     """The other side went away in the middle of a migration."""
+
+
+class PeerIdle(StapesError):
+    """Nothing arrived from, and nothing could be sent to, the other side for too long."""
 
 
 class Channel:
     def __init__(self, name: str, ws: Any) -> None:
         self.name = name
         self.ws = ws
+        self.on_activity: Callable[[], None] = lambda: None
 
     async def send(self, data: bytes) -> None:
         try:
             await self.ws.send_bytes(data)
         except (ConnectionError, RuntimeError) as err:
             raise ChannelClosed(f"The {self.name} connection was lost while sending: {err}") from None
+        self.on_activity()
 
     async def barrier(self) -> None:
         try:
             await self.ws.send_str("")
         except (ConnectionError, RuntimeError) as err:
             raise ChannelClosed(f"The {self.name} connection was lost: {err}") from None
+        self.on_activity()
 
     async def receive(self) -> bytes | None:
         """The next binary message; None at a barrier. Raises ChannelClosed if the socket closes."""
         msg = await self.ws.receive()
+        self.on_activity()
         if msg.type == aiohttp.WSMsgType.BINARY:
             return bytes(msg.data)
         if msg.type == aiohttp.WSMsgType.TEXT and msg.data == "":
             return None
         if msg.type == aiohttp.WSMsgType.TEXT:
             return str(msg.data).encode()
+        if msg.type == aiohttp.WSMsgType.ERROR:
+            raise ChannelClosed(f"The {self.name} connection failed: {msg.data}")
         raise ChannelClosed(f"The {self.name} connection closed before the migration finished")
 
     async def stream(self) -> AsyncIterator[bytes]:
@@ -54,4 +72,28 @@ class Channel:
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a broken socket is not worth an error of its own
-            await self.ws.close()
+            await asyncio.wait_for(self.ws.close(), 5)
+
+
+@contextlib.asynccontextmanager
+async def idle_timeout(channels: Iterable[Channel], seconds: float, peer: str) -> AsyncIterator[None]:
+    """Raise PeerIdle when no message moved on any of the channels for `seconds`."""
+    loop = asyncio.get_running_loop()
+    channels = list(channels)
+    deadline = asyncio.timeout(loop.time() + seconds)
+    try:
+        async with deadline:
+            def active() -> None:
+                deadline.reschedule(loop.time() + seconds)
+
+            for channel in channels:
+                channel.on_activity = active
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise PeerIdle(f"The {peer} stopped responding: nothing moved on the migration connections for "
+                       f"{seconds:.0f}s, so the migration was abandoned") from None
+    finally:
+        for channel in channels:
+            channel.on_activity = lambda: None

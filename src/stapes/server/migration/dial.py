@@ -11,7 +11,7 @@ import aiohttp
 
 from stapes.api.errors import BadRequest, Unavailable
 from stapes.client.connection import client_ssl_context
-from stapes.server.migration.channel import Channel
+from stapes.server.migration.channel import MAX_MESSAGE, Channel
 
 
 @contextlib.asynccontextmanager
@@ -25,13 +25,15 @@ async def dial(operation_url: str, secrets: dict[str, str], names: tuple[str, ..
     if not certificate:
         raise BadRequest("The peer's certificate is required (it is pinned for the transfer)")
     context = client_ssl_context(cert, key, certificate)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+    # Connecting is bounded; the sockets themselves live as long as the migration (bounded by its idle timeout).
+    timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_connect=15, sock_read=None)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context), timeout=timeout) as session:
         channels: dict[str, Channel] = {}
         try:
             for name in names:
                 try:
                     ws = await session.ws_connect(f"{operation_url}/websocket", params={"secret": secrets[name]},
-                                                  max_msg_size=0, heartbeat=30)
+                                                  max_msg_size=MAX_MESSAGE, heartbeat=30)
                 except (aiohttp.ClientError, OSError) as err:
                     raise Unavailable(f"Cannot open the {name} websocket of {operation_url}: {err}") from None
                 channels[name] = Channel(name, ws)

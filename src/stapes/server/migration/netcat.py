@@ -1,7 +1,8 @@
-"""The remote shell rsync runs on the sending side: it joins rsync's stdin/stdout to a unix socket that the
-daemon accepts and forwards onto the migration websocket. Kept tiny: it runs once per rsync transfer.
+"""The remote shell rsync runs on the sending side: it joins rsync's stdin/stdout to a socket it inherited
+from the daemon (one end of a socketpair), which the daemon forwards onto the migration websocket. Kept tiny:
+it runs once per rsync transfer.
 
-    python -m stapes.server.migration.netcat SOCKET [ignored rsync arguments...]
+    python -m stapes.server.migration.netcat FD [ignored rsync arguments...]
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ def _pump_in(sock: socket.socket) -> None:
 
 
 def main() -> None:
-    address = sys.argv[1]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect("\0" + address.lstrip("@") if address.startswith("@") else address)
+    sock = socket.socket(fileno=int(sys.argv[1]))
     threading.Thread(target=_pump_in, args=(sock,), daemon=True).start()
     while data := sock.recv(1 << 16):
         view = memoryview(data)

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from google.protobuf.message import DecodeError
+
+from stapes.api.config_keys import validate_instance_config
+from stapes.api.devices import validate_devices
+from stapes.api.errors import BadRequest, StapesError
+from stapes.api.names import validate_entity_name
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.store.db import SnapshotRow
 
@@ -17,6 +23,78 @@ TAR_STREAM = "tar-stream"
 BTRFS = "btrfs"
 PREFERENCE = (BTRFS, TAR_STREAM, RSYNC)
 RSYNC_FEATURES = ("xattrs", "delete", "compress", "bidirectional", "stapesHardLinks")
+MAX_CONTROL_MESSAGE = 1 << 20  # a header with thousands of snapshots fits; anything larger is hostile
+MAX_SNAPSHOTS = 4096
+MAX_TOTAL_BYTES = 1 << 50
+
+
+class ProtocolError(BadRequest):
+    """The peer sent something the migration protocol does not allow: nothing was written because of it."""
+
+
+def parse_header(data: bytes | None, sender: str) -> pb.MigrationHeader:
+    """A MigrationHeader from the peer, or a ProtocolError saying what was wrong with it."""
+    if data is None:
+        raise ProtocolError(f"Protocol error: the {sender} sent an empty migration header")
+    if len(data) > MAX_CONTROL_MESSAGE:
+        raise ProtocolError(f"Protocol error: the {sender}'s migration header is {len(data)} bytes, more than "
+                            f"{MAX_CONTROL_MESSAGE}")
+    try:
+        header: pb.MigrationHeader = pb.MigrationHeader.FromString(data)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ProtocolError(f"Protocol error: the {sender} sent an invalid migration header ({err})") from None
+    return header
+
+
+def parse_control(data: bytes | None, sender: str) -> pb.MigrationControl:
+    if data is None or len(data) > MAX_CONTROL_MESSAGE:
+        raise ProtocolError(f"Protocol error: the {sender} sent an empty or oversized control message")
+    try:
+        message: pb.MigrationControl = pb.MigrationControl.FromString(data)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ProtocolError(f"Protocol error: the {sender} sent an invalid control message ({err})") from None
+    return message
+
+
+def check_offer(offer_: pb.MigrationHeader) -> None:
+    """What a source may offer, checked with the REST API's own rules before a byte is written: snapshot
+    names that are valid entity names (no '/', no '..'), each offered once and described at most once;
+    snapshot config and devices that the target would accept from a client; a sane size."""
+    names = list(offer_.snapshotNames)
+    if len(names) > MAX_SNAPSHOTS:
+        raise ProtocolError(f"Protocol error: {len(names)} snapshots offered, at most {MAX_SNAPSHOTS} are accepted")
+    if len(set(names)) != len(names):
+        raise ProtocolError("Protocol error: a snapshot is offered twice")
+    described = [s.name for s in offer_.snapshots]
+    if len(set(described)) != len(described) or not set(described) <= set(names):
+        raise ProtocolError("Protocol error: the snapshot descriptions do not match the snapshot names offered")
+    try:
+        for name in names:
+            validate_entity_name("snapshot", name)
+        for snap in offer_.snapshots:
+            config = {c.key: c.value for c in snap.localConfig}
+            validate_instance_config(config)
+            devices = {d.name: {c.key: c.value for c in d.config} for d in snap.localDevices}
+            for device in devices:
+                validate_entity_name("device", device)
+            validate_devices(devices)
+            for profile in snap.profiles:
+                validate_entity_name("profile", profile)
+    except StapesError as err:
+        raise ProtocolError(f"Refused the source's snapshots: {err.message}") from None
+    if not 0 <= offer_.stapesTotalBytes <= MAX_TOTAL_BYTES:
+        raise ProtocolError(f"Protocol error: an impossible size ({offer_.stapesTotalBytes} bytes)")
+
+
+def check_answer(answer: pb.MigrationHeader, offered: Sequence[str], snapshots: Sequence[str]) -> str:
+    """The transport the target chose, which must be one we offered, and snapshots we have."""
+    transport = chosen_transport(answer)
+    if transport not in offered:
+        raise ProtocolError(f"Protocol error: the target chose transport {transport!r}, which was not offered")
+    unknown = [n for n in answer.snapshotNames if n not in snapshots]
+    if unknown or len(set(answer.snapshotNames)) != len(answer.snapshotNames):
+        raise ProtocolError(f"Protocol error: the target asked for snapshots that were not offered: {unknown[:3]}")
+    return transport
 
 
 def offer(sendable: Sequence[str], *, refresh: bool) -> list[str]:
@@ -77,7 +155,9 @@ def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_
     are the snapshots the receiver asks for, in the sender's order."""
     wanted = list(offer_.snapshotNames) if wanted_snapshots is None else [
         n for n in offer_.snapshotNames if n in wanted_snapshots]
-    offered = list(offer_.stapesTransports) or ([BTRFS] if offer_.fs == pb.BTRFS else []) + [RSYNC]
+    # Transports we do not know (a newer peer's) are skipped; rsync stays the fallback.
+    offered = [t for t in offer_.stapesTransports if t in PREFERENCE] or (
+        [BTRFS] if offer_.fs == pb.BTRFS else []) + [RSYNC]
     chosen = RSYNC if refresh else choose(offered, receivable)
     features = offer_.rsyncFeatures if offer_.HasField("rsyncFeatures") else pb.rsyncFeatures()
     reply = pb.MigrationHeader(

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from stapes.api.errors import BadRequest, InternalError, NotFound, StapesError
+from stapes.api.requests import InstanceSource, MigrationTarget
 from stapes.api.status import StatusCode
 from stapes.server import process
-from stapes.server.instances.service import InstanceService
+from stapes.server.instances.service import InstanceService, check_volume_layout
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol, transports
-from stapes.server.migration.channel import Channel, ChannelClosed
+from stapes.server.migration.channel import IDLE_TIMEOUT, Channel, ChannelClosed, idle_timeout
 from stapes.server.migration.dial import dial
 from stapes.server.migration.progress import Progress
 from stapes.server.operations import Operation
@@ -56,11 +57,7 @@ async def _send_control(control: Channel, success: bool, message: str = "") -> N
 
 
 async def _receive_control(control: Channel) -> pb.MigrationControl:
-    data = await control.receive()
-    if data is None:
-        raise InternalError("Protocol error: an empty message on the control channel")
-    message: pb.MigrationControl = pb.MigrationControl.FromString(data)
-    return message
+    return protocol.parse_control(await control.receive(), "other side")
 
 
 async def _peer_reason(control: Channel, fallback: StapesError | BaseException) -> str:
@@ -78,21 +75,25 @@ class MigrationService:
         self._paths = paths
 
     @contextlib.asynccontextmanager
-    async def _channels(self, op: Operation, peer: dict[str, Any] | None) -> AsyncIterator[dict[str, Channel]]:
-        """Dial the peer's operation (pull target, push source) or wait for the peer to dial ours."""
+    async def _channels(self, op: Operation, peer: MigrationTarget | InstanceSource | None, peer_name: str
+                        ) -> AsyncIterator[dict[str, Channel]]:
+        """Dial the peer's operation (pull target, push source) or wait for the peer to dial ours; either
+        way, a peer that goes silent for IDLE_TIMEOUT ends the migration."""
         if peer is not None:
-            async with dial(str(peer.get("operation") or ""), dict(peer.get("secrets") or {}), CHANNELS,
-                            str(peer.get("certificate") or ""), self._paths.server_cert,
-                            self._paths.server_key) as channels:
+            async with dial(peer.operation, dict(peer.secrets or {}), CHANNELS, peer.certificate,
+                            self._paths.server_cert, self._paths.server_key) as channels, \
+                    idle_timeout(channels.values(), IDLE_TIMEOUT, peer_name):
                 yield channels
             return
         try:
             sockets = {name: await op.channel(name, CONNECT_TIMEOUT) for name in CHANNELS}
         except TimeoutError:
-            raise InternalError("The other side never connected to the migration websockets") from None
+            raise InternalError(f"The {peer_name} never connected to the migration websockets (waited "
+                                f"{CONNECT_TIMEOUT:.0f}s)") from None
         channels = {name: Channel(name, ws) for name, ws in sockets.items()}
         try:
-            yield channels
+            async with idle_timeout(channels.values(), IDLE_TIMEOUT, peer_name):
+                yield channels
         finally:
             for channel in channels.values():
                 await channel.close()
@@ -110,7 +111,7 @@ class MigrationService:
                 f"Instance {name!r} is running: stop it first, or use --stateless to stop it, move it and start it "
                 "on the target")
 
-    async def run_source(self, op: Operation, project: str, name: str, target: dict[str, Any] | None,
+    async def run_source(self, op: Operation, project: str, name: str, target: MigrationTarget | None,
                          transport: str | None = None, instance_only: bool = False) -> None:
         """`transport` narrows what we offer (benchmarks, tests); rsync stays the fallback."""
         async with self._instances.locked(project, name):
@@ -120,7 +121,7 @@ class MigrationService:
             pool = await self._instances.pool_of(spec)
             snapshots = [] if instance_only else await self._instances.snapshots(project, name)
             sendable = tuple(t for t in pool.migration_transports if transport in (None, t))
-            async with self._channels(op, target) as channels:
+            async with self._channels(op, target, "target") as channels:
                 await self._send(op, channels["control"], channels["fs"], spec.volume, pool, sendable, snapshots)
 
     async def _send(self, op: Operation, control: Channel, fs: Channel, volume: Path, pool: PoolDriver,
@@ -129,19 +130,14 @@ class MigrationService:
         total = await _volume_bytes(volume) + sum([await _volume_bytes(p) for p in paths.values()])
         header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots)
         await control.send(header.SerializeToString())
-        reply = await control.receive()
-        if reply is None:
-            raise InternalError("Protocol error: the target answered the migration header with nothing")
-        answer = pb.MigrationHeader.FromString(reply)
-        transport = protocol.chosen_transport(answer)
+        answer = protocol.parse_header(await control.receive(), "target")
+        transport = protocol.check_answer(answer, list(header.stapesTransports), list(paths))
         op.update_metadata(transport=transport)
         progress = _progress(op, "fs", total)
         features = protocol.rsync_features(answer)
         sender = transports.open_transport(transport, fs, progress, features, pool.config.get("rsync.bwlimit"))
         try:
             for snapshot in answer.snapshotNames:
-                if snapshot not in paths:
-                    raise InternalError(f"Protocol error: the target asked for unknown snapshot {snapshot!r}")
                 await sender.send(paths[snapshot])
             await sender.send(volume)
         except (StapesError, OSError) as err:
@@ -158,7 +154,7 @@ class MigrationService:
             raise InternalError(f"The target failed: {result.message}")
 
     # target
-    async def run_sink(self, op: Operation, row: InstanceRow, source: dict[str, Any]) -> None:
+    async def run_sink(self, op: Operation, row: InstanceRow, source: InstanceSource) -> None:
         """A new instance: everything it received is removed again if anything fails."""
         async with self._sink_channels(op, source) as (control, fs):
 
@@ -170,7 +166,7 @@ class MigrationService:
 
             await self._report_failure(control, self._instances.create_with(row, fill, confirm))
 
-    async def run_refresh(self, op: Operation, row: InstanceRow, source: dict[str, Any]) -> None:
+    async def run_refresh(self, op: Operation, row: InstanceRow, source: InstanceSource) -> None:
         """An existing copy brought up to date: rsync sends only what changed, plus the snapshots the copy
         lacks; snapshots the source no longer has are removed. Snapshots received before a failure are removed
         again; the instance's files may be left partly updated (still a consistent set of files per file)."""
@@ -189,9 +185,9 @@ class MigrationService:
                 await self._report_failure(control, work())
 
     @contextlib.asynccontextmanager
-    async def _sink_channels(self, op: Operation, source: dict[str, Any]) -> AsyncIterator[tuple[Channel, Channel]]:
-        peer = source if (source.get("mode") or "pull") == "pull" else None
-        async with self._channels(op, peer) as channels:
+    async def _sink_channels(self, op: Operation, source: InstanceSource) -> AsyncIterator[tuple[Channel, Channel]]:
+        peer = source if source.mode == "pull" else None
+        async with self._channels(op, peer, "source") as channels:
             yield channels["control"], channels["fs"]
 
     async def _report_failure(self, control: Channel, work: Awaitable[None]) -> None:
@@ -208,10 +204,15 @@ class MigrationService:
 
     async def _receive(self, op: Operation, control: Channel, fs: Channel, row: InstanceRow, volume: Path, *,
                        refresh: bool) -> None:
-        data = await control.receive()
-        if data is None:
-            raise InternalError("Protocol error: the source sent an empty migration header")
-        offer = pb.MigrationHeader.FromString(data)
+        offer = protocol.parse_header(await control.receive(), "source")
+        protocol.check_offer(offer)
+        for snap in offer.snapshots:  # a snapshot must stay restorable here: its profiles must exist
+            for profile in snap.profiles:
+                try:
+                    await self._instances.profile(profile)
+                except NotFound:
+                    raise BadRequest(f"Snapshot {snap.name!r} uses profile {profile!r}, which this server lacks: "
+                                     "create it here first, or copy with --instance-only") from None
         pool = await self._instances.pool_of(await self._instances.spec(row))
         existing = {s.name for s in await self._instances.snapshots(row.project, row.name)}
         wanted = [n for n in offer.snapshotNames if n not in existing]
@@ -236,10 +237,12 @@ class MigrationService:
                     target = await pool.prepare_snapshot_target("containers", row.project, row.name, name)
                 received.append(name)
                 await receiver.receive(target, snapshot=True)
+                await asyncio.to_thread(check_volume_layout, target)
                 message = messages.get(name) or pb.Snapshot(name=name, ephemeral=False, architecture=0,
                                                             stateful=False)
                 await self._instances.record_snapshot(protocol.snapshot_row(row.project, row.name, message))
             await receiver.receive(volume, snapshot=False)
+            await asyncio.to_thread(check_volume_layout, volume)
         except (StapesError, OSError) as err:
             if refresh:  # a new copy is removed whole by create_with; a refreshed one loses what it half-received
                 for name in received:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import re
+import socket
 import sys
 import uuid
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ from stapes.server.migration.channel import Channel
 from stapes.server.migration.progress import Progress
 from stapes.server.storage.btrfs import delete_subvolume
 
+_SENT_NAME = re.compile(r"^\.stapes-send-[0-9a-f]{12}$")
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
@@ -34,6 +37,8 @@ TAR_COMMON = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse"]
 async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
     """Pipes of 1 MiB instead of 64 KiB: a quarter of the wake-ups and system calls per byte moved."""
     proc = await process.spawn(argv, **kwargs)
+    if proc.stderr is not None:
+        _stderr_of[proc.pid] = _Stderr(proc)
     for stream in (proc.stdin, proc.stdout):
         transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
         pipe = transport.get_extra_info("pipe") if transport is not None else None
@@ -64,9 +69,39 @@ async def _channel_to_stdin(channel: Channel, stdin: asyncio.StreamWriter, progr
             stdin.close()
 
 
+STDERR_KEEP = 64 * 1024
+
+
+class _Stderr:
+    """A tool's stderr, drained while it runs (a chatty tool must never block on a full pipe while we wait
+    for its stdout), keeping the last STDERR_KEEP bytes for the error message."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        self._stream = proc.stderr
+        self._tail = bytearray()
+        self._task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while chunk := await self._stream.read(65536):
+            self._tail += chunk
+            del self._tail[:-STDERR_KEEP]
+
+    async def text(self) -> str:
+        with contextlib.suppress(Exception):
+            await self._task
+        return self._tail.decode(errors="replace")
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+_stderr_of: dict[int, _Stderr] = {}
+
+
 async def _finish(proc: asyncio.subprocess.Process, what: str) -> None:
-    assert proc.stderr is not None
-    err = (await proc.stderr.read()).decode(errors="replace")
+    drained = _stderr_of.pop(proc.pid, None)
+    err = await drained.text() if drained is not None else ""
     code = await proc.wait()
     process.forget(proc)
     if code != 0:
@@ -91,6 +126,9 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+    drained = _stderr_of.pop(proc.pid, None)
+    if drained is not None:
+        drained.cancel()
     process.forget(proc)
 
 
@@ -134,24 +172,20 @@ def _rsync_feature_args(features: Sequence[str]) -> list[str]:
 
 async def rsync_send(path: Path, channel: Channel, progress: Progress | None, features: Sequence[str],
                      bwlimit: str | None = None) -> None:
-    address = f"@stapes/{uuid.uuid4()}"
-    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-        asyncio.get_running_loop().create_future())
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not accepted.done():
-            accepted.set_result((reader, writer))
-
-    server = await asyncio.start_unix_server(on_connect, path="\0" + address[1:])
-    shell = f"{sys.executable} -m stapes.server.migration.netcat {address}"
+    """rsync's remote shell is joined to us by a socketpair it inherits: no socket any local user could
+    reach or race (as an abstract or filesystem socket could be)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    shell = f"{sys.executable} -m stapes.server.migration.netcat {theirs.fileno()}"
     limit = [f"--bwlimit={max(1, parse_size(bwlimit) // 1024)}"] if bwlimit else []
     argv = ["rsync", "-ar", "--devices", "--numeric-ids", "--partial", "--sparse", *limit,
             *_rsync_feature_args(features), f"{path}/", "localhost:/tmp/foo", "-e", shell]
-    proc = await _spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                               stderr=asyncio.subprocess.PIPE)
     try:
-        reader, writer = await asyncio.wait_for(accepted, 30)
-        server.close()
+        proc = await _spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),))
+    finally:
+        theirs.close()
+    try:
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
 
         async def to_socket() -> None:
             try:
@@ -163,12 +197,15 @@ async def rsync_send(path: Path, channel: Channel, progress: Progress | None, fe
                     writer.write_eof()
 
         receiving = asyncio.create_task(to_socket())
-        await _stdout_to_channel(reader, channel, progress)
-        await _finish(proc, "Sending the files (rsync)")
-        await receiving
-        writer.close()
+        try:
+            await _stdout_to_channel(reader, channel, progress)
+            await _finish(proc, "Sending the files (rsync)")
+            await receiving
+        finally:
+            receiving.cancel()
+            writer.close()
     finally:
-        server.close()
+        ours.close()
         await _kill(proc)
 
 
@@ -252,22 +289,28 @@ class BtrfsSendReceive(Transport):
 
     async def receive(self, path: Path, *, snapshot: bool) -> None:
         # Received into the final directory: a read-only subvolume cannot move to another directory later.
+        # --chroot: whatever paths the stream names, it writes below this directory only.
         before = set(path.parent.iterdir())
         try:
-            proc = await _spawn(["btrfs", "receive", "-q", str(path.parent)], stdin=asyncio.subprocess.PIPE,
-                                       stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            proc = await _spawn(["btrfs", "receive", "-q", "--chroot", str(path.parent)],
+                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                                stderr=asyncio.subprocess.PIPE)
             try:
                 assert proc.stdin is not None
                 await _channel_to_stdin(self.channel, proc.stdin, self.progress)
                 await _finish(proc, "Receiving the files (btrfs receive)")
             finally:
                 await _kill(proc)
+            new = set(path.parent.iterdir()) - before
+            if len(new) != 1 or not _SENT_NAME.match(next(iter(new)).name) or not next(iter(new)).is_dir():
+                raise InternalError("Protocol error: the btrfs stream did not hold exactly one subvolume as "
+                                    f"Stapes sends it (got {sorted(p.name for p in new)[:3]})")
         except BaseException:
             for partial in set(path.parent.iterdir()) - before:
                 with contextlib.suppress(Exception):
                     await delete_subvolume(partial)
             raise
-        received = next(p for p in set(path.parent.iterdir()) - before if p.name.startswith(".stapes-send-"))
+        received = new.pop()
         # The next stream's `receive` looks this one up as its parent in the UUID tree: commit it first.
         await process.run(["btrfs", "filesystem", "sync", str(path.parent)])
         await delete_subvolume(path)  # the empty subvolume made for us

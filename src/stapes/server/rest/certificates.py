@@ -8,6 +8,7 @@ from aiohttp import web
 
 from stapes.api.errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed
 from stapes.api.names import validate_entity_name
+from stapes.api.requests import CertificatesPost
 from stapes.api.status import StatusCode
 from stapes.api.tokens import decode_token, encode_token
 from stapes.certs import fingerprint_pem
@@ -32,37 +33,47 @@ def routes(r: web.RouteTableDef) -> None:
     async def add_certificate(request: web.Request) -> web.Response:
         d = daemon(request)
         who = caller(request)
-        data = await body(request)
-        name = str(data.get("name") or "")
-        if data.get("token"):
+        data = await body(request, CertificatesPost)
+        if data.type != "client":
+            raise BadRequest(f"Certificate type {data.type!r} is not supported: Stapes trusts 'client' certificates")
+        if data.restricted or data.projects:
+            raise BadRequest("Restricted certificates (limited to some projects) are not supported yet: "
+                             "add the client unrestricted, or not at all")
+        if data.token:
             if not who.trusted:
                 raise Forbidden("Only a trusted client can create trust tokens")
-            validate_entity_name("client", name)
-            return await _create_token(request, name)
-        secret = str(data.get("trust_token") or data.get("password") or "")
-        pem = str(data.get("certificate") or "")
+            validate_entity_name("client", data.name)
+            return await _create_token(request, data.name)
+        name = data.name
+        secret = data.trust_token or data.password
         if not who.trusted:
             if not secret:
                 raise Forbidden("Not trusted: present a trust token (stapes remote add NAME URL --token TOKEN)")
             if who.certificate_pem is None:
                 raise Forbidden("Adding a client with a trust token needs a TLS client certificate")
+            # One atomic step: of two requests with the same token, exactly one gets it. What the new
+            # certificate may do comes from the token, never from the spender's request.
             token = await d.trust.spend_token(_token_secret(secret))
-            name = name or token.name
+            name = token.name
             pem = who.certificate_pem
             _finish_token_operation(request, token.operation)
-        elif not pem:
-            if who.certificate_pem is None:
+        else:
+            pem = data.certificate or who.certificate_pem or ""
+            if not pem:
                 raise BadRequest("Give the client's certificate in 'certificate' (PEM)")
-            pem = who.certificate_pem
+            if name:
+                validate_entity_name("client", name)
         try:
             fingerprint = fingerprint_pem(pem)
         except ValueError:
             raise BadRequest("The certificate is not a valid PEM X.509 certificate") from None
         if d.trust.is_trusted(fingerprint):
             raise Conflict("This certificate is already trusted")
-        await d.trust.add(CertificateRow(fingerprint, name or fingerprint[:12], str(data.get("type") or "client"),
-                                         pem, bool(data.get("restricted")), list(data.get("projects") or [])))
-        return sync()
+        await d.trust.add(CertificateRow(fingerprint, name or fingerprint[:12], "client", pem, False, []))
+        headers = {"Location": f"/1.0/certificates/{fingerprint}"}
+        response = sync()
+        response.headers.update(headers)
+        return response
 
     @r.get("/1.0/certificates/{fingerprint}")
     async def get_certificate(request: web.Request) -> web.Response:

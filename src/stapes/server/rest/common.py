@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
-from stapes.api.errors import BadRequest, StapesError
+from stapes.api.errors import BadRequest, RequestTooLarge, StapesError
+from stapes.api.requests import B, decode
 from stapes.server.auth import Caller
 from stapes.server.operations import Operation, Runner
 
@@ -50,6 +50,8 @@ def start_task(request: web.Request, description: str, project: str, work: Runne
                instance: str | None = None) -> web.Response:
     """Run `work` as a task operation that cannot be cancelled (its steps roll back themselves) and answer
     202; without `work` the operation is already finished (Incus answers some synchronous changes so)."""
+    if instance:  # an instance taking part in a migration refuses other changes at once
+        daemon(request).instances.check_idle(project, instance)
     resources = {"instances": [instance_url(instance, project)]} if instance else {}
     op = daemon(request).operations.create(op_class="task", description=description, project=project,
                                            resources=resources, may_cancel=False)
@@ -62,14 +64,27 @@ def error(err: StapesError) -> web.Response:
                              status=err.status)
 
 
-async def body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadRequest(f"The request body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object")
-    return data
+UNTRUSTED_BODY_LIMIT = 16 * 1024  # an untrusted caller may only present a trust token
+TRUSTED_BODY_LIMIT = 4 * 1024 * 1024  # JSON from a trusted caller: configs, devices, an exec command
+
+
+async def raw_body(request: web.Request) -> bytes:
+    """The body, bounded by who is calling: read no further than the limit, whatever the client claims."""
+    limit = TRUSTED_BODY_LIMIT if caller(request).trusted else UNTRUSTED_BODY_LIMIT
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestTooLarge(f"The request body is too large ({request.content_length} bytes; at most {limit} "
+                              "here): send less, or upload images as a file")
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > limit:
+            raise RequestTooLarge(f"The request body is too large (more than {limit} bytes): send less")
+    return bytes(data)
+
+
+async def body(request: web.Request, kind: type[B]) -> B:
+    """The request body parsed once into its typed form (a 400 that names the field otherwise)."""
+    return decode(await raw_body(request), kind)
 
 
 def recursion(request: web.Request) -> int:
@@ -83,22 +98,3 @@ async def project(request: web.Request) -> str:
     name = request.query.get("project") or "default"
     await daemon(request).store.project(name)
     return name
-
-
-def string_map(value: Any, what: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest(f"{what} must be an object of strings")
-    for key, item in value.items():
-        if not isinstance(item, str):
-            raise BadRequest(f"{what}: the value of {key!r} must be a string, got {json.dumps(item)}")
-    return {str(k): v for k, v in value.items()}
-
-
-def devices_map(value: Any) -> dict[str, dict[str, str]]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise BadRequest("devices must be an object of device objects")
-    return {str(name): string_map(dev, f"device {name!r}") for name, dev in value.items()}

@@ -10,7 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from stapes.api.errors import BadRequest, Conflict, NotFound
+from stapes.api.errors import BadRequest, Conflict, NotFound, RequestTooLarge
+from stapes.api.names import validate_entity_name
+from stapes.api.requests import BuiltinImageSource, ImageAlias, ImageAliasesPost, ImagesPost
 from stapes.api.timefmt import iso
 from stapes.server.images.busybox import build_busybox_image
 from stapes.server.operations import Operation
@@ -18,6 +20,8 @@ from stapes.server.rest.common import body, daemon, recursion, start_task, sync
 from stapes.server.store.db import ImageRow
 
 BUILTIN_IMAGES = {"busybox": build_busybox_image}
+MAX_IMAGE_SIZE = 16 << 30
+FREE_SPACE_MARGIN = 256 << 20  # an upload never fills the server's disk
 
 
 async def render_image(request: web.Request, row: ImageRow) -> dict[str, Any]:
@@ -43,36 +47,34 @@ def routes(r: web.RouteTableDef) -> None:
     @r.post("/1.0/images")
     async def create_image(request: web.Request) -> web.Response:
         d = daemon(request)
-        aliases: list[dict[str, Any]] = []
-        if request.content_type == "application/json":
-            data = await body(request)
-            source = data.get("source") or {}
-            aliases = list(data.get("aliases") or [])
-            builder = BUILTIN_IMAGES.get(source.get("name", "")) if source.get("type") == "builtin" else None
-            if builder is None:
-                raise BadRequest(
-                    "Only built-in images can be made from JSON ({'source': {'type': 'builtin', 'name': 'busybox'}}); "
-                    "upload a unified tarball as the request body to import one"
-                )
-            upload = _temp_upload(d.paths.images)
-            await builder(upload)
-        else:
-            upload = _temp_upload(d.paths.images)
-            try:
-                with upload.open("wb") as out:
-                    async for chunk in request.content.iter_chunked(1 << 20):
-                        await asyncio.to_thread(out.write, chunk)
-            except BaseException:
-                upload.unlink(missing_ok=True)
-                raise
-            header = request.headers.get("X-Incus-aliases") or request.headers.get("X-Stapes-Aliases") or ""
-            aliases = [{"name": a} for a in header.split(",") if a]
+        aliases: list[ImageAlias] = []
+        upload = _temp_upload(d.paths.images)
+        try:
+            if request.content_type == "application/json":
+                data = await body(request, ImagesPost)
+                source = data.source or BuiltinImageSource()
+                aliases = list(data.aliases or [])
+                builder = BUILTIN_IMAGES.get(source.name) if source.type == "builtin" else None
+                if builder is None:
+                    raise BadRequest(
+                        "Only built-in images can be made from JSON ({'source': {'type': 'builtin', "
+                        "'name': 'busybox'}}); upload a unified tarball as the request body to import one")
+                await builder(upload)
+            else:
+                await _receive_upload(request, upload)
+                header = request.headers.get("X-Incus-aliases") or request.headers.get("X-Stapes-Aliases") or ""
+                aliases = [ImageAlias(name=a) for a in header.split(",") if a]
+            for alias in aliases:
+                validate_entity_name("image alias", alias.name)
+        except BaseException:
+            upload.unlink(missing_ok=True)  # a failed build or upload leaves no temporary file
+            raise
         public = request.headers.get("X-Incus-public") in ("true", "1")
 
         async def work(op: Operation) -> dict[str, Any]:
             row = await d.images.import_file(upload, public=public)
             for alias in aliases:
-                await d.images.set_alias(str(alias["name"]), row.fingerprint, str(alias.get("description", "")))
+                await d.images.set_alias(alias.name, row.fingerprint, alias.description)
             return {"fingerprint": row.fingerprint, "size": row.size}
 
         return start_task(request, "Importing image", "default", work)
@@ -88,12 +90,11 @@ def routes(r: web.RouteTableDef) -> None:
     @r.post("/1.0/images/aliases")
     async def create_alias(request: web.Request) -> web.Response:
         d = daemon(request)
-        data = await body(request)
-        row = await d.images.resolve(str(data.get("target") or ""))
-        name = str(data.get("name") or "")
-        if name in await d.store.aliases():
-            raise Conflict(f"Alias {name!r} already exists: delete it first")
-        await d.images.set_alias(name, row.fingerprint, str(data.get("description") or ""))
+        data = await body(request, ImageAliasesPost)
+        row = await d.images.resolve(data.target)
+        if data.name in await d.store.aliases():
+            raise Conflict(f"Alias {data.name!r} already exists: delete it first")
+        await d.images.set_alias(data.name, row.fingerprint, data.description)
         return sync()
 
     @r.get("/1.0/images/aliases/{name}")
@@ -125,6 +126,23 @@ def routes(r: web.RouteTableDef) -> None:
             await d.images.delete(row.fingerprint)
 
         return start_task(request, "Deleting image", "default", work)
+
+
+async def _receive_upload(request: web.Request, upload: Path) -> None:
+    """Stream the body to disk, never past MAX_IMAGE_SIZE nor into the last FREE_SPACE_MARGIN of the disk."""
+    stat = await asyncio.to_thread(os.statvfs, upload.parent)
+    room = min(MAX_IMAGE_SIZE, stat.f_bavail * stat.f_frsize - FREE_SPACE_MARGIN)
+    if request.content_length is not None and request.content_length > room:
+        raise RequestTooLarge(f"The image ({request.content_length} bytes) is larger than this server takes "
+                              f"({max(room, 0)} bytes: at most {MAX_IMAGE_SIZE}, and what the disk has free)")
+    written = 0
+    with upload.open("wb") as out:
+        async for chunk in request.content.iter_chunked(1 << 20):
+            written += len(chunk)
+            if written > room:
+                raise RequestTooLarge(f"The image is larger than this server takes ({max(room, 0)} bytes: at "
+                                      f"most {MAX_IMAGE_SIZE}, and what the disk has free)")
+            await asyncio.to_thread(out.write, chunk)
 
 
 def _temp_upload(directory: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,20 @@ from aiohttp import web
 from stapes.api.config_keys import validate_instance_config
 from stapes.api.errors import BadRequest, NotFound
 from stapes.api.filters import matches
+from stapes.api.names import validate_entity_name
+from stapes.api.requests import (
+    ExecPost,
+    InstancePost,
+    InstancePut,
+    InstanceSource,
+    InstancesPost,
+    InstanceStatePut,
+    SnapshotPost,
+    SnapshotsPost,
+    decode,
+    fields_set,
+)
+from stapes.api.status import StatusCode
 from stapes.server.instances.driver import ExecRequest
 from stapes.server.migration.protocol import PREFERENCE as TRANSPORTS
 from stapes.server.operations import Operation
@@ -17,24 +32,14 @@ from stapes.server.rest.common import (
     async_operation,
     body,
     daemon,
-    devices_map,
     instance_url,
     project,
+    raw_body,
     recursion,
     start_task,
-    string_map,
     sync,
 )
 from stapes.server.store.db import InstanceRow
-
-
-def _timeout(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"timeout must be a number of seconds, got {value!r}") from None
 
 
 def routes(r: web.RouteTableDef) -> None:
@@ -57,38 +62,34 @@ def routes(r: web.RouteTableDef) -> None:
     async def create_instance(request: web.Request) -> web.Response:
         d = daemon(request)
         proj = await project(request)
-        data = await body(request)
-        source = data.get("source") or {"type": "none"}
-        source_type = source.get("type", "none")
+        data = await body(request, InstancesPost)
+        source = data.source or InstanceSource()
         image: str | None = None
-        if source_type == "image":
-            image = source.get("alias") or source.get("fingerprint")
+        if source.type == "image":
+            image = source.alias or source.fingerprint
             if not image:
                 raise BadRequest("An image source needs an 'alias' or a 'fingerprint'")
-            if source.get("server"):
+            if source.server:
                 raise BadRequest("Images from other servers are not supported yet: import the image here first")
-        elif source_type == "copy":
+        elif source.type == "copy":
             raise BadRequest("Copying an instance on the same server is not supported yet: copy through a remote")
-        elif source_type not in ("none", "migration"):
-            raise BadRequest(f"Unknown source type {source_type!r}: use image, migration or none")
-        profiles = data.get("profiles")
+        elif source.type not in ("none", "migration"):
+            raise BadRequest(f"Unknown source type {source.type!r}: use image, migration or none")
         row = InstanceRow(
-            project=proj, name=str(data.get("name") or ""), type=data.get("type") or "container",
-            architecture="", description=str(data.get("description") or ""),
-            config=string_map(data.get("config"), "config"), devices=devices_map(data.get("devices")),
-            profiles=["default"] if profiles is None else [str(p) for p in profiles],
-            ephemeral=bool(data.get("ephemeral")),
+            project=proj, name=data.name, type=data.type or "container", architecture="",
+            description=data.description, config=dict(data.config or {}), devices=dict(data.devices or {}),
+            profiles=["default"] if data.profiles is None else list(data.profiles), ephemeral=data.ephemeral,
         )
         if not row.name:
             raise BadRequest("The instance needs a name")
         if image is not None:
             await d.images.resolve(image)
-        if source_type == "migration" and source.get("refresh") and await _exists(request, proj, row.name):
+        if source.type == "migration" and source.refresh and await _exists(request, proj, row.name):
             return await _refresh_migration(request, row, source)
         await d.instances.validate_new(row)
-        if source_type == "migration":
+        if source.type == "migration":
             return _receive_migration(request, row, source)
-        start = bool(data.get("start"))
+        start = data.start
 
         async def work(op: Operation) -> None:
             await d.instances.create(row, image, op)
@@ -108,9 +109,10 @@ def routes(r: web.RouteTableDef) -> None:
         proj = await project(request)
         name = request.match_info["name"]
         await d.instances.get(proj, name)
-        data = await body(request)
-        if replace and data.get("restore"):
-            snapshot = str(data["restore"])
+        raw = await raw_body(request)
+        data, present = decode(raw, InstancePut), fields_set(raw)
+        if replace and data.restore:
+            snapshot = data.restore
             await d.instances.snapshot(proj, name, snapshot)
 
             async def restore(op: Operation) -> None:
@@ -118,16 +120,14 @@ def routes(r: web.RouteTableDef) -> None:
 
             return start_task(request, "Restoring snapshot", proj, restore, name)
         changes: dict[str, Any] = {}
-        if "config" in data:
-            changes["config"] = string_map(data["config"], "config")
-        if "devices" in data:
-            changes["devices"] = devices_map(data["devices"])
-        for key in ("profiles", "description"):
-            if key in data:
-                changes[key] = data[key]
-        if replace:
-            changes.setdefault("config", {})
-            changes.setdefault("devices", {})
+        if replace or "config" in present:
+            changes["config"] = dict(data.config or {})
+        if replace or "devices" in present:
+            changes["devices"] = dict(data.devices or {})
+        if "profiles" in present:
+            changes["profiles"] = list(data.profiles or [])
+        if data.description is not None:
+            changes["description"] = data.description
         await d.instances.update(proj, name, changes, replace=replace)
         if replace:  # Incus answers PUT with an (already finished) operation
             return start_task(request, "Updating instance", proj, None, name)
@@ -159,10 +159,10 @@ def routes(r: web.RouteTableDef) -> None:
         proj = await project(request)
         name = request.match_info["name"]
         await d.instances.get(proj, name)
-        data = await body(request)
-        if data.get("migration"):
+        data = await body(request, InstancePost)
+        if data.migration:
             return await _send_migration(request, proj, name, data)
-        new_name = str(data.get("name") or "")
+        new_name = data.name
         if not new_name:
             raise BadRequest("Renaming needs a new 'name'")
         await d.instances.rename(proj, name, new_name)
@@ -180,14 +180,13 @@ def routes(r: web.RouteTableDef) -> None:
         proj = await project(request)
         name = request.match_info["name"]
         await d.instances.get(proj, name)
-        data = await body(request)
-        action = str(data.get("action") or "")
+        data = await body(request, InstanceStatePut)
+        action = data.action
         if action not in ("start", "stop", "restart", "freeze", "unfreeze"):
             raise BadRequest(f"Unknown action {action!r}: use start, stop, restart, freeze or unfreeze")
-        if data.get("stateful"):
+        if data.stateful:
             raise BadRequest("Stateful start and stop are not supported yet")
-        timeout = _timeout(data.get("timeout"))
-        force = bool(data.get("force"))
+        timeout, force = data.timeout, data.force
 
         async def work(op: Operation) -> None:
             await d.instances.change_state(proj, name, action, timeout=timeout, force=force)
@@ -201,20 +200,20 @@ def routes(r: web.RouteTableDef) -> None:
         d = daemon(request)
         proj = await project(request)
         name = request.match_info["name"]
-        data = await body(request)
-        command = data.get("command")
-        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+        data = await body(request, ExecPost)
+        if not data.command:
             raise BadRequest("exec needs a 'command': a non-empty list of strings")
-        if not data.get("wait-for-websocket", False):
+        if not data.wait_for_websocket:
             raise BadRequest("exec without websockets ('wait-for-websocket': false) is not supported yet")
+        if not (0 <= data.user < 2**32 and 0 <= data.group < 2**32):
+            raise BadRequest("exec 'user' and 'group' must be numeric ids between 0 and 4294967295")
+        if not (0 < data.width <= 10000 and 0 < data.height <= 10000):
+            raise BadRequest("exec 'width' and 'height' must be between 1 and 10000")
         await d.instances.check_running(proj, name)
-        interactive = bool(data.get("interactive"))
-        exec_request = ExecRequest(
-            command=command, environment=string_map(data.get("environment"), "environment"),
-            cwd=str(data.get("cwd") or ""), user=int(data.get("user") or 0), group=int(data.get("group") or 0),
-            interactive=interactive,
-        )
-        width, height = int(data.get("width") or 80), int(data.get("height") or 24)
+        interactive = data.interactive
+        exec_request = ExecRequest(command=data.command, environment=dict(data.environment or {}), cwd=data.cwd,
+                                   user=data.user, group=data.group, interactive=interactive)
+        width, height = data.width, data.height
         channels = ("0", "control") if interactive else ("0", "1", "2", "control")
         op = d.operations.create(op_class="websocket", description="Executing command", project=proj,
                                  resources={"instances": [instance_url(name, proj)]}, channels=channels)
@@ -243,13 +242,15 @@ def routes(r: web.RouteTableDef) -> None:
         proj = await project(request)
         name = request.match_info["name"]
         await d.instances.get(proj, name)
-        data = await body(request)
-        if data.get("stateful"):
+        data = await body(request, SnapshotsPost)
+        if data.stateful:
             raise BadRequest("Stateful snapshots are not supported yet")
-        snapshot = str(data.get("name") or "")
+        snapshot = data.name
+        if snapshot:
+            validate_entity_name("snapshot", snapshot)
 
         async def work(op: Operation) -> None:
-            await d.instances.create_snapshot(proj, name, snapshot or None, str(data.get("description") or ""))
+            await d.instances.create_snapshot(proj, name, snapshot or None, data.description)
 
         return start_task(request, "Snapshotting instance", proj, work, name)
 
@@ -278,10 +279,10 @@ def routes(r: web.RouteTableDef) -> None:
         d = daemon(request)
         proj = await project(request)
         name, snapshot = request.match_info["name"], request.match_info["snapshot"]
-        data = await body(request)
-        if data.get("migration"):
+        data = await body(request, SnapshotPost)
+        if data.migration:
             raise BadRequest("Migrating a single snapshot is not supported: copy the instance")
-        await d.instances.rename_snapshot(proj, name, snapshot, str(data.get("name") or ""))
+        await d.instances.rename_snapshot(proj, name, snapshot, data.name)
         return start_task(request, "Renaming snapshot", proj, None, name)
 
     @r.get("/1.0/instances/{name}/backups")
@@ -321,53 +322,76 @@ def _migration_operation(request: web.Request, description: str, project: str, n
     return op
 
 
-async def _send_migration(request: web.Request, project_name: str, name: str, data: dict[str, Any]) -> web.Response:
-    """Source side: without a target, wait for the target (pull) or the client (relay) to dial us; with a
-    target, dial it (push)."""
-    d = daemon(request)
-    live = bool(data.get("live"))
-    await d.migration.check_source(project_name, name, live)
-    target = data.get("target")
-    if target is not None and not isinstance(target, dict):
-        raise BadRequest("'target' must be an object with operation, secrets and certificate")
-    transport = data.get("transport")
-    if transport is not None and transport not in TRANSPORTS:
-        raise BadRequest(f"Unknown transport {transport!r}: use one of {', '.join(TRANSPORTS)}")
-    op = _migration_operation(request, "Migrating instance", project_name, name, websockets=target is None)
+def _start_claimed(request: web.Request, op: Operation, project: str, name: str,
+                   work: Callable[[Operation], Awaitable[None]]) -> web.Response:
+    """Run a migration operation with the instance claimed for it from this moment to its end: a second
+    move, a delete, start, rename or snapshot of it is refused at once, naming this operation."""
+    try:
+        release = daemon(request).instances.mark_busy(project, name, op)
+    except BaseException:
+        op.finish_without_task(StatusCode.CANCELLED, "refused: the instance is busy")
+        raise
 
-    instance_only = bool(data.get("instance_only"))
+    async def claimed(op: Operation) -> None:
+        try:
+            await work(op)
+        finally:
+            release()
 
-    async def work(op: Operation) -> None:
-        await d.migration.run_source(op, project_name, name, target, transport, instance_only)
-
-    op.start(work)
+    op.start(claimed)
     return async_operation(op)
 
 
-def _receive_migration(request: web.Request, row: InstanceRow, source: dict[str, Any]) -> web.Response:
+async def _send_migration(request: web.Request, project_name: str, name: str, data: InstancePost) -> web.Response:
+    """Source side: without a target, wait for the target (pull) or the client (relay) to dial us; with a
+    target, dial it (push)."""
+    d = daemon(request)
+    await d.migration.check_source(project_name, name, data.live)
+    d.instances.check_idle(project_name, name)
+    target = data.target
+    if target is not None:
+        check_peer(target.operation, target.secrets, target.certificate, "target")
+    if data.transport is not None and data.transport not in TRANSPORTS:
+        raise BadRequest(f"Unknown transport {data.transport!r}: use one of {', '.join(TRANSPORTS)}")
+    op = _migration_operation(request, "Migrating instance", project_name, name, websockets=target is None)
+    instance_only = data.instance_only or data.container_only
+
+    async def work(op: Operation) -> None:
+        await d.migration.run_source(op, project_name, name, target, data.transport, instance_only)
+
+    return _start_claimed(request, op, project_name, name, work)
+
+
+def _receive_migration(request: web.Request, row: InstanceRow, source: InstanceSource) -> web.Response:
     """Target side: pull dials the source's operation; push waits for the source (or a relaying client)."""
     d = daemon(request)
     _check_migration_source(source)
-    op = _migration_operation(request, "Creating instance", row.project, row.name,
-                              websockets=source.get("mode") == "push")
+    op = _migration_operation(request, "Creating instance", row.project, row.name, websockets=source.mode == "push")
 
     async def work(op: Operation) -> None:
         await d.migration.run_sink(op, row, source)
 
-    op.start(work)
-    return async_operation(op)
+    return _start_claimed(request, op, row.project, row.name, work)
 
 
-def _check_migration_source(source: dict[str, Any]) -> None:
-    mode = source.get("mode") or "pull"
-    if mode not in ("pull", "push"):
-        raise BadRequest(f"Unknown migration mode {mode!r}: use pull or push (relay is push on both ends)")
-    if source.get("live"):
+def check_peer(operation: str, secrets: dict[str, str] | None, certificate: str, side: str) -> None:
+    """The other server's operation, as a client handed it over: checked before anything starts."""
+    if not operation.startswith("https://"):
+        raise BadRequest(f"The {side}'s operation must be an https:// URL of its /1.0/operations/<id>")
+    missing = [n for n in MIGRATION_CHANNELS if not (secrets or {}).get(n)]
+    if missing:
+        raise BadRequest(f"No secret given for the {side}'s {', '.join(missing)} websocket(s)")
+    if "BEGIN CERTIFICATE" not in certificate:
+        raise BadRequest(f"The {side}'s certificate (PEM) is required: it is pinned for the transfer")
+
+
+def _check_migration_source(source: InstanceSource) -> None:
+    if source.mode not in ("pull", "push"):
+        raise BadRequest(f"Unknown migration mode {source.mode!r}: use pull or push (relay is push on both ends)")
+    if source.live:
         raise BadRequest("Live migration is not supported yet")
-    if mode == "pull":
-        for key in ("operation", "secrets", "certificate"):
-            if not source.get(key):
-                raise BadRequest(f"A pull migration needs the source's {key!r}")
+    if source.mode == "pull":
+        check_peer(source.operation, source.secrets, source.certificate, "source")
 
 
 async def _exists(request: web.Request, project_name: str, name: str) -> bool:
@@ -378,18 +402,18 @@ async def _exists(request: web.Request, project_name: str, name: str) -> bool:
     return True
 
 
-async def _refresh_migration(request: web.Request, row: InstanceRow, source: dict[str, Any]) -> web.Response:
+async def _refresh_migration(request: web.Request, row: InstanceRow, source: InstanceSource) -> web.Response:
     """copy --refresh onto an existing copy."""
     d = daemon(request)
     _check_migration_source(source)
     validate_instance_config(row.config)
     for profile in row.profiles:
         await d.store.profile(profile)
+    d.instances.check_idle(row.project, row.name)
     op = _migration_operation(request, "Refreshing instance", row.project, row.name,
-                              websockets=source.get("mode") == "push")
+                              websockets=source.mode == "push")
 
     async def work(op: Operation) -> None:
         await d.migration.run_refresh(op, row, source)
 
-    op.start(work)
-    return async_operation(op)
+    return _start_claimed(request, op, row.project, row.name, work)

@@ -8,6 +8,7 @@ import contextlib
 from aiohttp import WSMsgType, web
 
 from stapes.api.errors import BadRequest, Forbidden
+from stapes.server.migration.channel import MAX_MESSAGE
 from stapes.server.rest.common import caller, daemon, recursion, sync
 
 
@@ -51,9 +52,13 @@ def routes(r: web.RouteTableDef) -> None:
             if not caller(request).trusted:
                 raise Forbidden("A websocket secret is required")
             raise BadRequest("Missing 'secret' query parameter")
-        name = op.channel_for_secret(secret)
-        ws = web.WebSocketResponse(max_msg_size=0, compress=False, timeout=5)
-        await ws.prepare(request)
+        name = op.claim_channel(secret)  # refused before the upgrade: wrong, used or finished
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False, timeout=5, heartbeat=30)
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            op.unclaim_channel(name)
+            raise
         await op.attach(name, ws)
         return ws
 

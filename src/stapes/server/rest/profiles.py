@@ -10,13 +10,19 @@ from stapes.api.config_keys import validate_instance_config
 from stapes.api.devices import validate_devices
 from stapes.api.errors import BadRequest, Conflict
 from stapes.api.names import validate_entity_name
-from stapes.server.rest.common import body, daemon, devices_map, instance_url, recursion, string_map, sync
+from stapes.api.requests import EntityPost, EntityPut, Rename, decode, fields_set
+from stapes.server.rest.common import body, daemon, instance_url, raw_body, recursion, sync
 from stapes.server.store.db import ProfileRow
 
 
 async def used_by(request: web.Request, name: str) -> list[str]:
-    return [instance_url(row.name, row.project) for row in await daemon(request).store.instances()
-            if name in row.profiles]
+    """Instances, and snapshots (a restore brings their profiles back), that use the profile."""
+    d = daemon(request)
+    users = [instance_url(row.name, row.project) for row in await d.store.instances() if name in row.profiles]
+    users += [f"/1.0/instances/{s.instance}/snapshots/{s.name}" + ("" if s.project == "default" else
+                                                                   f"?project={s.project}")
+              for s in await d.store.all_snapshots() if name in s.profiles]
+    return users
 
 
 async def render(request: web.Request, row: ProfileRow) -> dict[str, Any]:
@@ -39,9 +45,8 @@ def routes(r: web.RouteTableDef) -> None:
 
     @r.post("/1.0/profiles")
     async def create_profile(request: web.Request) -> web.Response:
-        data = await body(request)
-        row = ProfileRow(str(data.get("name") or ""), str(data.get("description") or ""),
-                         string_map(data.get("config"), "config"), devices_map(data.get("devices")))
+        data = await body(request, EntityPost)
+        row = ProfileRow(data.name, data.description, data.config or {}, data.devices or {})
         validate_entity_name("profile", row.name)
         _validate(row)
         try:
@@ -57,16 +62,18 @@ def routes(r: web.RouteTableDef) -> None:
     async def update(request: web.Request, replace: bool) -> web.Response:
         d = daemon(request)
         row = await d.store.profile(request.match_info["name"])
-        data = await body(request)
-        if replace or "config" in data:
-            config = string_map(data.get("config"), "config")
+        raw = await raw_body(request)
+        data, present = decode(raw, EntityPut), fields_set(raw)
+        if replace or "config" in present:
+            config = data.config or {}
             row.config = config if replace else {**row.config, **config}
-        if replace or "devices" in data:
-            devices = devices_map(data.get("devices"))
+        if replace or "devices" in present:
+            devices = data.devices or {}
             row.devices = devices if replace else {**row.devices, **devices}
-        if "description" in data:
-            row.description = str(data["description"] or "")
+        if data.description is not None:
+            row.description = data.description
         _validate(row)
+        await d.instances.check_profile_change(row)  # every instance using it must stay valid
         await d.store.update_profile(row)
         await d.redefine_instances(profile=row.name)
         return sync()
@@ -82,8 +89,7 @@ def routes(r: web.RouteTableDef) -> None:
     @r.post("/1.0/profiles/{name}")
     async def rename_profile(request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        data = await body(request)
-        new = str(data.get("name") or "")
+        new = (await body(request, Rename)).name
         validate_entity_name("profile", new)
         if name == "default":
             raise BadRequest("The default profile cannot be renamed")

@@ -9,7 +9,8 @@ from aiohttp import web
 from stapes.api.config_keys import SERVER_NAMESPACES, validate_config
 from stapes.api.errors import BadRequest, Conflict
 from stapes.api.names import validate_entity_name
-from stapes.server.rest.common import body, daemon, instance_url, recursion, string_map, sync
+from stapes.api.requests import EntityPost, EntityPut, Rename, decode, fields_set
+from stapes.server.rest.common import body, daemon, instance_url, raw_body, recursion, sync
 from stapes.server.store.db import ProjectRow
 
 
@@ -33,9 +34,8 @@ def routes(r: web.RouteTableDef) -> None:
 
     @r.post("/1.0/projects")
     async def create_project(request: web.Request) -> web.Response:
-        data = await body(request)
-        row = ProjectRow(str(data.get("name") or ""), str(data.get("description") or ""),
-                         string_map(data.get("config"), "config"))
+        data = await body(request, EntityPost)
+        row = ProjectRow(data.name, data.description, data.config or {})
         validate_entity_name("project", row.name)
         _validate_config(row.config)
         try:
@@ -51,12 +51,13 @@ def routes(r: web.RouteTableDef) -> None:
     async def update(request: web.Request, replace: bool) -> web.Response:
         d = daemon(request)
         row = await d.store.project(request.match_info["name"])
-        data = await body(request)
-        if replace or "config" in data:
-            config = string_map(data.get("config"), "config")
+        raw = await raw_body(request)
+        data, present = decode(raw, EntityPut), fields_set(raw)
+        if replace or "config" in present:
+            config = data.config or {}
             row.config = config if replace else {**row.config, **config}
-        if "description" in data:
-            row.description = str(data["description"] or "")
+        if data.description is not None:
+            row.description = data.description
         _validate_config(row.config)
         await d.store.update_project(row)
         return sync()
@@ -73,7 +74,7 @@ def routes(r: web.RouteTableDef) -> None:
     async def rename_project(request: web.Request) -> web.Response:
         d = daemon(request)
         name = request.match_info["name"]
-        new = str((await body(request)).get("name") or "")
+        new = (await body(request, Rename)).name
         validate_entity_name("project", new)
         await d.store.project(name)
         if name == "default":

@@ -9,7 +9,8 @@ import socket
 from aiohttp import web
 
 from stapes import __version__
-from stapes.server.rest.common import body, caller, daemon, string_map, sync
+from stapes.api.requests import ServerPut
+from stapes.server.rest.common import body, caller, daemon, sync
 
 # Incus API extensions whose behaviour Stapes implements (names as Incus spells them).
 API_EXTENSIONS = [
@@ -57,12 +58,12 @@ def routes(r: web.RouteTableDef) -> None:
 
     @r.put("/1.0")
     async def replace_server_config(request: web.Request) -> web.Response:
-        data = await body(request)
-        await daemon(request).set_server_config(string_map(data.get("config"), "config"), replace=True)
+        data = await body(request, ServerPut)
+        await daemon(request).set_server_config(data.config or {}, replace=True)
         return sync()
 
     @r.patch("/1.0")
     async def update_server_config(request: web.Request) -> web.Response:
-        data = await body(request)
-        await daemon(request).set_server_config(string_map(data.get("config"), "config"), replace=False)
+        data = await body(request, ServerPut)
+        await daemon(request).set_server_config(data.config or {}, replace=False)
         return sync()

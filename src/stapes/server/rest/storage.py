@@ -8,7 +8,8 @@ from aiohttp import web
 
 from stapes.api.devices import root_disk
 from stapes.api.errors import BadRequest
-from stapes.server.rest.common import body, daemon, instance_url, recursion, string_map, sync
+from stapes.api.requests import EntityPost, EntityPut
+from stapes.server.rest.common import body, daemon, instance_url, recursion, sync
 from stapes.server.storage.base import TUNABLE_KEYS, check_tunables
 from stapes.server.store.db import PoolRow
 
@@ -39,11 +40,8 @@ def routes(r: web.RouteTableDef) -> None:
 
     @r.post("/1.0/storage-pools")
     async def create_pool(request: web.Request) -> web.Response:
-        data = await body(request)
-        await daemon(request).storage.create(
-            str(data.get("name") or ""), str(data.get("driver") or ""), string_map(data.get("config"), "config"),
-            str(data.get("description") or ""),
-        )
+        data = await body(request, EntityPost)
+        await daemon(request).storage.create(data.name, data.driver, data.config or {}, data.description)
         return sync()
 
     @r.get("/1.0/storage-pools/{name}")
@@ -58,10 +56,10 @@ def routes(r: web.RouteTableDef) -> None:
     async def update(request: web.Request, replace: bool) -> web.Response:
         d = daemon(request)
         row = await d.store.pool(request.match_info["name"])
-        data = await body(request)
-        if "description" in data:
-            row.description = str(data["description"] or "")
-        config = string_map(data.get("config"), "config")
+        data = await body(request, EntityPut)
+        if data.description is not None:
+            row.description = data.description
+        config = data.config or {}
         fixed = {k: v for k, v in row.config.items() if k not in TUNABLE_KEYS}
         changed = [k for k in config if k not in TUNABLE_KEYS and config[k] != fixed.get(k)]
         if changed:

@@ -1,11 +1,14 @@
 """SQLite state of a standalone server.
 
-One table per resource, JSON columns for maps. aiosqlite keeps the SQLite calls off the event loop; all
-writes go through one connection, so each method is its own transaction.
+One table per resource, JSON columns for maps. aiosqlite keeps the SQLite calls off the event loop. All
+writes go through one connection under one lock, and each write method is one transaction: its statements
+commit together or not at all. The schema is versioned (`PRAGMA user_version`); `MIGRATIONS` bring an older
+database up to date at start, and a newer one is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterable
@@ -15,7 +18,7 @@ from typing import Any
 
 import aiosqlite
 
-from stapes.api.errors import Conflict, NotFound
+from stapes.api.errors import Conflict, InternalError, NotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,6 +52,10 @@ CREATE TABLE IF NOT EXISTS certificates (
 CREATE TABLE IF NOT EXISTS trust_tokens (
     secret TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at REAL NOT NULL, operation TEXT NOT NULL);
 """
+SCHEMA_VERSION = 1
+# version -> statements that bring a database of the previous version to it (version 1 is SCHEMA itself).
+MIGRATIONS: dict[int, list[str]] = {}
+Statement = tuple[str, tuple[Any, ...]]
 
 
 @dataclass
@@ -134,6 +141,7 @@ class TokenRow:
 class Store:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -142,7 +150,18 @@ class Store:
         conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA synchronous=NORMAL")
+        async with conn.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            await conn.close()
+            raise InternalError(f"The database {path} is of schema version {version}, newer than this stapesd "
+                                f"understands ({SCHEMA_VERSION}): run the newer stapesd")
         await conn.executescript(SCHEMA)
+        for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[target]:
+                await conn.execute(statement)
+        await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         await conn.commit()
         return cls(conn)
 
@@ -153,22 +172,33 @@ class Store:
         async with self._conn.execute(sql, tuple(args)) as cursor:
             return list(await cursor.fetchall())
 
-    async def _write(self, sql: str, args: Iterable[Any] = ()) -> int:
-        try:
-            cursor = await self._conn.execute(sql, tuple(args))
-        except aiosqlite.IntegrityError as err:
-            raise Conflict(f"Already exists: {err}") from None
-        await self._conn.commit()
-        return cursor.rowcount
+    async def _transaction(self, statements: list[Statement], conflict: str = "") -> int:
+        """Run the statements as one transaction; returns the rows the last one changed."""
+        async with self._write_lock:
+            count = 0
+            try:
+                for sql, args in statements:
+                    cursor = await self._conn.execute(sql, args)
+                    count = cursor.rowcount
+                await self._conn.commit()
+            except aiosqlite.IntegrityError as err:
+                await self._conn.rollback()
+                raise Conflict(conflict or f"Already exists: {err}") from None
+            except BaseException:
+                await asyncio.shield(self._conn.rollback())
+                raise
+            return count
+
+    async def _write(self, sql: str, args: Iterable[Any] = (), conflict: str = "") -> int:
+        return await self._transaction([(sql, tuple(args))], conflict)
 
     # server config
     async def server_config(self) -> dict[str, str]:
         return {row["key"]: row["value"] for row in await self._all("SELECT key, value FROM config")}
 
     async def replace_server_config(self, config: dict[str, str]) -> None:
-        await self._conn.execute("DELETE FROM config")
-        await self._conn.executemany("INSERT INTO config VALUES (?, ?)", list(config.items()))
-        await self._conn.commit()
+        await self._transaction([("DELETE FROM config", ()),
+                                 *(("INSERT INTO config VALUES (?, ?)", item) for item in config.items())])
 
     # projects
     async def projects(self) -> list[ProjectRow]:
@@ -279,16 +309,12 @@ class Store:
 
     async def create_instance(self, row: InstanceRow) -> None:
         row.created_at = row.created_at or time.time()
-        try:
-            await self._conn.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (row.project, row.name, row.type, row.architecture, row.description, json.dumps(row.config),
-                 json.dumps(row.devices), json.dumps(row.profiles), int(row.ephemeral), row.created_at,
-                 row.last_used_at),
-            )
-        except aiosqlite.IntegrityError:
-            raise Conflict(f"Instance {row.name!r} already exists in project {row.project!r}") from None
-        await self._conn.commit()
+        await self._write(
+            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.project, row.name, row.type, row.architecture, row.description, json.dumps(row.config),
+             json.dumps(row.devices), json.dumps(row.profiles), int(row.ephemeral), row.created_at,
+             row.last_used_at),
+            conflict=f"Instance {row.name!r} already exists in project {row.project!r}")
 
     async def update_instance(self, row: InstanceRow) -> None:
         await self._write(
@@ -299,31 +325,38 @@ class Store:
         )
 
     async def rename_instance(self, project: str, old: str, new: str) -> None:
-        try:
-            await self._conn.execute("UPDATE instances SET name=? WHERE project=? AND name=?", (new, project, old))
-        except aiosqlite.IntegrityError:
-            raise Conflict(f"Instance {new!r} already exists in project {project!r}") from None
-        await self._conn.commit()
+        """The instance and its snapshots, together."""
+        await self._transaction([
+            ("UPDATE instances SET name=? WHERE project=? AND name=?", (new, project, old)),
+            ("UPDATE snapshots SET instance=? WHERE project=? AND instance=?", (new, project, old)),
+        ], conflict=f"Instance {new!r} already exists in project {project!r}")
 
     async def delete_instance(self, project: str, name: str) -> None:
-        await self._write("DELETE FROM instances WHERE project=? AND name=?", (project, name))
+        """The instance and its snapshots, together."""
+        await self._transaction([("DELETE FROM snapshots WHERE project=? AND instance=?", (project, name)),
+                                 ("DELETE FROM instances WHERE project=? AND name=?", (project, name))])
 
     # snapshots
     async def snapshots(self, project: str, instance: str) -> list[SnapshotRow]:
         rows = await self._all("SELECT * FROM snapshots WHERE project=? AND instance=? ORDER BY created_at, name",
                                (project, instance))
-        return [SnapshotRow(r["project"], r["instance"], r["name"], r["description"], json.loads(r["config"]),
-                            json.loads(r["devices"]), json.loads(r["profiles"]), r["created_at"]) for r in rows]
+        return [self._snapshot(r) for r in rows]
+
+    async def all_snapshots(self) -> list[SnapshotRow]:
+        rows = await self._all("SELECT * FROM snapshots ORDER BY project, instance, created_at, name")
+        return [self._snapshot(r) for r in rows]
+
+    @staticmethod
+    def _snapshot(r: aiosqlite.Row) -> SnapshotRow:
+        return SnapshotRow(r["project"], r["instance"], r["name"], r["description"], json.loads(r["config"]),
+                           json.loads(r["devices"]), json.loads(r["profiles"]), r["created_at"])
 
     async def create_snapshot(self, row: SnapshotRow) -> None:
-        try:
-            await self._conn.execute(
-                "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (row.project, row.instance, row.name, row.description, json.dumps(row.config),
-                 json.dumps(row.devices), json.dumps(row.profiles), row.created_at or time.time()))
-        except aiosqlite.IntegrityError:
-            raise Conflict(f"Snapshot {row.name!r} of {row.instance!r} already exists") from None
-        await self._conn.commit()
+        await self._write(
+            "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.project, row.instance, row.name, row.description, json.dumps(row.config),
+             json.dumps(row.devices), json.dumps(row.profiles), row.created_at or time.time()),
+            conflict=f"Snapshot {row.name!r} of {row.instance!r} already exists")
 
     async def delete_snapshot(self, project: str, instance: str, name: str) -> None:
         await self._write("DELETE FROM snapshots WHERE project=? AND instance=? AND name=?", (project, instance, name))
@@ -332,15 +365,8 @@ class Store:
         await self._write("DELETE FROM snapshots WHERE project=? AND instance=?", (project, instance))
 
     async def rename_snapshot(self, project: str, instance: str, old: str, new: str) -> None:
-        try:
-            await self._conn.execute("UPDATE snapshots SET name=? WHERE project=? AND instance=? AND name=?",
-                                     (new, project, instance, old))
-        except aiosqlite.IntegrityError:
-            raise Conflict(f"Snapshot {new!r} of {instance!r} already exists") from None
-        await self._conn.commit()
-
-    async def rename_snapshots_instance(self, project: str, old: str, new: str) -> None:
-        await self._write("UPDATE snapshots SET instance=? WHERE project=? AND instance=?", (new, project, old))
+        await self._write("UPDATE snapshots SET name=? WHERE project=? AND instance=? AND name=?",
+                          (new, project, instance, old), conflict=f"Snapshot {new!r} of {instance!r} already exists")
 
     # images
     @staticmethod
@@ -359,8 +385,8 @@ class Store:
         )
 
     async def delete_image(self, fingerprint: str) -> None:
-        await self._write("DELETE FROM image_aliases WHERE fingerprint=?", (fingerprint,))
-        await self._write("DELETE FROM images WHERE fingerprint=?", (fingerprint,))
+        await self._transaction([("DELETE FROM image_aliases WHERE fingerprint=?", (fingerprint,)),
+                                 ("DELETE FROM images WHERE fingerprint=?", (fingerprint,))])
 
     async def aliases(self) -> dict[str, tuple[str, str]]:
         rows = await self._all("SELECT * FROM image_aliases ORDER BY name")
@@ -379,15 +405,9 @@ class Store:
                                json.loads(r["projects"])) for r in rows]
 
     async def add_certificate(self, row: CertificateRow) -> None:
-        try:
-            await self._conn.execute(
-                "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?)",
-                (row.fingerprint, row.name, row.type, row.certificate, int(row.restricted),
-                 json.dumps(row.projects)),
-            )
-        except aiosqlite.IntegrityError:
-            raise Conflict("This certificate is already trusted") from None
-        await self._conn.commit()
+        await self._write("INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?)",
+                          (row.fingerprint, row.name, row.type, row.certificate, int(row.restricted),
+                           json.dumps(row.projects)), conflict="This certificate is already trusted")
 
     async def delete_certificate(self, fingerprint: str) -> int:
         return await self._write("DELETE FROM certificates WHERE fingerprint=?", (fingerprint,))
@@ -401,11 +421,13 @@ class Store:
                           (row.secret, row.name, row.expires_at, row.operation))
 
     async def take_token(self, secret: str) -> TokenRow | None:
-        """Single use: the row is deleted in the same step that reads it."""
-        rows = await self._all("SELECT * FROM trust_tokens WHERE secret=?", (secret,))
+        """Single use, in one statement: of two concurrent takers exactly one gets the row."""
+        async with self._write_lock:
+            async with self._conn.execute("DELETE FROM trust_tokens WHERE secret=? RETURNING *", (secret,)) as cur:
+                rows = list(await cur.fetchall())
+            await self._conn.commit()
         if not rows:
             return None
-        await self._write("DELETE FROM trust_tokens WHERE secret=?", (secret,))
         r = rows[0]
         return TokenRow(r["secret"], r["name"], r["expires_at"], r["operation"])
 
