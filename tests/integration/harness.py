@@ -37,6 +37,7 @@ class Server:
     state_dir: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,7 +57,7 @@ class Server:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [STAPESD, "--state-dir", str(self.state_dir), "--https-address", self.address],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout
         sock = self.state_dir / "unix.socket"
@@ -102,6 +103,24 @@ class Server:
             if (entry / "config").exists():
                 subprocess.run(["lxc-stop", "-P", str(lxc_path), "-n", entry.name, "-k"],
                                capture_output=True, timeout=30, check=False)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss(self) -> int:
+        """Resident memory of the daemon, in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def open_fds(self) -> int:
+        return len(list(Path(f"/proc/{self.pid}/fd").iterdir()))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def local_env(self) -> dict[str, str]:
         return {"STAPES_DIR": str(self.state_dir)}
@@ -152,8 +171,8 @@ class Cluster:
         self.root = Path(tempfile.mkdtemp(prefix="stapes-test-"))
         self.servers: list[Server] = []
 
-    def server(self, name: str, host: str) -> Server:
-        server = Server(name, host, self.root / name / "state")
+    def server(self, name: str, host: str, env: dict[str, str] | None = None) -> Server:
+        server = Server(name, host, self.root / name / "state", env=env or {})
         server.state_dir.mkdir(parents=True)
         server.start()
         self.servers.append(server)

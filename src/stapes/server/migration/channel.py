@@ -80,7 +80,7 @@ async def idle_timeout(channels: Iterable[Channel], seconds: float, peer: str) -
     """Raise PeerIdle when no message moved on any of the channels for `seconds`."""
     loop = asyncio.get_running_loop()
     channels = list(channels)
-    deadline = asyncio.timeout(loop.time() + seconds)
+    deadline = asyncio.timeout_at(loop.time() + seconds)
     try:
         async with deadline:
             def active() -> None:

@@ -3,6 +3,7 @@ certificate pinned (the one the client handed over in the request)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,5 +40,4 @@ async def dial(operation_url: str, secrets: dict[str, str], names: tuple[str, ..
                 channels[name] = Channel(name, ws)
             yield channels
         finally:
-            for channel in channels.values():
-                await channel.close()
+            await asyncio.gather(*(channel.close() for channel in channels.values()))

@@ -43,6 +43,8 @@ def parse_header(data: bytes | None, sender: str) -> pb.MigrationHeader:
         header: pb.MigrationHeader = pb.MigrationHeader.FromString(data)
     except (DecodeError, ValueError, RuntimeError) as err:
         raise ProtocolError(f"Protocol error: the {sender} sent an invalid migration header ({err})") from None
+    if not header.IsInitialized():  # proto2 required fields (the filesystem type) must be there
+        raise ProtocolError(f"Protocol error: the {sender}'s migration header lacks required fields")
     return header
 
 
@@ -53,6 +55,8 @@ def parse_control(data: bytes | None, sender: str) -> pb.MigrationControl:
         message: pb.MigrationControl = pb.MigrationControl.FromString(data)
     except (DecodeError, ValueError, RuntimeError) as err:
         raise ProtocolError(f"Protocol error: the {sender} sent an invalid control message ({err})") from None
+    if not message.IsInitialized():
+        raise ProtocolError(f"Protocol error: the {sender}'s control message lacks required fields")
     return message
 
 
@@ -84,6 +88,19 @@ def check_offer(offer_: pb.MigrationHeader) -> None:
         raise ProtocolError(f"Refused the source's snapshots: {err.message}") from None
     if not 0 <= offer_.stapesTotalBytes <= MAX_TOTAL_BYTES:
         raise ProtocolError(f"Protocol error: an impossible size ({offer_.stapesTotalBytes} bytes)")
+
+
+RAW_PREFIXES = ("raw.", "security.")
+
+
+def check_snapshot_raw_keys(snap: pb.Snapshot, instance_config: dict[str, str]) -> None:
+    """Keys that hand the host to the container (raw LXC lines, security settings) come from the client that
+    asked for the move, never from the peer: a snapshot may carry them only as the instance itself has them."""
+    for item in snap.localConfig:
+        if item.key.startswith(RAW_PREFIXES) and instance_config.get(item.key) != item.value:
+            raise ProtocolError(f"Refused the source's snapshot {snap.name!r}: it sets {item.key!r}, which only the "
+                                "client's own request may set (set it on the instance with -c, or copy with "
+                                "--instance-only)")
 
 
 def check_answer(answer: pb.MigrationHeader, offered: Sequence[str], snapshots: Sequence[str]) -> str:

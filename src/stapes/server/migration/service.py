@@ -95,8 +95,7 @@ class MigrationService:
             async with idle_timeout(channels.values(), IDLE_TIMEOUT, peer_name):
                 yield channels
         finally:
-            for channel in channels.values():
-                await channel.close()
+            await asyncio.gather(*(channel.close() for channel in channels.values()))
             for name in CHANNELS:
                 op.release(name)
 
@@ -207,6 +206,7 @@ class MigrationService:
         offer = protocol.parse_header(await control.receive(), "source")
         protocol.check_offer(offer)
         for snap in offer.snapshots:  # a snapshot must stay restorable here: its profiles must exist
+            protocol.check_snapshot_raw_keys(snap, row.config)
             for profile in snap.profiles:
                 try:
                     await self._instances.profile(profile)

@@ -1,0 +1,200 @@
+"""A migration peer that lies: everything it sends is checked before a byte is written, and nothing it sends
+reaches outside the target's state directory or leaves a partial instance behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stapes.server.migration import migrate_pb2 as pb
+from tests.integration.harness import Cluster, Server
+from tests.integration.hostile import (
+    HostileSource,
+    Raw,
+    add_device,
+    add_dir,
+    add_file,
+    add_link,
+    header,
+    tar_of,
+)
+
+
+def _files_below(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+async def _instances(raw: Raw) -> list[str]:
+    status, body = await raw.call("GET", "/1.0/instances")
+    assert status == 200
+    return sorted(url.rsplit("/", 1)[-1] for url in body["metadata"])
+
+
+def _assert_nothing_left(server: Server, name: str) -> None:
+    assert not (server.state_dir / "storage-pools/default/containers" / name).exists()
+    assert not (server.state_dir / "storage-pools/default/containers-snapshots" / name).exists()
+    assert not (server.state_dir / "containers" / name).exists()
+
+
+async def _refused_offer(server: Server, name: str, offer: bytes) -> str:
+    async with Raw(server) as raw:
+        peer = HostileSource(raw, name)
+        await peer.start()
+        await peer.offer(offer)
+        await peer.close()
+        result = await raw.wait(peer.op)
+        assert result["status"] == "Failure", result
+        assert name not in await _instances(raw)
+    _assert_nothing_left(server, name)
+    return str(result["err"])
+
+
+async def test_snapshot_names_that_escape_are_refused(s1: Server) -> None:
+    before = _files_below(s1.state_dir.parent)
+    for bad in ("../../../../escape", "a/b", "..", "", "x" * 300):
+        snap = pb.Snapshot(name=bad, ephemeral=False, architecture=0, stateful=False)
+        err = await _refused_offer(s1, "victim", header(snapshots=[snap]))
+        assert "snapshot" in err.lower() and "Protocol error" in err or "Refused" in err, err
+    created = {p for p in _files_below(s1.state_dir.parent) - before if "escape" in p}
+    assert not created
+    assert not Path("/escape").exists()
+
+
+async def test_snapshot_config_and_devices_checked_as_the_rest_api_does(s1: Server) -> None:
+    cases = {
+        "limits.bogus": pb.Snapshot(name="s0", ephemeral=False, architecture=0, stateful=False,
+                                    localConfig=[pb.Config(key="limits.bogus", value="1")]),
+        "raw.lxc": pb.Snapshot(name="s0", ephemeral=False, architecture=0, stateful=False,
+                               localConfig=[pb.Config(key="raw.lxc", value="lxc.mount.entry = / host none bind")]),
+        "unsupported type": pb.Snapshot(name="s0", ephemeral=False, architecture=0, stateful=False,
+                                        localDevices=[pb.Device(name="d", config=[pb.Config(key="type",
+                                                                                            value="unix-char")])]),
+        "nosuchprofile": pb.Snapshot(name="s0", ephemeral=False, architecture=0, stateful=False,
+                                     profiles=["nosuchprofile"]),
+    }
+    for expected, snap in cases.items():
+        err = await _refused_offer(s1, "victim", header(snapshots=[snap]))
+        assert expected in err, err
+    assert "twice" in await _refused_offer(s1, "victim", header(names=["a", "a"]))
+    assert "impossible size" in await _refused_offer(s1, "victim", header(total=-5))
+
+
+@pytest.mark.parametrize("payload", ["garbage", "truncated", "oversized", "empty"])
+async def test_malformed_headers_are_refused(s1: Server, payload: str) -> None:
+    valid = header(snapshots=[pb.Snapshot(name="s0", ephemeral=False, architecture=0, stateful=False)])
+    data = {"garbage": b"\xff\x00\x13garbage", "truncated": valid[: len(valid) // 2],
+            "oversized": b"\x22" + b"\x00" * (2 << 20), "empty": b""}[payload]
+    err = await _refused_offer(s1, "victim", data)
+    assert "Protocol error" in err, err
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(st.binary(max_size=512),
+                      st.builds(lambda names, size: header(names=names, total=size),
+                                st.lists(st.text(max_size=20), max_size=5),
+                                st.integers(min_value=-(2**63), max_value=2**63 - 1))))
+def test_any_header_bytes_never_crash_the_target(s1: Server, data: bytes) -> None:
+    async def one() -> None:
+        async with Raw(s1) as raw:
+            peer = HostileSource(raw, "fuzzed")
+            await peer.start()
+            await peer.offer(data)
+            await peer.close()
+            result = await raw.wait(peer.op)
+            assert result["status"] in ("Failure", "Success"), result
+            assert "Internal error" not in result["err"], result["err"]
+            if result["status"] == "Success":
+                await raw.wait((await raw.call("DELETE", "/1.0/instances/fuzzed"))[1]["metadata"])
+
+    asyncio.run(one())
+    assert s1.proc is not None and s1.proc.poll() is None
+
+
+async def test_file_streams_cannot_escape(s1: Server, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("original")
+
+    def build(tar: tarfile.TarFile) -> None:
+        add_dir(tar, "rootfs")
+        add_file(tar, f"../../../../../../../..{outside}/dotdot", b"escaped by ..")
+        add_file(tar, f"rootfs/../../../../../../../..{outside}/inner-dotdot", b"escaped by ..")
+        add_link(tar, "rootfs/evil", str(outside))
+        add_file(tar, "rootfs/evil/through-symlink", b"escaped through a symlink")
+        add_link(tar, "rootfs/hard", str(outside / "target"), hard=True)
+        add_file(tar, "rootfs/hard", b"overwritten through a hard link")
+        add_link(tar, "rootfs/hard2", f"../../../../../../../..{outside}/target", hard=True)
+        add_device(tar, "rootfs/disk", 7, 0)
+        add_link(tar, "rootfs/etc", str(outside))  # the hostname is written into the rootfs, not here
+
+    async with Raw(s1) as raw:
+        peer = HostileSource(raw, "escaper")
+        await peer.start()
+        await peer.offer(header())
+        await peer.send_stream(tar_of(build))
+        await peer.finish()
+        await peer.close()
+        if "escaper" in await _instances(raw):
+            await raw.wait((await raw.call("DELETE", "/1.0/instances/escaper"))[1]["metadata"])
+    assert sorted(p.name for p in outside.iterdir()) == ["target"]
+    assert (outside / "target").read_text() == "original"
+    _assert_nothing_left(s1, "escaper")
+
+
+async def test_a_symlinked_rootfs_is_refused(s1: Server, tmp_path: Path) -> None:
+    def build(tar: tarfile.TarFile) -> None:
+        add_link(tar, "rootfs", str(tmp_path))
+
+    async with Raw(s1) as raw:
+        peer = HostileSource(raw, "rooted")
+        await peer.start()
+        await peer.offer(header())
+        await peer.send_stream(tar_of(build))
+        result = await peer.finish()
+        await peer.close()
+        assert result["status"] == "Failure" and "rootfs" in result["err"], result
+        assert "rooted" not in await _instances(raw)
+    _assert_nothing_left(s1, "rooted")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_silent_peer_is_dropped_and_leaves_nothing(cluster: Cluster) -> None:
+    server = cluster.server("quiet", "127.0.0.3", env={"STAPES_MIGRATION_IDLE_TIMEOUT": "3"})
+    async with Raw(server) as raw:
+        peer = HostileSource(raw, "waiting")
+        await peer.start()  # connected, then says nothing at all
+        started = time.monotonic()
+        result = await raw.wait(peer.op, timeout=60)
+        waited = time.monotonic() - started
+        await peer.close()
+        assert result["status"] == "Failure" and "stopped responding" in result["err"], result
+        assert waited < 30
+        assert "waiting" not in await _instances(raw)
+    _assert_nothing_left(server, "waiting")
+    assert "stopped responding" in server.log()  # a failed migration leaves a line in the daemon's log
+
+
+async def test_websocket_secrets_open_once_and_never_after_the_end(s1: Server) -> None:
+    async with Raw(s1) as raw, Raw(s1, cert_dir=s1.state_dir.parent / "stranger", unix=False) as stranger:
+        peer = HostileSource(raw, "once")
+        await peer.start()
+        secret = peer.op["metadata"]["control"]
+        status, body = await stranger.call("GET", f"/1.0/operations/{peer.op['id']}/websocket?secret={secret}")
+        assert status == 403 and "already used" in body["error"], body
+        await peer.close()
+        await raw.wait(peer.op)
+        status, body = await stranger.call("GET", f"/1.0/operations/{peer.op['id']}/websocket?secret={secret}")
+        assert status in (403, 404), body
+
+
+def test_processes_we_started_are_gone(s1: Server) -> None:
+    """Nothing the hostile peers above left runs on: the daemon's children are only what it needs."""
+    children = Path(f"/proc/{s1.pid}/task/{s1.pid}/children").read_text().split()
+    assert all(os.path.basename(os.readlink(f"/proc/{pid}/exe")) != "tar" for pid in children)
