@@ -156,3 +156,27 @@ def _wait_until_idle(cli: Cli) -> None:
         time.sleep(0.2)
     raise AssertionError(f"operations still running: {json.dumps(running)[:500]}")
 
+
+
+def test_an_instance_taking_part_in_a_migration_is_busy(s1: Server, s2: Server, two: Cli) -> None:
+    """A second move, a delete, start, rename or snapshot of it is refused at once, naming the operation; the
+    move then completes and the instance exists exactly once."""
+    before = _slow_container(s1, two)
+    two.run("storage", "set", "s1:slow", "rsync.bwlimit=12MiB")  # ~17 s: time for every refusal below
+    first = subprocess.Popen([STAPES, "move", "s1:big", "s2:", "-s", "default", "--transport", "rsync"],
+                             env=two.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_transfer(two, "s2:")
+    refused = [("move", "s1:big", "s2:again", "-s", "default"), ("copy", "s1:big", "s2:third", "-s", "default"),
+               ("delete", "s1:big"), ("start", "s1:big"), ("rename", "s1:big", "other"),
+               ("snapshot", "create", "s1:big"), ("config", "set", "s1:big", "user.x=1"),
+               ("start", "s2:big"), ("delete", "s2:big")]
+    for args in refused:
+        started = time.monotonic()
+        err = two.fails(*args)
+        assert "busy" in err and "operation" in err, (args, err)
+        assert time.monotonic() - started < 10, args  # at once, not after the move
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert two.json("list", "s1:") == []
+    assert [(i["name"], i["status"]) for i in two.json("list", "s2:")] == [("big", "Stopped")]
+    assert fingerprint(s2.state_dir / "storage-pools/default/containers/big/rootfs") == before

@@ -172,7 +172,7 @@ def register(cli: click.Group) -> None:
             remote, name = parse(spec)
             with client_for(remote) as client:
                 instance = client.instance(name)
-                if instance["status"] != "Stopped":
+                if instance["status"] not in ("Stopped", "Error"):  # a broken (Error) one: the server decides
                     if not force:
                         raise BadRequest(f"Instance {name!r} is {instance['status'].lower()}: stop it first, "
                                          "or use 'stapes delete --force'")

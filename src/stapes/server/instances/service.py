@@ -90,6 +90,14 @@ class InstanceService:
         async with lock:
             yield
 
+    @contextlib.asynccontextmanager
+    async def changing(self, project: str, name: str) -> AsyncIterator[None]:
+        """The lock for a change, refused at once (not after waiting) while a migration holds the instance."""
+        self.check_idle(project, name)
+        async with self.locked(project, name):
+            self.check_idle(project, name)
+            yield
+
     def mark_busy(self, project: str, name: str, operation: Operation) -> Callable[[], None]:
         """Claim the instance for `operation` (a migration); returns the release. Refused if already claimed."""
         self.check_idle(project, name)
@@ -110,8 +118,11 @@ class InstanceService:
 
     # rendering
     async def render(self, row: InstanceRow, *, with_state: bool) -> dict[str, Any]:
-        config, devices = await self.expand(row)
-        spec = await self.spec(row)
+        try:
+            config, devices = await self.expand(row)
+            spec = await self.spec(row)
+        except StapesError as err:
+            return self._render_broken(row, err)
         state = await self.driver(row.type).state(spec, detail=with_state)
         body = self._render_row(row, config, devices, state.status)
         if with_state:
@@ -136,13 +147,7 @@ class InstanceService:
         never hides the others."""
         rows = await self._store.instances(project)
         if with_state:
-            rendered = []
-            for row in rows:
-                try:
-                    rendered.append(await self.render(row, with_state=True))
-                except StapesError as err:
-                    rendered.append(self._render_broken(row, err))
-            return rendered
+            return [await self.render(row, with_state=True) for row in rows]
         by_type: defaultdict[str, list[InstanceSpec]] = defaultdict(list)
         specs: dict[tuple[str, str], InstanceSpec | StapesError] = {}
         for row in rows:
@@ -170,6 +175,8 @@ class InstanceService:
 
     def _render_broken(self, row: InstanceRow, err: StapesError) -> dict[str, Any]:
         body = self._render_row(row, dict(row.config), dict(row.devices), StatusCode.ERROR)
+        body["state"] = {"status": "Error", "status_code": int(StatusCode.ERROR), "pid": -1, "processes": -1,
+                         "memory": {"usage": 0, "usage_peak": 0}, "cpu": {"usage": 0}, "disk": {}, "network": None}
         body["status_error"] = f"{err.message} (fix it with 'stapes config edit', or delete the instance)"
         return body
 
@@ -287,8 +294,7 @@ class InstanceService:
         }
 
     async def create_snapshot(self, project: str, name: str, snapshot: str | None, description: str = "") -> str:
-        async with self.locked(project, name):
-            self.check_idle(project, name)
+        async with self.changing(project, name):
             row = await self._store.instance(project, name)
             existing = {s.name for s in await self._store.snapshots(project, name)}
             if not snapshot:
@@ -313,8 +319,7 @@ class InstanceService:
         await self._store.create_snapshot(row)
 
     async def delete_snapshot(self, project: str, name: str, snapshot: str) -> None:
-        async with self.locked(project, name):
-            self.check_idle(project, name)
+        async with self.changing(project, name):
             await self.delete_snapshot_unlocked(project, name, snapshot)
 
     async def delete_snapshot_unlocked(self, project: str, name: str, snapshot: str) -> None:
@@ -327,8 +332,7 @@ class InstanceService:
 
     async def rename_snapshot(self, project: str, name: str, snapshot: str, new: str) -> None:
         validate_entity_name("snapshot", new)
-        async with self.locked(project, name):
-            self.check_idle(project, name)
+        async with self.changing(project, name):
             await self.snapshot(project, name, snapshot)
             pool = await self.pool_of(await self.spec(await self._store.instance(project, name)))
             await self._store.rename_snapshot(project, name, snapshot, new)
@@ -340,8 +344,7 @@ class InstanceService:
 
     async def restore_snapshot(self, project: str, name: str, snapshot: str) -> None:
         """Files, configuration, devices and profiles go back to what they were at the snapshot."""
-        async with self.locked(project, name):
-            self.check_idle(project, name)
+        async with self.changing(project, name):
             snap = await self.snapshot(project, name, snapshot)
             row = await self._store.instance(project, name)
             if await self.status(row) != StatusCode.STOPPED:
@@ -363,8 +366,7 @@ class InstanceService:
 
     # changes
     async def update(self, project: str, name: str, changes: dict[str, Any], *, replace: bool) -> None:
-        async with self.locked(project, name):
-            self.check_idle(project, name)
+        async with self.changing(project, name):
             row = await self._store.instance(project, name)
             old = InstanceRow(**vars(row))
             volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
@@ -437,8 +439,7 @@ class InstanceService:
 
     async def rename(self, project: str, name: str, new_name: str) -> None:
         validate_instance_name(new_name)
-        async with self.locked(project, name):
-            self.check_idle(project, name)
+        async with self.changing(project, name):
             row = await self._store.instance(project, name)
             spec = await self.spec(row)
             driver = self.driver(row.type)
@@ -462,8 +463,7 @@ class InstanceService:
         self._events.lifecycle("instance-renamed", f"/1.0/instances/{new_name}", project, {"old_name": name})
 
     async def delete(self, project: str, name: str) -> None:
-        async with self.locked(project, name):
-            self.check_idle(project, name)
+        async with self.changing(project, name):
             row = await self._store.instance(project, name)
             try:
                 spec = await self.spec(row)
@@ -482,20 +482,21 @@ class InstanceService:
     async def _delete_broken(self, row: InstanceRow) -> None:
         """An instance whose row no longer expands (a lost profile or pool): remove what can be found of it,
         its volume on whichever pool holds one, and the row, so one bad row can always be repaired."""
+        bare = InstanceSpec(row.project, row.name, {}, {}, Path("/nonexistent"))
+        if (await self.driver(row.type).state(bare, detail=False)).status != StatusCode.STOPPED:
+            raise BadRequest(f"Instance {row.name!r} is running: stop it first ('stapes stop --force')")
         for pool_row in await self._store.pools():
             with contextlib.suppress(StapesError):
                 pool = await self._storage.driver(pool_row.name)
                 if pool.volume_path(VOLUME_KIND, row.project, row.name).exists():
                     await pool.delete_volume(VOLUME_KIND, row.project, row.name)
         with contextlib.suppress(StapesError):
-            spec = InstanceSpec(row.project, row.name, {}, {}, Path("/nonexistent"))
-            await self.driver(row.type).undefine(spec)
+            await self.driver(row.type).undefine(bare)
         await self._store.delete_instance(row.project, row.name)
 
     async def change_state(self, project: str, name: str, action: str, *, timeout: float | None = None,
                            force: bool = False) -> None:
-        async with self.locked(project, name):
-            self.check_idle(project, name)
+        async with self.changing(project, name):
             row = await self._store.instance(project, name)
             spec = await self.spec(row)
             driver = self.driver(row.type)
@@ -571,17 +572,17 @@ class InstanceService:
     async def restore_power_state(self) -> None:
         """After a host reboot: start what was running, and what asks to start with the server."""
         for row in await self._store.instances():
-            wanted = row.config.get("volatile.last_state.power") == "RUNNING" or is_true(
-                (await self.expand(row))[0].get("boot.autostart"))
-            if not wanted:
-                continue
             try:
+                wanted = row.config.get("volatile.last_state.power") == "RUNNING" or is_true(
+                    (await self.expand(row))[0].get("boot.autostart"))
+                if not wanted:
+                    continue
                 spec = await self.spec(row)
                 driver = self.driver(row.type)
                 if (await driver.state(spec, detail=False)).status == StatusCode.STOPPED:
                     await driver.define(spec)
                     await driver.start(spec)
-            except Exception as err:
+            except Exception as err:  # one broken instance never keeps the server (or the others) down
                 log.warning("could not start %s/%s at server start: %s", row.project, row.name, err)
 
 
