@@ -251,10 +251,12 @@ class InstanceService:
             await asyncio.to_thread(check_volume_layout, volume)
             await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
             await self.driver(row.type).define(spec)
-            del row.config[INCOMPLETE]
-            await self._store.update_instance(row)
             if finalize is not None:
                 await finalize()
+            # Last: until this row is written, a crash at any step above leaves an instance that the next
+            # start removes (and whose operation never reported success, so a move keeps its source).
+            del row.config[INCOMPLETE]
+            await self._store.update_instance(row)
         except BaseException:
             await asyncio.shield(self._undo_create(row, spec, volume_created))
             raise

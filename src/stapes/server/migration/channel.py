@@ -71,8 +71,17 @@ class Channel:
             yield data
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):  # closing a broken socket is not worth an error of its own
+        """Bounded, and quiet: closing a broken socket is not worth an error of its own. After a cancelled
+        send, aiohttp keeps the cancelled drain waiter and raises CancelledError from close(): that one is
+        not ours to propagate, unless our own task is being cancelled."""
+        try:
             await asyncio.wait_for(self.ws.close(), 5)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:  # noqa: S110 - see above
+            pass
 
 
 @contextlib.asynccontextmanager

@@ -20,6 +20,7 @@ from stapes.api.errors import BadRequest, InternalError, NotFound, StapesError
 from stapes.api.requests import InstanceSource, MigrationTarget
 from stapes.api.status import StatusCode
 from stapes.server import process
+from stapes.server.faults import pause_point
 from stapes.server.instances.service import InstanceService, check_volume_layout
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol, transports
@@ -128,6 +129,7 @@ class MigrationService:
         paths = {s.name: pool.snapshot_path("containers", s.project, s.instance, s.name) for s in snapshots}
         total = await _volume_bytes(volume) + sum([await _volume_bytes(p) for p in paths.values()])
         header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots)
+        await pause_point("source-before-header", self._paths.root)
         await control.send(header.SerializeToString())
         answer = protocol.parse_header(await control.receive(), "target")
         transport = protocol.check_answer(answer, list(header.stapesTransports), list(paths))
@@ -147,6 +149,7 @@ class MigrationService:
         finally:
             await asyncio.shield(sender.close())
         progress.publish()
+        await pause_point("source-before-commit", self._paths.root)
         await _send_control(control, True)
         result = await _receive_control(control)
         if not result.success:
@@ -161,6 +164,7 @@ class MigrationService:
                 await self._receive(op, control, fs, row, volume, refresh=False)
 
             async def confirm() -> None:
+                await pause_point("target-before-commit", self._paths.root)
                 await _send_control(control, True)
 
             await self._report_failure(control, self._instances.create_with(row, fill, confirm))
@@ -203,6 +207,7 @@ class MigrationService:
 
     async def _receive(self, op: Operation, control: Channel, fs: Channel, row: InstanceRow, volume: Path, *,
                        refresh: bool) -> None:
+        await pause_point("target-before-header", self._paths.root)
         offer = protocol.parse_header(await control.receive(), "source")
         protocol.check_offer(offer)
         for snap in offer.snapshots:  # a snapshot must stay restorable here: its profiles must exist

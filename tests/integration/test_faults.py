@@ -1,0 +1,250 @@
+"""Faults during a move, in every mode: a server killed at each step, the connection between the servers cut
+or stalled, the target pool full, a server restarted. After each, the instance exists exactly once, on the
+source, and starts; nothing of it is left on the target (volume, LXC definition, row, operation, process,
+temporary file); and the error says which side failed.
+
+Timings: a killed peer is noticed at once (its sockets close); a stalled one after the idle timeout, set to
+4 s here (120 s by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.fstree import fingerprint
+from tests.integration.harness import STAPES, Cli, Cluster, Server, free_port
+from tests.integration.hostile import Raw
+
+MODES = ["pull", "push", "relay"]
+IDLE = "4"
+SLOW_MIB, SLOW_RATE = 48, "16MiB"  # three seconds of transfer: a window to strike in
+
+
+def _servers(cluster: Cluster, pause: str = "") -> tuple[Server, Server, Cli]:
+    env = {"STAPES_MIGRATION_IDLE_TIMEOUT": IDLE, **({"STAPES_PAUSE_AT": pause} if pause else {})}
+    s1 = cluster.server("s1", "127.0.0.1", env)
+    s2 = cluster.server("s2", "127.0.0.2", env)
+    cli = cluster.cli()
+    cli.trust(s1, "s1")
+    cli.trust(s2, "s2")
+    return s1, s2, cli
+
+
+def _container(server: Server, cli: Cli, *, slow: bool) -> dict[str, tuple[object, ...]]:
+    pool = "default"
+    if slow:
+        pool = "slow"
+        cli.run("storage", "create", "s1:slow", "dir", f"rsync.bwlimit={SLOW_RATE}")
+    cli.run("init", "s1:busybox", "c1", "-s", pool, "-q")
+    root = _rootfs(server, pool)
+    if slow:
+        subprocess.run(["dd", "if=/dev/urandom", f"of={root / 'random.bin'}", "bs=1M", f"count={SLOW_MIB}",
+                        "status=none"], check=True)
+    return fingerprint(root)
+
+
+def _rootfs(server: Server, pool: str) -> Path:
+    return server.state_dir / "storage-pools" / pool / "containers" / "c1" / "rootfs"
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _transferring(cli: Cli) -> bool:
+    return any(op["status"] == "Running" and ((op.get("metadata") or {}).get("progress") or {}).get("bytes", 0) > 0
+               for op in cli.json("operation", "list", "s2:"))
+
+
+def _idle(cli: Cli) -> bool:
+    return not [op for remote in ("s1:", "s2:") for op in cli.json("operation", "list", remote)
+                if op["status"] == "Running"]
+
+
+def _assert_exactly_once_on_the_source(cluster: Cluster, s1: Server, s2: Server, cli: Cli,
+                                       before: dict[str, tuple[object, ...]], pool: str) -> None:
+    _wait_for(lambda: _idle(cli), "operations to end")
+    assert fingerprint(_rootfs(s1, pool)) == before
+    assert [(i["name"], i["status"]) for i in cli.json("list", "s1:")] == [("c1", "Stopped")]
+    assert cli.json("list", "s2:") == []
+    for leftover in (s2.state_dir / "storage-pools/default/containers", s2.state_dir / "containers"):
+        assert not any(leftover.iterdir()), f"left on the target: {list(leftover.iterdir())}"
+    temporary = [p for p in cluster.root.rglob("*") if p.name.startswith((".stapes-send-", "upload-"))]
+    assert not temporary, temporary
+    ours = {s1.pid, s2.pid}
+    strays = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in ours:
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(cluster.root) in cmdline and "stapesd" not in cmdline:
+            strays.append(cmdline)
+    assert not strays, strays
+    cli.run("start", "s1:c1")  # the source is neither locked nor damaged
+    cli.run("stop", "s1:c1", "--force")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("side", ["source", "target"])
+@pytest.mark.parametrize("when", ["before-header", "mid-fs", "before-commit"])
+def test_a_server_killed_during_a_move(cluster: Cluster, mode: str, side: str, when: str) -> None:
+    s1, s2, cli = _servers(cluster, "" if when == "mid-fs" else f"{side}-{when}")
+    slow = when == "mid-fs"
+    before = _container(s1, cli, slow=slow)
+    transport = ["--transport", "rsync"] if slow else []
+    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "-s", "default", "--mode", mode, *transport],
+                            env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = s1 if side == "source" else s2
+    if slow:
+        _wait_for(lambda: _transferring(cli), "the transfer to start")
+    else:
+        _wait_for((victim.state_dir / f"paused-at-{side}-{when}").exists, f"the {side} to reach {when}")
+    victim.kill()
+    _, err = move.communicate(timeout=90)
+    assert move.returncode != 0 and err.startswith("Error: "), err
+    victim.start()  # what the killed server had half-done is cleaned up when it comes back
+    _assert_exactly_once_on_the_source(cluster, s1, s2, cli, before, "slow" if slow else "default")
+
+
+def test_a_server_stopped_gracefully_during_a_move(cluster: Cluster) -> None:
+    """SIGTERM (a restart) mid-transfer: the operation is cancelled and rolled back before the server exits."""
+    s1, s2, cli = _servers(cluster)
+    before = _container(s1, cli, slow=True)
+    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "-s", "default", "--transport", "rsync"],
+                            env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _transferring(cli), "the transfer to start")
+    s2.stop()
+    _, err = move.communicate(timeout=90)
+    assert move.returncode != 0 and "Error: " in err, err
+    s2.start()
+    _assert_exactly_once_on_the_source(cluster, s1, s2, cli, before, "slow")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_target_pool_full(cluster: Cluster, mode: str, tmp_path: Path) -> None:
+    s1, s2, cli = _servers(cluster)
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(mount)], check=True)
+    try:
+        cli.run("storage", "create", "s2:small", "dir", f"source={mount / 'pool'}")
+        before = _container(s1, cli, slow=True)
+        err = cli.fails("move", "s1:c1", "s2:", "-s", "small", "--mode", mode)
+        assert "the target (s2)" in err and "full" in err, err
+        assert not any((mount / "pool/containers").iterdir())
+        _assert_exactly_once_on_the_source(cluster, s1, s2, cli, before, "slow")
+    finally:
+        cli.run("storage", "delete", "s2:small", check=False)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+class Proxy:
+    """A TCP relay in front of a server, which a test can cut (every connection closed) or stall
+    (every connection kept open, nothing forwarded any more)."""
+
+    def __init__(self, server: Server) -> None:
+        self.target = (server.host, server.port)
+        self.listener = socket.create_server(("127.0.0.1", free_port("127.0.0.1")))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.stalled = threading.Event()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, op_id: str) -> str:
+        return f"https://127.0.0.1:{self.port}/1.0/operations/{op_id}"
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                while self.stalled.is_set() and not self.closed:
+                    time.sleep(0.05)
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        for sock in self.sockets:
+            with __import__("contextlib").suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        self.cut()
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+@pytest.mark.parametrize("fault", ["cut", "stall"])
+async def test_the_link_between_the_servers_breaks(cluster: Cluster, mode: str, fault: str) -> None:
+    """The test plays the client, so that only the server-to-server connection runs through the proxy."""
+    s1, s2, cli = _servers(cluster)
+    before = _container(s1, cli, slow=True)
+    proxy = Proxy(s1 if mode == "pull" else s2)
+    cert1, cert2 = ((s.state_dir / "server.crt").read_text() for s in (s1, s2))
+    started = time.monotonic()
+    try:
+        async with Raw(s1) as src, Raw(s2) as dst:
+            if mode == "pull":
+                _, body = await src.call("POST", "/1.0/instances/c1", {"migration": True, "transport": "rsync"})
+                source_op = body["metadata"]
+                secrets = {k: source_op["metadata"][k] for k in ("control", "fs")}
+                _, body = await dst.call("POST", "/1.0/instances", {
+                    "name": "c1", "source": {"type": "migration", "mode": "pull", "operation": proxy.url(
+                        source_op["id"]), "certificate": cert1, "secrets": secrets}})
+                target_op = body["metadata"]
+            else:
+                _, body = await dst.call("POST", "/1.0/instances", {
+                    "name": "c1", "source": {"type": "migration", "mode": "push"}})
+                target_op = body["metadata"]
+                secrets = {k: target_op["metadata"][k] for k in ("control", "fs")}
+                _, body = await src.call("POST", "/1.0/instances/c1", {
+                    "migration": True, "transport": "rsync",
+                    "target": {"operation": proxy.url(target_op["id"]), "certificate": cert2, "secrets": secrets}})
+                source_op = body["metadata"]
+            await asyncio.to_thread(_wait_for, lambda: _transferring(cli), "the transfer to start")
+            proxy.cut() if fault == "cut" else proxy.stall()
+            results = await asyncio.gather(src.wait(source_op, 60), dst.wait(target_op, 60))
+    finally:
+        proxy.close()
+    assert time.monotonic() - started < 45
+    source_result, target_result = results
+    assert target_result["status"] == "Failure" and target_result["err"], target_result
+    assert source_result["status"] == "Failure" and source_result["err"], source_result
+    if fault == "stall":
+        assert "stopped responding" in target_result["err"] + source_result["err"]
+    _assert_exactly_once_on_the_source(cluster, s1, s2, cli, before, "slow")
+    assert "failed" in s2.log()  # the failure is in the target's log, with its reason
+    assert os.path.exists(s1.state_dir / "unix.socket")
