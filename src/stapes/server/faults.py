@@ -16,7 +16,7 @@ PAUSE_AT = os.environ.get("STAPES_PAUSE_AT", "")
 
 
 async def pause_point(name: str, state_dir: Path) -> None:
-    if PAUSE_AT != name:
+    if name != PAUSE_AT:
         return
     await asyncio.to_thread((state_dir / f"paused-at-{name}").touch)
     await asyncio.sleep(3600)
