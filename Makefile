@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install system demo test lint unit integration bench clean proto
+.PHONY: install system demo test lint unit integration bench soak clean proto
 
 install: system $(VENV)/.installed
 
@@ -34,6 +34,10 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/lifecycle.py
+
+# Load: 20 concurrent moves, 200 concurrent API clients; memory, descriptors and latency before and after.
+soak: install
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

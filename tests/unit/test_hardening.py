@@ -152,3 +152,25 @@ def test_files_in_a_rootfs_never_resolve_to_the_host(tmp_path: Path) -> None:
     (root / "linked").symlink_to(root)  # the root itself as a symlink is refused
     with pytest.raises(OSError):
         rootfs.write_text(root / "linked", "x", "x")
+
+
+async def test_coalesced_queries_are_shared_and_never_stale() -> None:
+    from stapes.server.coalesce import Coalesced
+
+    runs: list[int] = []
+    gate = asyncio.Event()
+
+    async def fetch() -> int:
+        runs.append(len(runs))
+        await gate.wait()
+        return len(runs)
+
+    shared = Coalesced(fetch)
+    first = asyncio.create_task(shared.get())
+    await asyncio.sleep(0)  # the first run is in flight
+    late = [asyncio.create_task(shared.get()) for _ in range(50)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(first, *late)
+    # The late callers asked after the first run started: they share one newer run, not the first's answer.
+    assert results[0] == 1 and set(results[1:]) == {2} and len(runs) == 2

@@ -16,6 +16,7 @@ from stapes.api.config_keys import parse_size
 from stapes.api.errors import BadRequest, InternalError
 from stapes.api.status import StatusCode
 from stapes.server import process
+from stapes.server.coalesce import Coalesced
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
 
 _STATES = {
@@ -93,6 +94,7 @@ class LxcDriver(InstanceDriver):
     def __init__(self, lxc_path: Path, server_id: str) -> None:
         self.lxc_path = lxc_path
         self.server_id = server_id
+        self._all_states = Coalesced(self._list_states)
 
     def _dir(self, spec: InstanceSpec) -> Path:
         return self.lxc_path / spec.runtime_name
@@ -151,6 +153,11 @@ class LxcDriver(InstanceDriver):
     async def states(self, specs: list[InstanceSpec]) -> dict[str, StatusCode]:
         if not specs:
             return {}
+        found = await self._all_states.get()
+        return {spec.runtime_name: found.get(spec.runtime_name, StatusCode.STOPPED) for spec in specs}
+
+    async def _list_states(self) -> dict[str, StatusCode]:
+        """Every container under our lxcpath, in one `lxc-ls` (shared by concurrent listings)."""
         result = await process.run(
             ["lxc-ls", "-P", str(self.lxc_path), "--fancy", "--fancy-format", "NAME,STATE"], check=False, timeout=60
         )
@@ -159,7 +166,7 @@ class LxcDriver(InstanceDriver):
             parts = line.split()
             if len(parts) >= 2:
                 found[parts[0]] = _STATES.get(parts[1], StatusCode.ERROR)
-        return {spec.runtime_name: found.get(spec.runtime_name, StatusCode.STOPPED) for spec in specs}
+        return found
 
     async def exec(self, spec: InstanceSpec, request: ExecRequest, stdio: tuple[Any, Any, Any]
                    ) -> asyncio.subprocess.Process:

@@ -63,22 +63,36 @@ class InstanceService:
     async def profile(self, name: str) -> ProfileRow:
         return await self._store.profile(name)
 
-    async def expand(self, row: InstanceRow) -> tuple[dict[str, str], Devices]:
+    async def expand(self, row: InstanceRow, profiles: dict[str, ProfileRow] | None = None
+                     ) -> tuple[dict[str, str], Devices]:
+        """`profiles`: all profiles, read once by a caller that expands many rows."""
         config: dict[str, str] = {}
         profile_devices = []
         for profile_name in row.profiles:
-            profile = await self._store.profile(profile_name)
+            if profiles is None:
+                profile = await self._store.profile(profile_name)
+            elif profile_name in profiles:
+                profile = profiles[profile_name]
+            else:
+                raise NotFound(f"Profile {profile_name!r} not found")
             config.update(profile.config)
             profile_devices.append(profile.devices)
         config.update(row.config)
         return config, expand_devices(profile_devices, row.devices)
 
-    async def spec(self, row: InstanceRow) -> InstanceSpec:
-        config, devices = await self.expand(row)
+    async def spec(self, row: InstanceRow, profiles: dict[str, ProfileRow] | None = None,
+                   pools: dict[str, PoolDriver] | None = None) -> InstanceSpec:
+        config, devices = await self.expand(row, profiles)
         root = root_disk(devices)
         if root is None:
             raise BadRequest(f"Instance {row.name!r} has no root disk device: add one with a pool, or a profile")
-        pool = await self._storage.driver(root[1].get("pool", ""))
+        pool_name = root[1].get("pool", "")
+        if pools is None:
+            pool = await self._storage.driver(pool_name)
+        elif pool_name in pools:
+            pool = pools[pool_name]
+        else:
+            raise NotFound(f"Storage pool {pool_name!r} not found")
         return InstanceSpec(row.project, row.name, config, devices, pool.volume_path(VOLUME_KIND, row.project,
                                                                                      row.name))
 
@@ -150,9 +164,11 @@ class InstanceService:
             return [await self.render(row, with_state=True) for row in rows]
         by_type: defaultdict[str, list[InstanceSpec]] = defaultdict(list)
         specs: dict[tuple[str, str], InstanceSpec | StapesError] = {}
+        profiles = {p.name: p for p in await self._store.profiles()}
+        pools = await self._storage.drivers()
         for row in rows:
             try:
-                spec = await self.spec(row)
+                spec = await self.spec(row, profiles, pools)
                 self.driver(row.type)
             except StapesError as err:
                 specs[(row.project, row.name)] = err

@@ -22,6 +22,10 @@ class StorageService:
         row = await self._store.pool(pool)
         return DRIVERS[row.driver](row.name, row.config)
 
+    async def drivers(self) -> dict[str, PoolDriver]:
+        """Every pool's driver, from one read of the table (for listings)."""
+        return {row.name: DRIVERS[row.driver](row.name, row.config) for row in await self._store.pools()}
+
     async def create(self, name: str, driver: str, config: dict[str, str], description: str = "") -> PoolRow:
         validate_entity_name("storage pool", name)
         cls = DRIVERS.get(driver)
