@@ -102,6 +102,20 @@ run "$BIN/stapes" move s1:safe s2: -s nosuchpool || true
 run "$BIN/stapes" list s1:
 run "$BIN/stapes" delete s1:safe
 
+say "An instance taking part in a move is busy: other changes are refused at once"
+run "$BIN/stapes" storage create s1:slow dir rsync.bwlimit=8MiB   # a slow pool, so the move lasts a while
+run "$BIN/stapes" init s1:busybox busy -s slow
+dd if=/dev/urandom of="$ROOT/s1/storage-pools/slow/containers/busy/rootfs/data.bin" bs=1M count=24 status=none
+printf '$ %s\n' "stapes move s1:busy s2: -s default --transport rsync &"
+"$BIN/stapes" move s1:busy s2: -s default --transport rsync -q & mover=$!
+sleep 1.5
+run "$BIN/stapes" move s1:busy s2:second -s default || true
+run "$BIN/stapes" delete s1:busy || true
+wait "$mover"
+run "$BIN/stapes" list s2:
+run "$BIN/stapes" delete s2:busy
+run "$BIN/stapes" storage delete s1:slow
+
 say "Errors are one clear line, and change nothing"
 run "$BIN/stapes" launch s1:busybox 9bad || true
 run "$BIN/stapes" stop s1:c1 --force

@@ -6,6 +6,7 @@ PID, and every container a server ran is killed, even when the test fails.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -28,6 +29,17 @@ def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("stapes", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
 
 
 @dataclass
@@ -122,6 +134,30 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
+        """One REST call over the unix socket, as root (no CLI start-up): the response's metadata."""
+        conn = _UnixConnection(self.state_dir / "unix.socket", timeout)
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            answer = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        if answer.get("type") == "error":
+            raise AssertionError(f"{method} {path}: {answer['error']}")
+        return answer["metadata"]
+
+    def run_op(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        """An async call, waited for; the finished operation."""
+        op = self.api(method, path, body)
+        return dict(self.api("GET", f"/1.0/operations/{op['id']}/wait?timeout=120"))
+
+    def instances(self) -> list[tuple[str, str]]:
+        return [(i["name"], i["status"]) for i in self.api("GET", "/1.0/instances?recursion=1")]
+
+    def running_operations(self) -> list[dict[str, Any]]:
+        return list(self.api("GET", "/1.0/operations?recursion=1").get("running") or [])
+
     def local_env(self) -> dict[str, str]:
         return {"STAPES_DIR": str(self.state_dir)}
 
@@ -159,9 +195,8 @@ class Cli:
 
     def trust(self, server: Server, remote: str) -> None:
         """Create a token on the server (through its unix socket) and add the remote with it."""
-        local = Cli(self.conf_dir.parent / f"root-{server.name}", server)
-        token = local.run("config", "trust", "add", f"client-{remote}").stdout.strip().splitlines()[-1]
-        self.run("remote", "add", remote, server.url, "--token", token)
+        op = server.api("POST", "/1.0/certificates", {"name": f"client-{remote}", "type": "client", "token": True})
+        self.run("remote", "add", remote, server.url, "--token", op["metadata"]["token"])
 
 
 class Cluster:

@@ -29,22 +29,25 @@ IDLE = "4"
 SLOW_MIB, SLOW_RATE = 48, "16MiB"  # three seconds of transfer: a window to strike in
 
 
-def _servers(cluster: Cluster, pause: str = "") -> tuple[Server, Server, Cli]:
+def _servers(cluster: Cluster, pause: str = "", trusted: bool = True) -> tuple[Server, Server, Cli]:
     env = {"STAPES_MIGRATION_IDLE_TIMEOUT": IDLE, **({"STAPES_PAUSE_AT": pause} if pause else {})}
     s1 = cluster.server("s1", "127.0.0.1", env)
     s2 = cluster.server("s2", "127.0.0.2", env)
     cli = cluster.cli()
-    cli.trust(s1, "s1")
-    cli.trust(s2, "s2")
+    if trusted:
+        cli.trust(s1, "s1")
+        cli.trust(s2, "s2")
     return s1, s2, cli
 
 
-def _container(server: Server, cli: Cli, *, slow: bool) -> dict[str, tuple[object, ...]]:
+def _container(server: Server, *, slow: bool) -> dict[str, tuple[object, ...]]:
     pool = "default"
     if slow:
         pool = "slow"
-        cli.run("storage", "create", "s1:slow", "dir", f"rsync.bwlimit={SLOW_RATE}")
-    cli.run("init", "s1:busybox", "c1", "-s", pool, "-q")
+        server.api("POST", "/1.0/storage-pools", {"name": "slow", "driver": "dir",
+                                                  "config": {"rsync.bwlimit": SLOW_RATE}})
+    server.run_op("POST", "/1.0/instances", {"name": "c1", "source": {"type": "image", "alias": "busybox"},
+                                             "devices": {"root": {"type": "disk", "path": "/", "pool": pool}}})
     root = _rootfs(server, pool)
     if slow:
         subprocess.run(["dd", "if=/dev/urandom", f"of={root / 'random.bin'}", "bs=1M", f"count={SLOW_MIB}",
@@ -65,22 +68,17 @@ def _wait_for(predicate: Any, what: str, timeout: float = 30) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _transferring(cli: Cli) -> bool:
-    return any(op["status"] == "Running" and ((op.get("metadata") or {}).get("progress") or {}).get("bytes", 0) > 0
-               for op in cli.json("operation", "list", "s2:"))
+def _transferring(target: Server) -> bool:
+    return any(((op.get("metadata") or {}).get("progress") or {}).get("bytes", 0) > 0
+               for op in target.running_operations())
 
 
-def _idle(cli: Cli) -> bool:
-    return not [op for remote in ("s1:", "s2:") for op in cli.json("operation", "list", remote)
-                if op["status"] == "Running"]
-
-
-def _assert_exactly_once_on_the_source(cluster: Cluster, s1: Server, s2: Server, cli: Cli,
+def _assert_exactly_once_on_the_source(cluster: Cluster, s1: Server, s2: Server,
                                        before: dict[str, tuple[object, ...]], pool: str) -> None:
-    _wait_for(lambda: _idle(cli), "operations to end")
+    _wait_for(lambda: not s1.running_operations() and not s2.running_operations(), "operations to end")
     assert fingerprint(_rootfs(s1, pool)) == before
-    assert [(i["name"], i["status"]) for i in cli.json("list", "s1:")] == [("c1", "Stopped")]
-    assert cli.json("list", "s2:") == []
+    assert s1.instances() == [("c1", "Stopped")]
+    assert s2.instances() == []
     for leftover in (s2.state_dir / "storage-pools/default/containers", s2.state_dir / "containers"):
         assert not any(leftover.iterdir()), f"left on the target: {list(leftover.iterdir())}"
     temporary = [p for p in cluster.root.rglob("*") if p.name.startswith((".stapes-send-", "upload-"))]
@@ -97,8 +95,9 @@ def _assert_exactly_once_on_the_source(cluster: Cluster, s1: Server, s2: Server,
         if str(cluster.root) in cmdline and "stapesd" not in cmdline:
             strays.append(cmdline)
     assert not strays, strays
-    cli.run("start", "s1:c1")  # the source is neither locked nor damaged
-    cli.run("stop", "s1:c1", "--force")
+    for action in ("start", "stop"):  # the source is neither locked nor damaged
+        result = s1.run_op("PUT", "/1.0/instances/c1/state", {"action": action, "force": True})
+        assert result["status"] == "Success", result
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -107,34 +106,34 @@ def _assert_exactly_once_on_the_source(cluster: Cluster, s1: Server, s2: Server,
 def test_a_server_killed_during_a_move(cluster: Cluster, mode: str, side: str, when: str) -> None:
     s1, s2, cli = _servers(cluster, "" if when == "mid-fs" else f"{side}-{when}")
     slow = when == "mid-fs"
-    before = _container(s1, cli, slow=slow)
+    before = _container(s1, slow=slow)
     transport = ["--transport", "rsync"] if slow else []
     move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "-s", "default", "--mode", mode, *transport],
                             env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = s1 if side == "source" else s2
     if slow:
-        _wait_for(lambda: _transferring(cli), "the transfer to start")
+        _wait_for(lambda: _transferring(s2), "the transfer to start")
     else:
         _wait_for((victim.state_dir / f"paused-at-{side}-{when}").exists, f"the {side} to reach {when}")
     victim.kill()
     _, err = move.communicate(timeout=90)
     assert move.returncode != 0 and err.startswith("Error: "), err
     victim.start()  # what the killed server had half-done is cleaned up when it comes back
-    _assert_exactly_once_on_the_source(cluster, s1, s2, cli, before, "slow" if slow else "default")
+    _assert_exactly_once_on_the_source(cluster, s1, s2, before, "slow" if slow else "default")
 
 
 def test_a_server_stopped_gracefully_during_a_move(cluster: Cluster) -> None:
     """SIGTERM (a restart) mid-transfer: the operation is cancelled and rolled back before the server exits."""
     s1, s2, cli = _servers(cluster)
-    before = _container(s1, cli, slow=True)
+    before = _container(s1, slow=True)
     move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "-s", "default", "--transport", "rsync"],
                             env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _transferring(cli), "the transfer to start")
+    _wait_for(lambda: _transferring(s2), "the transfer to start")
     s2.stop()
     _, err = move.communicate(timeout=90)
     assert move.returncode != 0 and "Error: " in err, err
     s2.start()
-    _assert_exactly_once_on_the_source(cluster, s1, s2, cli, before, "slow")
+    _assert_exactly_once_on_the_source(cluster, s1, s2, before, "slow")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -145,11 +144,11 @@ def test_target_pool_full(cluster: Cluster, mode: str, tmp_path: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M", "tmpfs", str(mount)], check=True)
     try:
         cli.run("storage", "create", "s2:small", "dir", f"source={mount / 'pool'}")
-        before = _container(s1, cli, slow=True)
+        before = _container(s1, slow=True)
         err = cli.fails("move", "s1:c1", "s2:", "-s", "small", "--mode", mode)
         assert "the target (s2)" in err and "full" in err, err
         assert not any((mount / "pool/containers").iterdir())
-        _assert_exactly_once_on_the_source(cluster, s1, s2, cli, before, "slow")
+        _assert_exactly_once_on_the_source(cluster, s1, s2, before, "slow")
     finally:
         cli.run("storage", "delete", "s2:small", check=False)
         subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -210,8 +209,8 @@ class Proxy:
 @pytest.mark.parametrize("fault", ["cut", "stall"])
 async def test_the_link_between_the_servers_breaks(cluster: Cluster, mode: str, fault: str) -> None:
     """The test plays the client, so that only the server-to-server connection runs through the proxy."""
-    s1, s2, cli = _servers(cluster)
-    before = _container(s1, cli, slow=True)
+    s1, s2, _ = _servers(cluster, trusted=False)
+    before = _container(s1, slow=True)
     proxy = Proxy(s1 if mode == "pull" else s2)
     cert1, cert2 = ((s.state_dir / "server.crt").read_text() for s in (s1, s2))
     started = time.monotonic()
@@ -234,7 +233,7 @@ async def test_the_link_between_the_servers_breaks(cluster: Cluster, mode: str, 
                     "migration": True, "transport": "rsync",
                     "target": {"operation": proxy.url(target_op["id"]), "certificate": cert2, "secrets": secrets}})
                 source_op = body["metadata"]
-            await asyncio.to_thread(_wait_for, lambda: _transferring(cli), "the transfer to start")
+            await asyncio.to_thread(_wait_for, lambda: _transferring(s2), "the transfer to start")
             proxy.cut() if fault == "cut" else proxy.stall()
             results = await asyncio.gather(src.wait(source_op, 60), dst.wait(target_op, 60))
     finally:
@@ -245,6 +244,6 @@ async def test_the_link_between_the_servers_breaks(cluster: Cluster, mode: str, 
     assert source_result["status"] == "Failure" and source_result["err"], source_result
     if fault == "stall":
         assert "stopped responding" in target_result["err"] + source_result["err"]
-    _assert_exactly_once_on_the_source(cluster, s1, s2, cli, before, "slow")
+    _assert_exactly_once_on_the_source(cluster, s1, s2, before, "slow")
     assert "failed" in s2.log()  # the failure is in the target's log, with its reason
     assert os.path.exists(s1.state_dir / "unix.socket")

@@ -206,3 +206,17 @@ def test_no_socket_any_local_user_could_race_during_rsync(s1: Server, s2: Server
                  if "stapes" in line}
     assert copy.returncode == 0, copy.stderr.read() if copy.stderr else ""
     assert not {s for s in seen if s.startswith("@stapes")}, seen
+
+
+def test_renaming_never_writes_through_a_symlinked_etc(s1: Server, cli: Cli, tmp_path: Path) -> None:
+    """A privileged container can make its own /etc a symlink to any host path; renaming it then wrote the
+    hostname there. Now the hostname goes inside the rootfs or nowhere."""
+    host_dir = tmp_path / "host-etc"
+    host_dir.mkdir()
+    cli.run("init", "busybox", "c1", "-q")
+    rootfs = s1.state_dir / "storage-pools/default/containers/c1/rootfs"
+    subprocess.run(["rm", "-rf", str(rootfs / "etc")], check=True)
+    (rootfs / "etc").symlink_to(host_dir)
+    cli.run("rename", "c1", "c2")
+    assert list(host_dir.iterdir()) == []
+    assert [i["name"] for i in cli.json("list")] == ["c2"]

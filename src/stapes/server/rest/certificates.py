@@ -34,7 +34,7 @@ def routes(r: web.RouteTableDef) -> None:
         d = daemon(request)
         who = caller(request)
         data = await body(request, CertificatesPost)
-        if data.type != "client":
+        if data.type not in ("", "client"):  # the Incus client sends an empty type
             raise BadRequest(f"Certificate type {data.type!r} is not supported: Stapes trusts 'client' certificates")
         if data.restricted or data.projects:
             raise BadRequest("Restricted certificates (limited to some projects) are not supported yet: "

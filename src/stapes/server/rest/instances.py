@@ -207,13 +207,13 @@ def routes(r: web.RouteTableDef) -> None:
             raise BadRequest("exec without websockets ('wait-for-websocket': false) is not supported yet")
         if not (0 <= data.user < 2**32 and 0 <= data.group < 2**32):
             raise BadRequest("exec 'user' and 'group' must be numeric ids between 0 and 4294967295")
-        if not (0 < data.width <= 10000 and 0 < data.height <= 10000):
-            raise BadRequest("exec 'width' and 'height' must be between 1 and 10000")
+        if not (0 <= data.width <= 10000 and 0 <= data.height <= 10000):  # 0: not a terminal (Incus sends it)
+            raise BadRequest("exec 'width' and 'height' must be between 0 and 10000")
         await d.instances.check_running(proj, name)
         interactive = data.interactive
         exec_request = ExecRequest(command=data.command, environment=dict(data.environment or {}), cwd=data.cwd,
                                    user=data.user, group=data.group, interactive=interactive)
-        width, height = data.width, data.height
+        width, height = data.width or 80, data.height or 24
         channels = ("0", "control") if interactive else ("0", "1", "2", "control")
         op = d.operations.create(op_class="websocket", description="Executing command", project=proj,
                                  resources={"instances": [instance_url(name, proj)]}, channels=channels)
