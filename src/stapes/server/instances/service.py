@@ -10,7 +10,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from stapes.api.config_keys import is_true, validate_instance_config
 from stapes.api.devices import Devices, expand_devices, root_disk, validate_devices
@@ -69,12 +69,7 @@ class InstanceService:
         config: dict[str, str] = {}
         profile_devices = []
         for profile_name in row.profiles:
-            if profiles is None:
-                profile = await self._store.profile(profile_name)
-            elif profile_name in profiles:
-                profile = profiles[profile_name]
-            else:
-                raise NotFound(f"Profile {profile_name!r} not found")
+            profile = await _one(profiles, profile_name, self._store.profile, "Profile")
             config.update(profile.config)
             profile_devices.append(profile.devices)
         config.update(row.config)
@@ -86,13 +81,7 @@ class InstanceService:
         root = root_disk(devices)
         if root is None:
             raise BadRequest(f"Instance {row.name!r} has no root disk device: add one with a pool, or a profile")
-        pool_name = root[1].get("pool", "")
-        if pools is None:
-            pool = await self._storage.driver(pool_name)
-        elif pool_name in pools:
-            pool = pools[pool_name]
-        else:
-            raise NotFound(f"Storage pool {pool_name!r} not found")
+        pool = await _one(pools, root[1].get("pool", ""), self._storage.driver, "Storage pool")
         return InstanceSpec(row.project, row.name, config, devices, pool.volume_path(VOLUME_KIND, row.project,
                                                                                      row.name))
 
@@ -602,6 +591,18 @@ class InstanceService:
                     await driver.start(spec)
             except Exception as err:  # one broken instance never keeps the server (or the others) down
                 log.warning("could not start %s/%s at server start: %s", row.project, row.name, err)
+
+
+T = TypeVar("T")
+
+
+async def _one(read_once: dict[str, T] | None, name: str, fetch: Callable[[str], Awaitable[T]], what: str) -> T:
+    """From what a listing read once, or fetched now."""
+    if read_once is None:
+        return await fetch(name)
+    if name not in read_once:
+        raise NotFound(f"{what} {name!r} not found")
+    return read_once[name]
 
 
 def check_volume_layout(volume: Path) -> None:
