@@ -10,6 +10,7 @@ Timings: a killed peer is noticed at once (its sockets close); a stalled one aft
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import subprocess
@@ -75,7 +76,12 @@ def _transferring(target: Server) -> bool:
 
 def _assert_exactly_once_on_the_source(cluster: Cluster, s1: Server, s2: Server,
                                        before: dict[str, tuple[object, ...]], pool: str) -> None:
-    _wait_for(lambda: not s1.running_operations() and not s2.running_operations(), "operations to end")
+    try:
+        _wait_for(lambda: not s1.running_operations() and not s2.running_operations(), "operations to end")
+    except AssertionError:
+        still = [(s, op["description"], op["metadata"].get("progress")) for s in (s1, s2)
+                 for op in s.running_operations()]
+        raise AssertionError(f"operations still running: {still}") from None
     assert fingerprint(_rootfs(s1, pool)) == before
     assert s1.instances() == [("c1", "Stopped")]
     assert s2.instances() == []
@@ -247,3 +253,24 @@ async def test_the_link_between_the_servers_breaks(cluster: Cluster, mode: str, 
     _assert_exactly_once_on_the_source(cluster, s1, s2, before, "slow")
     assert "failed" in s2.log()  # the failure is in the target's log, with its reason
     assert os.path.exists(s1.state_dir / "unix.socket")
+
+
+def test_the_relaying_clients_link_is_cut(cluster: Cluster) -> None:
+    """Relay: the data runs through the client, so the link to cut is the client's to the target."""
+    s1, s2, cli = _servers(cluster)
+    before = _container(s1, slow=True)
+    proxy = Proxy(s2)
+    try:
+        cli.trust(dataclasses.replace(s2, host="127.0.0.1", port=proxy.port, proc=None), "s2p")
+        for token in s2.running_operations():  # already trusted: the second token was not needed; revoke it
+            s2.api("DELETE", f"/1.0/operations/{token['id']}")
+        move = subprocess.Popen([STAPES, "move", "s1:c1", "s2p:", "-s", "default", "--mode", "relay",
+                                 "--transport", "rsync"], env=cli.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: _transferring(s2), "the transfer to start")
+        proxy.cut()
+        _, err = move.communicate(timeout=90)
+        assert move.returncode != 0 and err.startswith("Error: "), err
+    finally:
+        proxy.close()
+    _assert_exactly_once_on_the_source(cluster, s1, s2, before, "slow")
