@@ -184,11 +184,11 @@ async def test_failed_image_builds_and_uploads_leave_no_temporary_file(s1: Serve
     async with Raw(s1) as raw:
         status, _ = await raw.call("POST", "/1.0/images", {"source": {"type": "builtin", "name": "nosuch"}})
         assert status == 400
-        status, _ = await raw.call("POST", "/1.0/images", raw=b"not a tarball",
-                                   headers={"Content-Type": "application/octet-stream"})
-        if status == 202:
-            pass  # the import fails in its operation; the upload is removed either way
-        await asyncio.sleep(1)
+        status, body = await raw.call("POST", "/1.0/images", raw=b"not a tarball",
+                                      headers={"Content-Type": "application/octet-stream"})
+        assert status == 202, body  # the upload is accepted; its import fails in the operation
+        result = await raw.wait(body["metadata"])
+        assert result["status"] == "Failure" and "tarball" in result["err"], result
     assert set(images.iterdir()) == before
 
 
@@ -220,3 +220,11 @@ def test_renaming_never_writes_through_a_symlinked_etc(s1: Server, cli: Cli, tmp
     cli.run("rename", "c1", "c2")
     assert list(host_dir.iterdir()) == []
     assert [i["name"] for i in cli.json("list")] == ["c2"]
+
+
+async def test_a_rename_that_asks_for_another_pool_is_refused_not_ignored(s1: Server, cli: Cli) -> None:
+    cli.run("init", "busybox", "c1", "-q")
+    async with Raw(s1) as raw:
+        status, body = await raw.call("POST", "/1.0/instances/c1", {"name": "c2", "pool": "elsewhere"})
+    assert status == 400 and "stapes move" in body["error"], body
+    assert [i["name"] for i in cli.json("list")] == ["c1"]

@@ -17,6 +17,7 @@ import socket
 import sys
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,9 @@ F_SETPIPE_SZ = 1031
 TAR_COMMON = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse"]
 
 
-async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
+async def _spawn(argv: list[str], **kwargs: Any) -> _Tool:
     """Pipes of 1 MiB instead of 64 KiB: a quarter of the wake-ups and system calls per byte moved."""
     proc = await process.spawn(argv, **kwargs)
-    if proc.stderr is not None:
-        _stderr_of[proc.pid] = _Stderr(proc)
     for stream in (proc.stdin, proc.stdout):
         transport = getattr(stream, "transport", None) or getattr(stream, "_transport", None)
         pipe = transport.get_extra_info("pipe") if transport is not None else None
@@ -46,7 +45,7 @@ async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
             # A fast tool may already have written everything and the pipe be closed: nothing to tune then.
             with contextlib.suppress(OSError, ValueError):
                 fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
-    return proc
+    return _Tool(proc, _Stderr(proc) if proc.stderr is not None else None)
 
 
 async def _stdout_to_channel(stream: asyncio.StreamReader, channel: Channel, progress: Progress | None) -> None:
@@ -96,14 +95,26 @@ class _Stderr:
         self._task.cancel()
 
 
-_stderr_of: dict[int, _Stderr] = {}
+@dataclass
+class _Tool:
+    """A tool spawned for a transfer, with its stderr drained while it runs."""
+
+    proc: asyncio.subprocess.Process
+    stderr: _Stderr | None
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter | None:
+        return self.proc.stdin
+
+    @property
+    def stdout(self) -> asyncio.StreamReader | None:
+        return self.proc.stdout
 
 
-async def _finish(proc: asyncio.subprocess.Process, what: str) -> None:
-    drained = _stderr_of.pop(proc.pid, None)
-    err = await drained.text() if drained is not None else ""
-    code = await proc.wait()
-    process.forget(proc)
+async def _finish(tool: _Tool, what: str) -> None:
+    err = await tool.stderr.text() if tool.stderr is not None else ""
+    code = await tool.proc.wait()
+    process.forget(tool.proc)
     if code != 0:
         raise InternalError(f"{what} failed: {root_cause(err) or f'exit status {code}'}")
 
@@ -121,15 +132,14 @@ def root_cause(stderr: str) -> str:
     return lines[-1] if lines else ""
 
 
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
+async def _kill(tool: _Tool) -> None:
+    if tool.proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-    drained = _stderr_of.pop(proc.pid, None)
-    if drained is not None:
-        drained.cancel()
-    process.forget(proc)
+            tool.proc.kill()
+        await tool.proc.wait()
+    if tool.stderr is not None:
+        tool.stderr.cancel()
+    process.forget(tool.proc)
 
 
 async def tar_send(path: Path, channel: Channel, progress: Progress | None) -> None:

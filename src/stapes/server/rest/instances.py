@@ -162,6 +162,9 @@ def routes(r: web.RouteTableDef) -> None:
         data = await body(request, InstancePost)
         if data.migration:
             return await _send_migration(request, proj, name, data)
+        if data.pool or data.project:
+            raise BadRequest("Moving an instance to another pool or project goes through the client: "
+                             "'stapes move NAME NAME -s POOL' or '--target-project PROJECT'")
         new_name = data.name
         if not new_name:
             raise BadRequest("Renaming needs a new 'name'")
@@ -366,6 +369,7 @@ def _receive_migration(request: web.Request, row: InstanceRow, source: InstanceS
     """Target side: pull dials the source's operation; push waits for the source (or a relaying client)."""
     d = daemon(request)
     _check_migration_source(source)
+    d.instances.check_idle(row.project, row.name)  # refused before an operation exists for it
     op = _migration_operation(request, "Creating instance", row.project, row.name, websockets=source.mode == "push")
 
     async def work(op: Operation) -> None:
