@@ -76,7 +76,7 @@ def header(*, snapshots: list[pb.Snapshot] | None = None, transports: tuple[str,
            total: int = 0, names: list[str] | None = None) -> bytes:
     snaps = snapshots or []
     return pb.MigrationHeader(
-        fs=pb.RSYNC, criu=pb.NONE, snapshotNames=names if names is not None else [s.name for s in snaps],
+        fs=pb.RSYNC, snapshotNames=names if names is not None else [s.name for s in snaps],
         snapshots=snaps, stapesTransports=list(transports), stapesTotalBytes=total,
         rsyncFeatures=pb.rsyncFeatures(xattrs=False, delete=False, compress=False, bidirectional=False),
     ).SerializeToString()

@@ -53,6 +53,7 @@ class Operation:
         self._task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
         self.on_cancel: Callable[[], Awaitable[None]] | None = None
+        self._when_settled: list[Callable[[], None]] = []
 
     @property
     def url(self) -> str:
@@ -74,6 +75,17 @@ class Operation:
     def _touch(self) -> None:
         self.updated_at = now_iso()
         self.registry.events.publish("operation", self.to_json(), self.project)
+
+    def when_settled(self, callback: Callable[[], None]) -> None:
+        self._when_settled.append(callback)
+
+    def settle(self) -> None:
+        """The outcome is decided and only cleanup remains (closing a peer's sockets, which a peer that never
+        answers a close frame can stretch): what waited for the outcome, such as an instance's claim, ends now,
+        so a client acting on the peer's success (deleting the moved source) is not refused meanwhile."""
+        callbacks, self._when_settled = self._when_settled, []
+        for callback in callbacks:
+            callback()
 
     def start(self, runner: Runner) -> None:
         self.status = StatusCode.RUNNING
@@ -99,6 +111,7 @@ class Operation:
             self.status = StatusCode.FAILURE
             self.err = f"Internal error: {err}"
         finally:
+            self.settle()
             for fut in self._sockets.values():
                 if not fut.done():
                     fut.cancel()

@@ -20,6 +20,9 @@ import aiohttp
 from stapes.api.errors import StapesError
 
 MAX_MESSAGE = 16 << 20  # one websocket message; senders use 1 MiB at most (Incus far less)
+# A migration closes its sockets only once everything was said; waiting long for the peer's close frame
+# serves nothing (an Incus peer sends none until its own operation ends).
+CLOSE_TIMEOUT = 0.5
 IDLE_TIMEOUT = float(os.environ.get("STAPES_MIGRATION_IDLE_TIMEOUT", "120"))
 
 

@@ -12,7 +12,7 @@ import aiohttp
 
 from stapes.api.errors import BadRequest, Unavailable
 from stapes.client.connection import client_ssl_context
-from stapes.server.migration.channel import MAX_MESSAGE, Channel
+from stapes.server.migration.channel import CLOSE_TIMEOUT, MAX_MESSAGE, Channel
 
 
 @contextlib.asynccontextmanager
@@ -34,7 +34,8 @@ async def dial(operation_url: str, secrets: dict[str, str], names: tuple[str, ..
             for name in names:
                 try:
                     ws = await session.ws_connect(f"{operation_url}/websocket", params={"secret": secrets[name]},
-                                                  max_msg_size=MAX_MESSAGE, heartbeat=30)
+                                                  max_msg_size=MAX_MESSAGE, heartbeat=30,
+                                                  timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT))
                 except (aiohttp.ClientError, OSError) as err:
                     raise Unavailable(f"Cannot open the {name} websocket of {operation_url}: {err}") from None
                 channels[name] = Channel(name, ws)

@@ -130,10 +130,6 @@ def choose(offered: Sequence[str], receivable: Sequence[str]) -> str:
     return RSYNC
 
 
-def fs_type(transport: str) -> pb.MigrationFSType:
-    return pb.BTRFS if transport == BTRFS else pb.RSYNC
-
-
 def snapshot_message(row: SnapshotRow) -> pb.Snapshot:
     return pb.Snapshot(
         name=row.name, localConfig=[pb.Config(key=k, value=v) for k, v in sorted(row.config.items())],
@@ -155,9 +151,12 @@ def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotR
 
 def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
                  snapshots: Sequence[SnapshotRow] = ()) -> pb.MigrationHeader:
+    """`fs` says rsync: an Incus receiver reads only that field and would expect its own btrfs stream format
+    for BTRFS, which Stapes's btrfs transport is not; Stapes receivers read `stapesTransports`. No `criu`: to
+    Incus, CRIU type NONE means a running instance, whose volume follows a second time (a final sync)."""
     transports = offer(sendable, refresh=refresh)
     return pb.MigrationHeader(
-        fs=fs_type(transports[0]), criu=pb.NONE, snapshotNames=[s.name for s in snapshots],
+        fs=pb.RSYNC, snapshotNames=[s.name for s in snapshots],
         snapshots=[snapshot_message(s) for s in snapshots], refresh=refresh,
         rsyncFeatures=pb.rsyncFeatures(xattrs=True, delete=True, compress=False, bidirectional=False,
                                        stapesHardLinks=True),
@@ -167,30 +166,46 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
 
 def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_snapshots: Sequence[str] | None = None,
                   *, refresh: bool = False) -> tuple[pb.MigrationHeader, str]:
-    """The receiver's reply and the transport it chose. An Incus sender offers no Stapes transports: its
-    `fs` field decides (rsync unless both sides could do better). `wanted_snapshots` (default: all offered)
-    are the snapshots the receiver asks for, in the sender's order."""
+    """The receiver's reply and the transport it chose. An Incus sender offers no Stapes transports: rsync
+    then, whatever its `fs` field says (Incus's own btrfs stream format is not Stapes's). The reply's `fs`
+    always says rsync for the same reason; Stapes senders read `stapesTransports`. A running Incus sender's
+    CRIU type NONE is echoed: the volume then arrives twice (see `final_sync`). `wanted_snapshots` (default:
+    all offered) are the snapshots the receiver asks for, in the sender's order."""
     wanted = list(offer_.snapshotNames) if wanted_snapshots is None else [
         n for n in offer_.snapshotNames if n in wanted_snapshots]
     # Transports we do not know (a newer peer's) are skipped; rsync stays the fallback.
-    offered = [t for t in offer_.stapesTransports if t in PREFERENCE] or (
-        [BTRFS] if offer_.fs == pb.BTRFS else []) + [RSYNC]
+    offered = [t for t in offer_.stapesTransports if t in PREFERENCE] or [RSYNC]
     chosen = RSYNC if refresh else choose(offered, receivable)
     features = offer_.rsyncFeatures if offer_.HasField("rsyncFeatures") else pb.rsyncFeatures()
     reply = pb.MigrationHeader(
-        fs=fs_type(chosen), criu=pb.NONE, refresh=refresh, snapshotNames=wanted,
+        fs=pb.RSYNC, refresh=refresh, snapshotNames=wanted,
         rsyncFeatures=pb.rsyncFeatures(xattrs=features.xattrs, delete=features.delete, compress=features.compress,
                                        bidirectional=False, stapesHardLinks=features.stapesHardLinks),
         stapesTransports=[chosen],
     )
+    if final_sync(offer_):
+        reply.criu = pb.NONE
     return reply, chosen
 
 
+def final_sync(offer_: pb.MigrationHeader) -> bool:
+    """An Incus sender whose instance runs (a stateless copy) says CRIU type NONE and then sends the volume
+    twice: a first pass while it runs, then a final pass of what changed meanwhile."""
+    return not offer_.stapesTransports and offer_.HasField("criu") and offer_.criu == pb.NONE
+
+
+def sender_reports_completion(offer_: pb.MigrationHeader) -> bool:
+    """A Stapes sender says "all sent" on the control channel before the receiver commits, so a sender that
+    dies before that point leaves no copy behind. An Incus sender never does: there the receiver's own tools
+    (rsync's exit status) tell that the data is complete, and its control message can only be a failure."""
+    return bool(offer_.stapesTransports)
+
+
 def chosen_transport(answer: pb.MigrationHeader) -> str:
-    """What the sender learns from the reply; an Incus receiver names no Stapes transport."""
+    """What the sender learns from the reply; an Incus receiver names no Stapes transport, and takes rsync."""
     if answer.stapesTransports:
         return str(answer.stapesTransports[0])
-    return BTRFS if answer.fs == pb.BTRFS else RSYNC
+    return RSYNC
 
 
 def rsync_features(header: pb.MigrationHeader) -> list[str]:

@@ -70,6 +70,19 @@ async def _peer_reason(control: Channel, fallback: StapesError | BaseException) 
     return fallback.message if isinstance(fallback, StapesError) else str(fallback)
 
 
+class PoolFull(InternalError):
+    """The target's pool filled up during the transfer."""
+
+
+async def _reason_from(said: asyncio.Task[pb.MigrationControl], fallback: StapesError | BaseException) -> str:
+    """When a transfer breaks, the other side usually said why on the control channel: prefer that."""
+    with contextlib.suppress(Exception):
+        reply = await asyncio.wait_for(asyncio.shield(said), 2)
+        if not reply.success and reply.message:
+            return reply.message
+    return fallback.message if isinstance(fallback, StapesError) else str(fallback)
+
+
 class MigrationService:
     def __init__(self, instances: InstanceService, paths: StatePaths) -> None:
         self._instances = instances
@@ -123,6 +136,7 @@ class MigrationService:
             sendable = tuple(t for t in pool.migration_transports if transport in (None, t))
             async with self._channels(op, target, "target") as channels:
                 await self._send(op, channels["control"], channels["fs"], spec.volume, pool, sendable, snapshots)
+                op.settle()
 
     async def _send(self, op: Operation, control: Channel, fs: Channel, volume: Path, pool: PoolDriver,
                     sendable: tuple[str, ...], snapshots: list[SnapshotRow]) -> None:
@@ -168,6 +182,7 @@ class MigrationService:
                 await _send_control(control, True)
 
             await self._report_failure(control, self._instances.create_with(row, fill, confirm))
+            op.settle()
 
     async def run_refresh(self, op: Operation, row: InstanceRow, source: InstanceSource) -> None:
         """An existing copy brought up to date: rsync sends only what changed, plus the snapshots the copy
@@ -186,12 +201,52 @@ class MigrationService:
                     await _send_control(control, True)
 
                 await self._report_failure(control, work())
+                op.settle()
 
     @contextlib.asynccontextmanager
     async def _sink_channels(self, op: Operation, source: InstanceSource) -> AsyncIterator[tuple[Channel, Channel]]:
         peer = source if source.mode == "pull" else None
         async with self._channels(op, peer, "source") as channels:
             yield channels["control"], channels["fs"]
+
+    async def _receive_volumes(self, row: InstanceRow, volume: Path, pool: PoolDriver,
+                               receiver: transports.Transport, offer: pb.MigrationHeader, answer: pb.MigrationHeader,
+                               *, refresh: bool) -> None:
+        """Snapshots first, oldest first, then the volume (twice from a running Incus sender). What a refresh
+        half-received is removed again; a new copy is removed whole by create_with."""
+        messages = {s.name: s for s in offer.snapshots}
+        received: list[str] = []
+        try:
+            for name in answer.snapshotNames:
+                if refresh:
+                    # Seed the new snapshot with the copy we already have: rsync then sends only the difference.
+                    await pool.create_snapshot("containers", row.project, row.name, name, writable=True)
+                    target = pool.snapshot_path("containers", row.project, row.name, name)
+                else:
+                    target = await pool.prepare_snapshot_target("containers", row.project, row.name, name)
+                received.append(name)
+                await receiver.receive(target, snapshot=True)
+                await asyncio.to_thread(check_volume_layout, target)
+                message = messages.get(name) or pb.Snapshot(name=name, ephemeral=False, architecture=0,
+                                                            stateful=False)
+                await self._instances.record_snapshot(protocol.snapshot_row(row.project, row.name, message))
+            for _ in range(2 if protocol.final_sync(offer) else 1):
+                await receiver.receive(volume, snapshot=False)
+            await asyncio.to_thread(check_volume_layout, volume)
+        except (StapesError, OSError):
+            if refresh:
+                for name in received:
+                    try:
+                        await self._instances.delete_snapshot_unlocked(row.project, row.name, name)
+                    except NotFound:
+                        await pool.delete_snapshot("containers", row.project, row.name, name)
+            usage = await pool.usage()
+            if usage["total"] - usage["used"] < FULL_MARGIN:
+                raise PoolFull(
+                    f"Storage pool {pool.pool!r} is full ({usage['total'] // 2**20} MiB, "
+                    f"{offer.stapesTotalBytes // 2**20} MiB needed): free space or choose another "
+                    "pool with -s") from None
+            raise
 
     async def _report_failure(self, control: Channel, work: Awaitable[None]) -> None:
         try:
@@ -227,45 +282,33 @@ class MigrationService:
         if refresh:
             for gone in existing - set(offer.snapshotNames):
                 await self._instances.delete_snapshot_unlocked(row.project, row.name, gone)
-        messages = {s.name: s for s in offer.snapshots}
         progress = _progress(op, "fs", offer.stapesTotalBytes)
-        features = protocol.rsync_features(answer)
-        received: list[str] = []
-        receiver = transports.open_transport(transport, fs, progress, features)
+        receiver = transports.open_transport(transport, fs, progress, protocol.rsync_features(answer))
+        # The source's one control message: a failure at any time, or (Stapes) "all sent" at the end.
+        said = asyncio.create_task(_receive_control(control))
+        transfer = asyncio.create_task(self._receive_volumes(row, volume, pool, receiver, offer, answer,
+                                                                refresh=refresh))
         try:
-            for name in answer.snapshotNames:
-                if refresh:
-                    # Seed the new snapshot with the copy we already have: rsync then sends only the difference.
-                    await pool.create_snapshot("containers", row.project, row.name, name, writable=True)
-                    target = pool.snapshot_path("containers", row.project, row.name, name)
-                else:
-                    target = await pool.prepare_snapshot_target("containers", row.project, row.name, name)
-                received.append(name)
-                await receiver.receive(target, snapshot=True)
-                await asyncio.to_thread(check_volume_layout, target)
-                message = messages.get(name) or pb.Snapshot(name=name, ephemeral=False, architecture=0,
-                                                            stateful=False)
-                await self._instances.record_snapshot(protocol.snapshot_row(row.project, row.name, message))
-            await receiver.receive(volume, snapshot=False)
-            await asyncio.to_thread(check_volume_layout, volume)
-        except (StapesError, OSError) as err:
-            if refresh:  # a new copy is removed whole by create_with; a refreshed one loses what it half-received
-                for name in received:
-                    try:
-                        await self._instances.delete_snapshot_unlocked(row.project, row.name, name)
-                    except NotFound:
-                        await pool.delete_snapshot("containers", row.project, row.name, name)
-            usage = await pool.usage()
-            if usage["total"] - usage["used"] < FULL_MARGIN:
-                raise InternalError(
-                    f"Storage pool {pool.pool!r} is full ({usage['total'] // 2**20} MiB, "
-                    f"{offer.stapesTotalBytes // 2**20} MiB needed): free space or choose another "
-                    "pool with -s") from None
-            reason = await _peer_reason(control, err)
-            raise InternalError(f"Receiving from the source failed: {reason}") from None
+            await asyncio.wait({said, transfer}, return_when=asyncio.FIRST_COMPLETED)
+            if not transfer.done():  # the source spoke first: unless it says it sent everything, stop
+                failure = said.exception()
+                reason = (failure.message if isinstance(failure, StapesError) else str(failure)) if failure else (
+                    "" if said.result().success else said.result().message or "no reason given")
+                if reason:
+                    raise InternalError(f"The source failed: {reason}")
+            try:
+                await transfer
+            except PoolFull:
+                raise
+            except (StapesError, OSError) as err:
+                raise InternalError(f"Receiving from the source failed: {await _reason_from(said, err)}") from None
+            if protocol.sender_reports_completion(offer):
+                result = await said
+                if not result.success:
+                    raise InternalError(f"The source failed: {result.message}")
         finally:
+            for task in (said, transfer):
+                task.cancel()
+            await asyncio.gather(said, transfer, return_exceptions=True)
             await asyncio.shield(receiver.close())
         progress.publish()
-        result = await _receive_control(control)
-        if not result.success:
-            raise InternalError(f"The source failed: {result.message}")

@@ -335,13 +335,8 @@ def _start_claimed(request: web.Request, op: Operation, project: str, name: str,
         op.finish_without_task(StatusCode.CANCELLED, "refused: the instance is busy")
         raise
 
-    async def claimed(op: Operation) -> None:
-        try:
-            await work(op)
-        finally:
-            release()
-
-    op.start(claimed)
+    op.when_settled(release)
+    op.start(work)
     return async_operation(op)
 
 

@@ -8,7 +8,7 @@ import contextlib
 from aiohttp import WSMsgType, web
 
 from stapes.api.errors import BadRequest, Forbidden
-from stapes.server.migration.channel import MAX_MESSAGE
+from stapes.server.migration.channel import CLOSE_TIMEOUT, MAX_MESSAGE
 from stapes.server.rest.common import caller, daemon, recursion, sync
 
 
@@ -53,7 +53,7 @@ def routes(r: web.RouteTableDef) -> None:
                 raise Forbidden("A websocket secret is required")
             raise BadRequest("Missing 'secret' query parameter")
         name = op.claim_channel(secret)  # refused before the upgrade: wrong, used or finished
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False, timeout=5, heartbeat=30)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, compress=False, timeout=CLOSE_TIMEOUT, heartbeat=30)
         try:
             await ws.prepare(request)
         except BaseException:
