@@ -50,7 +50,9 @@ class Server:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    netns: str | None = None  # run inside this network namespace (its own loopback)
     log_path: Path = field(init=False)
+    _log_offset: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.log_path = self.state_dir.parent / f"{self.name}.log"
@@ -67,8 +69,9 @@ class Server:
 
     def start(self, timeout: float = 30) -> None:
         log = self.log_path.open("ab")
+        self._log_offset = log.tell()
         self.proc = subprocess.Popen(
-            [STAPESD, "--state-dir", str(self.state_dir), "--https-address", self.address],
+            [*in_netns(self.netns), STAPESD, "--state-dir", str(self.state_dir), "--https-address", self.address],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout
@@ -82,6 +85,10 @@ class Server:
         raise RuntimeError(f"stapesd {self.name} did not come up: {self.log_path.read_text()[-2000:]}")
 
     def _answers(self) -> bool:
+        if self.netns is not None:  # its port is not reachable from here: the daemon says when it listens
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                return b"stapesd ready" in log.read()
         try:
             with socket.create_connection((self.host, self.port), timeout=1):
                 return True
@@ -162,12 +169,19 @@ class Server:
         return {"STAPES_DIR": str(self.state_dir)}
 
 
+def in_netns(netns: str | None) -> list[str]:
+    """The prefix that runs a command in a network namespace. Not `ip netns exec`: that also remounts /sys,
+    hiding the cgroup hierarchies LXC needs."""
+    return [] if netns is None else ["nsenter", f"--net=/run/netns/{netns}", "--"]
+
+
 class Cli:
     """Runs `stapes` with its own client configuration directory."""
 
-    def __init__(self, conf_dir: Path, default_server: Server | None = None) -> None:
+    def __init__(self, conf_dir: Path, default_server: Server | None = None, netns: str | None = None) -> None:
         self.conf_dir = conf_dir
         self.default_server = default_server
+        self.netns = netns
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -178,7 +192,8 @@ class Cli:
 
     def run(self, *args: str, input: str | None = None, check: bool = True,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([STAPES, *args], env=self.env(), input=input, capture_output=True, text=True,
+        result = subprocess.run([*in_netns(self.netns), STAPES, *args], env=self.env(), input=input,
+                                capture_output=True, text=True,
                                 timeout=timeout, check=False)
         if check and result.returncode != 0:
             raise AssertionError(f"stapes {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
@@ -206,15 +221,17 @@ class Cluster:
         self.root = Path(tempfile.mkdtemp(prefix="stapes-test-"))
         self.servers: list[Server] = []
 
-    def server(self, name: str, host: str, env: dict[str, str] | None = None) -> Server:
-        server = Server(name, host, self.root / name / "state", env=env or {})
+    def server(self, name: str, host: str, env: dict[str, str] | None = None, netns: str | None = None) -> Server:
+        # A namespace of our own has its own ports: no need to look for a free one.
+        server = Server(name, host, self.root / name / "state", port=8443 if netns else 0, env=env or {},
+                        netns=netns)
         server.state_dir.mkdir(parents=True)
         server.start()
         self.servers.append(server)
         return server
 
-    def cli(self, default_server: Server | None = None) -> Cli:
-        return Cli(self.root / "client", default_server)
+    def cli(self, default_server: Server | None = None, netns: str | None = None) -> Cli:
+        return Cli(self.root / "client", default_server, netns)
 
     def close(self) -> None:
         for server in self.servers:

@@ -170,12 +170,17 @@ def test_a_profile_change_that_would_break_instances_is_refused(s1: Server, cli:
     assert cli.json("list")[0]["status"] == "Stopped"
 
 
-def test_an_incomplete_instance_cannot_start(s1: Server, cli: Cli) -> None:
+def test_the_incomplete_marker_is_neither_settable_nor_shown(s1: Server, cli: Cli) -> None:
+    """A client that could set it would have the instance deleted at the next restart; an Incus server refuses
+    it, so it must never travel with a moved instance."""
     cli.run("init", "busybox", "c1", "-q")
-    cli.run("config", "set", "c1", "volatile.incomplete=true")
-    err = cli.fails("start", "c1")
-    assert "incomplete" in err
-    assert cli.json("list")[0]["status"] == "Stopped"
+    err = cli.fails("config", "set", "c1", "volatile.incomplete=true")
+    assert "cannot be set" in err
+    s1.stop()
+    s1.start()
+    assert [i["name"] for i in cli.json("list")] == ["c1"]
+    cli.run("start", "c1")
+    cli.run("stop", "c1", "--force")
 
 
 async def test_failed_image_builds_and_uploads_leave_no_temporary_file(s1: Server, cli: Cli) -> None:

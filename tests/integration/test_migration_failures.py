@@ -147,6 +147,8 @@ def test_an_instance_taking_part_in_a_migration_is_busy(s1: Server, s2: Server, 
         err = two.fails(*args)
         assert "busy" in err and "operation" in err, (args, err)
         assert time.monotonic() - started < 10, args  # at once, not after the move
+    arriving = s2.api("GET", "/1.0/instances/big")
+    assert not any(k == "volatile.incomplete" for k in {**arriving["config"], **arriving["expanded_config"]})
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert two.json("list", "s1:") == []

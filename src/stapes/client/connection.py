@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -117,7 +118,7 @@ class Connection:
         op_id = op["id"]
         while True:
             step = 30.0 if timeout < 0 else min(timeout, 30.0)
-            result = await self.request("GET", f"/1.0/operations/{op_id}/wait", params={"timeout": str(step)})
+            result = await self._wait_once(op_id, step)
             if result["status_code"] >= 200:
                 break
             if timeout >= 0:
@@ -128,6 +129,18 @@ class Connection:
             raise StapesError(result.get("err") or result["status"])
         return result
 
+    async def _wait_once(self, op_id: str, seconds: float) -> Json:
+        """The operation once it finished or `seconds` passed. Incus 6.0 answers a wait that ran out before the
+        operation finished with an error ("context deadline exceeded") instead of the operation: then the
+        operation is read as it is."""
+        try:
+            result: Json = await self.request("GET", f"/1.0/operations/{op_id}/wait", params=_wait_params(seconds))
+        except StapesError as err:
+            if "deadline exceeded" not in err.message:
+                raise
+            result = await self.request("GET", f"/1.0/operations/{op_id}")
+        return result
+
     async def poll_until_done(self, op: Json) -> Json:
         """The operation once it is final, failed or not (no exception for a failure)."""
         async for current in self.poll(op, 30.0):
@@ -135,11 +148,11 @@ class Connection:
                 return current
         return await self.request("GET", f"/1.0/operations/{op['id']}")
 
-    async def poll(self, op: Json, interval: float = 0.5) -> AsyncIterator[Json]:
+    async def poll(self, op: Json, interval: float = 1.0) -> AsyncIterator[Json]:
         """Yield the operation each time it may have changed, until it is final."""
         op_id = op["id"]
         while True:
-            current = await self.request("GET", f"/1.0/operations/{op_id}/wait", params={"timeout": str(interval)})
+            current = await self._wait_once(op_id, interval)
             yield current
             if current["status_code"] >= 200:
                 return
@@ -181,3 +194,9 @@ async def fetch_server_certificate(address: str) -> bytes:
     if not der:
         raise Unavailable(f"{address} presented no certificate")
     return bytes(der)
+
+
+def _wait_params(seconds: float) -> dict[str, str]:
+    """Whole seconds, at least one: Incus parses `timeout` as an integer (a fractional one is an error there),
+    and 0 would not wait at all."""
+    return {"timeout": str(max(1, math.ceil(seconds)))}

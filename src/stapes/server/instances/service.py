@@ -30,8 +30,13 @@ from stapes.server.store.db import InstanceRow, ProfileRow, SnapshotRow, Store
 
 log = logging.getLogger(__name__)
 VOLUME_KIND = "containers"
-INCOMPLETE = "volatile.incomplete"
+INCOMPLETE = "volatile.incomplete"  # Stapes's own crash marker: never shown, never taken from a client or peer
 DEFAULT_STOP_TIMEOUT = 30.0
+
+
+def _shown(config: dict[str, str]) -> dict[str, str]:
+    """What clients see: the crash marker stays inside (an Incus server refuses it, were it copied there)."""
+    return {k: v for k, v in config.items() if k != INCOMPLETE}
 
 
 class InstanceService:
@@ -138,9 +143,9 @@ class InstanceService:
                     status: StatusCode) -> dict[str, Any]:
         return {
             "name": row.name, "project": row.project, "type": row.type, "architecture": row.architecture,
-            "description": row.description, "config": row.config, "devices": row.devices,
+            "description": row.description, "config": _shown(row.config), "devices": row.devices,
             "profiles": row.profiles, "ephemeral": row.ephemeral, "stateful": False,
-            "expanded_config": config, "expanded_devices": devices, "status": status.label,
+            "expanded_config": _shown(config), "expanded_devices": devices, "status": status.label,
             "status_code": int(status), "created_at": iso(row.created_at), "last_used_at": iso(row.last_used_at),
             "location": "none", "snapshots": None, "backups": None,
         }
@@ -232,16 +237,17 @@ class InstanceService:
         await self.create_with(row, fill)
 
     async def create_with(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
-                          finalize: Callable[[], Awaitable[None]] | None = None) -> None:
+                          finalize: Callable[[], Awaitable[None]] | None = None, *, name_inside: bool = True) -> None:
         """Reserve the name, create and fill the volume, define, finalize; on any failure (or cancellation)
-        undo every step taken, so nothing of the instance is left."""
+        undo every step taken, so nothing of the instance is left. `name_inside`: write the name into
+        /etc/hostname (a new instance from an image); a migrated one arrives with its files untouched."""
         row.architecture = row.architecture or ARCHITECTURE
         async with self.locked(row.project, row.name):
-            await self._create_locked(row, fill, finalize)
+            await self._create_locked(row, fill, finalize, name_inside)
         self._events.lifecycle("instance-created", f"/1.0/instances/{row.name}", row.project)
 
     async def _create_locked(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
-                             finalize: Callable[[], Awaitable[None]] | None) -> None:
+                             finalize: Callable[[], Awaitable[None]] | None, name_inside: bool) -> None:
         await self.validate_new(row)
         row.config[INCOMPLETE] = "true"  # until the end: a server killed half-way cleans up at its next start
         await self._store.create_instance(row)
@@ -254,7 +260,8 @@ class InstanceService:
             volume_created = True
             await fill(volume)
             await asyncio.to_thread(check_volume_layout, volume)
-            await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
+            if name_inside:
+                await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
             await self.driver(row.type).define(spec)
             if finalize is not None:
                 await finalize()
@@ -358,7 +365,8 @@ class InstanceService:
                 raise BadRequest(f"Instance {name!r} is running: stop it before restoring a snapshot")
             spec = await self.spec(row)
             volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
-            restored = InstanceRow(**{**vars(row), "config": {**snap.config, **volatile},
+            kept = {k: v for k, v in snap.config.items() if not k.startswith("volatile.")}
+            restored = InstanceRow(**{**vars(row), "config": {**kept, **volatile},
                                       "devices": dict(snap.devices), "profiles": list(snap.profiles)})
             try:  # the snapshot must still define a valid instance here, on the same volume: check first
                 new_spec = await self.validate_row(restored)
@@ -379,6 +387,9 @@ class InstanceService:
             volatile = {k: v for k, v in row.config.items() if k.startswith("volatile.")}
             if "config" in changes:
                 config = dict(changes["config"] or {})
+                if INCOMPLETE in config:
+                    raise BadRequest(f"{INCOMPLETE!r} is Stapes's own marker of an unfinished creation: it cannot be "
+                                     "set; leave it out of the configuration")
                 row.config = config if replace else {**row.config, **config}
                 for key, value in volatile.items():
                     row.config.setdefault(key, value)

@@ -181,7 +181,8 @@ class MigrationService:
                 await pause_point("target-before-commit", self._paths.root)
                 await _send_control(control, True)
 
-            await self._report_failure(control, self._instances.create_with(row, fill, confirm))
+            creating = self._instances.create_with(row, fill, confirm, name_inside=False)
+            await self._report_failure(control, creating)
             op.settle()
 
     async def run_refresh(self, op: Operation, row: InstanceRow, source: InstanceSource) -> None:
