@@ -11,11 +11,12 @@ fi
 . /etc/os-release
 codename="${VERSION_CODENAME:-}"
 packages=(lxc busybox-static rsync btrfs-progs nftables tar gzip xz-utils python3 python3-venv python3-dev gcc
-          ca-certificates curl incus-client)
+          ca-certificates curl incus-client incus-base iproute2 util-linux)
 
 backports=()
 if [ "$codename" = bookworm ]; then
-    # incus-client (the official client, used by the compatibility tests) is in bookworm-backports.
+    # incus-client and incus-base (the official client and a real Incus daemon, the peers of the
+    # compatibility and interop tests) are in bookworm-backports.
     if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
         cat > /etc/apt/sources.list.d/stapes-backports.sources <<SRC
 Types: deb
@@ -26,7 +27,7 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
         apt_update_needed=1
     fi
-    backports=(incus-client)
+    backports=(incus-client incus-base)
 fi
 
 missing=()

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,12 +156,3 @@ class IncusClient:
 
     def names(self, remote: str) -> list[str]:
         return sorted(i["name"] for i in json.loads(self.run("list", f"{remote}:", "--format", "json").stdout))
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -16,8 +16,8 @@ import pytest
 
 from stapes.server.images.busybox import build_busybox_image
 from tests.integration.fstree import fingerprint, populate
-from tests.integration.harness import Cli, Cluster, Server, in_netns
-from tests.integration.incus_peer import IncusClient, IncusPeer, missing, network_namespace, wait_for
+from tests.integration.harness import Cli, Cluster, Server, in_netns, wait_for
+from tests.integration.incus_peer import IncusClient, IncusPeer, missing, network_namespace
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
@@ -63,8 +63,8 @@ def interop(request: pytest.FixtureRequest) -> Iterator[Interop]:
             pool = "default"
             if request.param == "btrfs":
                 pool = "bt"
-                stapes.run_op("POST", "/1.0/storage-pools",
-                              {"name": pool, "driver": "btrfs", "config": {"size": "700MiB"}})
+                stapes.api("POST", "/1.0/storage-pools",
+                           {"name": pool, "driver": "btrfs", "config": {"size": "700MiB"}})
             client = IncusClient(cluster.root / "incus-client", netns)
             client.run("remote", "add", "inc", incus.url, "--accept-certificate", "--token",
                        incus.trust_token("client"))

@@ -95,11 +95,11 @@ class ExecPost(Body):
     wait_for_websocket: bool = msgspec.field(default=False, name="wait-for-websocket")
     record_output: bool = msgspec.field(default=False, name="record-output")
     interactive: bool = False
-    width: int = 80
-    height: int = 24
-    cwd: str = ""
-    user: int = 0
-    group: int = 0
+    width: int | None = None  # None or 0: not a terminal's size (80x24 then)
+    height: int | None = None
+    cwd: str | None = None  # None (pylxd sends null for what it leaves out): the defaults
+    user: int | None = None
+    group: int | None = None
 
 
 class SnapshotsPost(Body):

@@ -109,7 +109,7 @@ class Operation:
         except Exception as err:  # an operation must always end with a status, never vanish
             log.exception("operation %s (%s) failed", self.id, self.description)
             self.status = StatusCode.FAILURE
-            self.err = f"Internal error: {err}"
+            self.err = f"Internal error: {err or type(err).__name__}"
         finally:
             self.settle()
             for fut in self._sockets.values():
@@ -184,6 +184,10 @@ class Operation:
 
     async def channel(self, name: str, timeout: float | None = None) -> web.WebSocketResponse:
         return await asyncio.wait_for(asyncio.shield(self._socket_future(name)), timeout)
+
+    def channel_attached(self, name: str) -> bool:
+        fut = self._sockets.get(name)
+        return fut is not None and fut.done() and not fut.cancelled()
 
     def release(self, name: str) -> None:
         self._socket_future(name)

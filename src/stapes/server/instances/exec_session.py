@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from stapes.api.errors import InternalError
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec
 from stapes.server.operations import Operation
 from stapes.server.process import forget
@@ -29,29 +30,36 @@ CONNECT_TIMEOUT = 30.0
 
 async def run_exec(op: Operation, driver: InstanceDriver, spec: InstanceSpec, request: ExecRequest,
                    width: int, height: int) -> dict[str, Any]:
-    names = ["0", "control"] if request.interactive else ["0", "1", "2", "control"]
-    sockets = {name: await op.channel(name, CONNECT_TIMEOUT) for name in names}
+    names = ["0"] if request.interactive else ["0", "1", "2"]
+    try:
+        sockets = {name: await op.channel(name, CONNECT_TIMEOUT) for name in names}
+    except TimeoutError:
+        missing = [name for name in names if not op.channel_attached(name)]
+        raise InternalError(f"The client did not open the exec websocket(s) {', '.join(missing)} within "
+                            f"{CONNECT_TIMEOUT:.0f}s; open every websocket named in the operation's 'fds'") from None
     try:
         if request.interactive:
             code = await _run_interactive(op, driver, spec, request, sockets, width, height)
         else:
-            code = await _run_pipes(driver, spec, request, sockets)
+            code = await _run_pipes(op, driver, spec, request, sockets)
     finally:
+        if op.channel_attached("control"):
+            sockets["control"] = await op.channel("control")
         for ws in sockets.values():
             with contextlib.suppress(Exception):
                 await ws.close()
-        for name in names:
+        for name in [*names, "control"]:
             op.release(name)
     return {"return": code}
 
 
-async def _run_pipes(driver: InstanceDriver, spec: InstanceSpec, request: ExecRequest,
+async def _run_pipes(op: Operation, driver: InstanceDriver, spec: InstanceSpec, request: ExecRequest,
                      sockets: dict[str, web.WebSocketResponse]) -> int:
     pipe = asyncio.subprocess.PIPE
     proc = await driver.exec(spec, request, (pipe, pipe, pipe))
     assert proc.stdin and proc.stdout and proc.stderr
     stdin_task = asyncio.create_task(_ws_to_stdin(sockets["0"], proc.stdin))
-    control_task = asyncio.create_task(_control(sockets["control"], proc, None))
+    control_task = asyncio.create_task(_control(op, proc, None))
     try:
         await asyncio.gather(_stream_to_ws(proc.stdout, sockets["1"]), _stream_to_ws(proc.stderr, sockets["2"]))
         return await proc.wait()
@@ -93,7 +101,10 @@ async def _stream_to_ws(stream: asyncio.StreamReader, ws: web.WebSocketResponse)
         await ws.close()
 
 
-async def _control(ws: web.WebSocketResponse, proc: asyncio.subprocess.Process, master: int | None) -> None:
+async def _control(op: Operation, proc: asyncio.subprocess.Process, master: int | None) -> None:
+    """The control socket is optional (as in Incus: pylxd never opens it); signals and resizes arrive on it
+    once a client does."""
+    ws = await op.channel("control")
     async for msg in ws:
         if msg.type != WSMsgType.TEXT:
             continue
@@ -127,7 +138,7 @@ async def _run_interactive(op: Operation, driver: InstanceDriver, spec: Instance
     output: asyncio.Queue[bytes] = asyncio.Queue()
     loop.add_reader(master, _read_pty, master, output)
     ws = sockets["0"]
-    control_task = asyncio.create_task(_control(sockets["control"], proc, master))
+    control_task = asyncio.create_task(_control(op, proc, master))
     input_task = asyncio.create_task(_ws_to_pty(ws, master))
     try:
         wait_task = asyncio.create_task(proc.wait())

@@ -147,6 +147,7 @@ def routes(r: web.RouteTableDef) -> None:
         proj = await project(request)
         name = request.match_info["name"]
         await d.instances.get(proj, name)
+        await d.instances.settled(proj, name, SETTLE_GRACE)
 
         async def work(op: Operation) -> None:
             await d.instances.delete(proj, name)
@@ -208,15 +209,16 @@ def routes(r: web.RouteTableDef) -> None:
             raise BadRequest("exec needs a 'command': a non-empty list of strings")
         if not data.wait_for_websocket:
             raise BadRequest("exec without websockets ('wait-for-websocket': false) is not supported yet")
-        if not (0 <= data.user < 2**32 and 0 <= data.group < 2**32):
+        user, group = data.user or 0, data.group or 0
+        if not (0 <= user < 2**32 and 0 <= group < 2**32):
             raise BadRequest("exec 'user' and 'group' must be numeric ids between 0 and 4294967295")
-        if not (0 <= data.width <= 10000 and 0 <= data.height <= 10000):  # 0: not a terminal (Incus sends it)
+        width, height = data.width or 80, data.height or 24  # 0: not a terminal (Incus sends it)
+        if not (0 < width <= 10000 and 0 < height <= 10000):
             raise BadRequest("exec 'width' and 'height' must be between 0 and 10000")
         await d.instances.check_running(proj, name)
         interactive = data.interactive
-        exec_request = ExecRequest(command=data.command, environment=dict(data.environment or {}), cwd=data.cwd,
-                                   user=data.user, group=data.group, interactive=interactive)
-        width, height = data.width or 80, data.height or 24
+        exec_request = ExecRequest(command=data.command, environment=dict(data.environment or {}),
+                                   cwd=data.cwd or "", user=user, group=group, interactive=interactive)
         channels = ("0", "control") if interactive else ("0", "1", "2", "control")
         op = d.operations.create(op_class="websocket", description="Executing command", project=proj,
                                  resources={"instances": [instance_url(name, proj)]}, channels=channels)
@@ -323,6 +325,9 @@ def _migration_operation(request: web.Request, description: str, project: str, n
     if websockets:
         op.metadata.update(op.secrets)  # Incus puts the secrets at the top of the metadata
     return op
+
+
+SETTLE_GRACE = 2.0  # a delete waits this long for a move of the instance that is about to end
 
 
 def _start_claimed(request: web.Request, op: Operation, project: str, name: str,
