@@ -122,6 +122,8 @@ run "$BIN/stapes" stop s1:c1 --force
 run "$BIN/stapes" stop s1:c1 || true
 run "$BIN/stapes" config set s1:c1 limits.bogus=1 || true
 
+"$BIN/python" scripts/demo_incus.py
+
 say "Stopping and deleting"
 run "$BIN/stapes" delete s1:c1
 run "$BIN/stapes" --project staging delete s2:web --force

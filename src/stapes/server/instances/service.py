@@ -248,17 +248,16 @@ class InstanceService:
         await self.create_with(row, fill)
 
     async def create_with(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
-                          finalize: Callable[[], Awaitable[None]] | None = None, *, name_inside: bool = True) -> None:
+                          finalize: Callable[[], Awaitable[None]] | None = None) -> None:
         """Reserve the name, create and fill the volume, define, finalize; on any failure (or cancellation)
-        undo every step taken, so nothing of the instance is left. `name_inside`: write the name into
-        /etc/hostname (a new instance from an image); a migrated one arrives with its files untouched."""
+        undo every step taken, so nothing of the instance is left."""
         row.architecture = row.architecture or ARCHITECTURE
         async with self.locked(row.project, row.name):
-            await self._create_locked(row, fill, finalize, name_inside)
+            await self._create_locked(row, fill, finalize)
         self._events.lifecycle("instance-created", f"/1.0/instances/{row.name}", row.project)
 
     async def _create_locked(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
-                             finalize: Callable[[], Awaitable[None]] | None, name_inside: bool) -> None:
+                             finalize: Callable[[], Awaitable[None]] | None) -> None:
         await self.validate_new(row)
         row.config[INCOMPLETE] = "true"  # until the end: a server killed half-way cleans up at its next start
         await self._store.create_instance(row)
@@ -271,8 +270,7 @@ class InstanceService:
             volume_created = True
             await fill(volume)
             await asyncio.to_thread(check_volume_layout, volume)
-            if name_inside:
-                await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
+            await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
             await self.driver(row.type).define(spec)
             if finalize is not None:
                 await finalize()
@@ -637,7 +635,8 @@ def check_volume_layout(volume: Path) -> None:
 
 
 def _set_hostname(root: Path, name: str) -> None:
-    """What Incus's image templates do for /etc/hostname: the instance is called by its name inside too.
+    """What the hostname template of Incus's standard images does on create, copy and move: the instance is
+    called by its name inside too (Stapes does it for every image; Incus only where the image has the template).
     Resolved inside the rootfs only: a symlinked /etc never leads to the host's files."""
     with contextlib.suppress(OSError):
         if rootfs.read_text(root, "etc/hostname") == name + "\n":

@@ -15,6 +15,7 @@ from stapes.api.config_keys import validate_instance_config
 from stapes.api.devices import validate_devices
 from stapes.api.errors import BadRequest, StapesError
 from stapes.api.names import validate_entity_name
+from stapes.server.idmap import IdRange, check_ranges
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.store.db import SnapshotRow
 
@@ -88,6 +89,20 @@ def check_offer(offer_: pb.MigrationHeader) -> None:
         raise ProtocolError(f"Refused the source's snapshots: {err.message}") from None
     if not 0 <= offer_.stapesTotalBytes <= MAX_TOTAL_BYTES:
         raise ProtocolError(f"Protocol error: an impossible size ({offer_.stapesTotalBytes} bytes)")
+    source_idmap(offer_)
+
+
+def source_idmap(offer_: pb.MigrationHeader) -> list[IdRange]:
+    """How the source's files are shifted on disk (an Incus source without id-mapped mounts); empty when
+    they are not. The receiver shifts them back, as Stapes keeps files unshifted."""
+    if len(offer_.idmap) > 64:
+        raise ProtocolError("Protocol error: more than 64 id ranges in the source's idmap")
+    ranges = [IdRange(uid=m.isuid, gid=m.isgid, host=m.hostid, inside=m.nsid, size=m.maprange) for m in offer_.idmap]
+    try:
+        check_ranges(ranges)
+    except ValueError as err:
+        raise ProtocolError(f"Protocol error: the source's idmap is invalid: {err}") from None
+    return ranges
 
 
 RAW_PREFIXES = ("raw.", "security.")

@@ -21,6 +21,7 @@ from stapes.api.requests import InstanceSource, MigrationTarget
 from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.faults import pause_point
+from stapes.server.idmap import unshift
 from stapes.server.instances.service import InstanceService, check_volume_layout
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol, transports
@@ -181,8 +182,7 @@ class MigrationService:
                 await pause_point("target-before-commit", self._paths.root)
                 await _send_control(control, True)
 
-            creating = self._instances.create_with(row, fill, confirm, name_inside=False)
-            await self._report_failure(control, creating)
+            await self._report_failure(control, self._instances.create_with(row, fill, confirm))
             op.settle()
 
     async def run_refresh(self, op: Operation, row: InstanceRow, source: InstanceSource) -> None:
@@ -216,6 +216,7 @@ class MigrationService:
         """Snapshots first, oldest first, then the volume (twice from a running Incus sender). What a refresh
         half-received is removed again; a new copy is removed whole by create_with."""
         messages = {s.name: s for s in offer.snapshots}
+        shifted = protocol.source_idmap(offer)
         received: list[str] = []
         try:
             for name in answer.snapshotNames:
@@ -228,12 +229,16 @@ class MigrationService:
                 received.append(name)
                 await receiver.receive(target, snapshot=True)
                 await asyncio.to_thread(check_volume_layout, target)
+                if shifted:
+                    await asyncio.to_thread(unshift, target, shifted)
                 message = messages.get(name) or pb.Snapshot(name=name, ephemeral=False, architecture=0,
                                                             stateful=False)
                 await self._instances.record_snapshot(protocol.snapshot_row(row.project, row.name, message))
             for _ in range(2 if protocol.final_sync(offer) else 1):
                 await receiver.receive(volume, snapshot=False)
             await asyncio.to_thread(check_volume_layout, volume)
+            if shifted:
+                await asyncio.to_thread(unshift, volume, shifted)
         except (StapesError, OSError):
             if refresh:
                 for name in received:
