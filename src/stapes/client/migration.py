@@ -149,6 +149,10 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
         raise
 
 
+PEER_GRACE = 15.0  # how long the other side may take to fail on its own after one side failed
+PEER_GIVE_UP = 30.0  # and then to end once it was cancelled
+
+
 def _op_path(op: Json) -> str:
     return f"/1.0/operations/{op['id']}"
 
@@ -165,8 +169,33 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
              "target": asyncio.create_task(watch_target())}
     relay_task = asyncio.create_task(_relay(source, source_op, target, target_op)) if relay else None
     try:
-        results = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
+        pending = set(tasks.values())
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            failed = [side for side, task in tasks.items()
+                      if task in done and (task.exception() or task.result()["status_code"] != 200)]
+            if failed and pending:
+                # One side failed: the other usually fails too, with its own reason, at once. One that does
+                # not is told to stop, and is not waited for forever (an Incus push-mode target may never
+                # end its half on its own).
+                done, pending = await asyncio.wait(pending, timeout=PEER_GRACE)
+                if pending:
+                    client, op = (target, target_op) if failed[0] == "source" else (source, source_op)
+                    with contextlib.suppress(Exception):
+                        await client.cancel_operation(op["id"])
+                    await asyncio.wait(pending, timeout=PEER_GIVE_UP)
+                break
+        results: dict[str, Json] = {}
+        for side, task in tasks.items():
+            if task.done():
+                results[side] = task.result()
+            else:
+                task.cancel()
+                results[side] = {"status_code": 400, "status": "Failure",
+                                 "err": "did not end after the other side failed, even when cancelled"}
     finally:
+        for task in tasks.values():
+            task.cancel()
         if relay_task is not None:
             relay_task.cancel()
             with contextlib.suppress(BaseException):

@@ -75,6 +75,14 @@ class PoolFull(InternalError):
     """The target's pool filled up during the transfer."""
 
 
+def _failure_reason(said: asyncio.Task[pb.MigrationControl]) -> str | None:
+    """What a finished read of the peer's control message says went wrong; None when it reported success."""
+    if (failure := said.exception()) is not None:
+        return failure.message if isinstance(failure, StapesError) else str(failure)
+    reply = said.result()
+    return None if reply.success else (reply.message or "no reason given")
+
+
 async def _reason_from(said: asyncio.Task[pb.MigrationControl], fallback: StapesError | BaseException) -> str:
     """When a transfer breaks, the other side usually said why on the control channel: prefer that."""
     with contextlib.suppress(Exception):
@@ -297,10 +305,8 @@ class MigrationService:
         try:
             await asyncio.wait({said, transfer}, return_when=asyncio.FIRST_COMPLETED)
             if not transfer.done():  # the source spoke first: unless it says it sent everything, stop
-                failure = said.exception()
-                reason = (failure.message if isinstance(failure, StapesError) else str(failure)) if failure else (
-                    "" if said.result().success else said.result().message or "no reason given")
-                if reason:
+                reason = _failure_reason(said)
+                if reason is not None:
                     raise InternalError(f"The source failed: {reason}")
             try:
                 await transfer
