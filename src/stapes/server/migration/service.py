@@ -75,6 +75,19 @@ class PoolFull(InternalError):
     """The target's pool filled up during the transfer."""
 
 
+SOURCE_CLOSE_WAIT = 10.0
+
+
+async def _source_finished(control: Channel) -> None:
+    """After confirming, the target's operation ends only once the source closed its side (as Incus's target
+    does), so a client acting on the target's success (deleting the moved source) finds the source's operation
+    over. Bounded: a source that never closes delays the end by SOURCE_CLOSE_WAIT at most."""
+    with contextlib.suppress(StapesError, TimeoutError):
+        async with asyncio.timeout(SOURCE_CLOSE_WAIT):
+            while True:
+                await control.receive()
+
+
 def _failure_reason(said: asyncio.Task[pb.MigrationControl]) -> str | None:
     """What a finished read of the peer's control message says went wrong; None when it reported success."""
     if (failure := said.exception()) is not None:
@@ -192,6 +205,7 @@ class MigrationService:
 
             await self._report_failure(control, self._instances.create_with(row, fill, confirm))
             op.settle()
+            await _source_finished(control)
 
     async def run_refresh(self, op: Operation, row: InstanceRow, source: InstanceSource) -> None:
         """An existing copy brought up to date: rsync sends only what changed, plus the snapshots the copy
@@ -211,6 +225,7 @@ class MigrationService:
 
                 await self._report_failure(control, work())
                 op.settle()
+                await _source_finished(control)
 
     @contextlib.asynccontextmanager
     async def _sink_channels(self, op: Operation, source: InstanceSource) -> AsyncIterator[tuple[Channel, Channel]]:
