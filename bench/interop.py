@@ -18,11 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import asyncio  # noqa: E402
-
-from stapes.server.images.busybox import build_busybox_image  # noqa: E402
-from tests.integration.harness import Cluster  # noqa: E402
-from tests.integration.incus_peer import IncusClient, IncusPeer, missing, network_namespace  # noqa: E402
+from tests.integration.incus_peer import incus_and_stapes, missing  # noqa: E402
 
 MODES = ("pull", "push", "relay")
 
@@ -54,64 +50,43 @@ def main() -> None:
     args = parser.parse_args()
     if reason := missing():
         sys.exit(f"bench/interop: {reason}")
-    cluster = Cluster()
-    os.chmod(cluster.root, 0o711)
-    with network_namespace() as netns:
-        incus = IncusPeer(cluster.root, netns)
-        try:
-            incus.start()
-            incus.initialize("dir")
-            image = cluster.root / "busybox.tar.xz"
-            asyncio.run(build_busybox_image(image))
-            incus.local("image", "import", str(image), "--alias", "busybox")
-            stapes = cluster.server("st", "127.0.0.2", netns=netns)
-            client = IncusClient(cluster.root / "incus-client", netns)
-            client.run("remote", "add", "inc", incus.url, "--accept-certificate", "--token",
-                       incus.trust_token("client"))
-            token = stapes.api("POST", "/1.0/certificates", {"name": "client", "type": "client", "token": True})
-            client.run("remote", "add", "st", token["metadata"]["token"])
-            cli = cluster.cli(netns=netns)
-            cli.trust(stapes, "st")
-            cli.run("remote", "add", "inc", incus.url, "--token", incus.trust_token("stapes-cli"))
-
-            incus.local("init", "busybox", "src")
-            subprocess.run(["dd", "if=/dev/urandom", f"of={incus.rootfs('src') / 'random.bin'}", "bs=1M",
-                            f"count={args.size_mib}", "status=none"], check=True)
-            cli.run("init", "st:busybox", "st:src", "-q")
-            shutil.copy(incus.rootfs("src") / "random.bin", stapes.state_dir / "storage-pools/default/containers/"
-                        "src/rootfs/random.bin")
-            floor = tar_floor(incus.rootfs("src"), cluster.root / "scratch", args.repeat)
-            incus_env = dict(os.environ, INCUS_CONF=str(client.conf), HOME=str(client.conf))
-            ns = ["nsenter", f"--net=/run/netns/{netns}", "--"]
-            cases = []
-            for mode in MODES:
-                for tool, direction in (("incus", "incus->stapes"), ("incus", "stapes->incus"),
-                                        ("stapes", "incus->stapes"), ("stapes", "stapes->incus")):
-                    src, dst = ("inc", "st") if direction == "incus->stapes" else ("st", "inc")
-                    times = []
-                    for i in range(args.repeat):
-                        name = f"c-{mode}-{i}"
-                        if tool == "incus":
-                            run, env = [*ns, "incus", "copy", f"{src}:src", f"{dst}:{name}", "--mode", mode], incus_env
-                        else:
-                            run, env = [*ns, str(Path(sys.executable).parent / "stapes"), "copy", f"{src}:src",
-                                        f"{dst}:{name}", "--mode", mode], cli.env()
-                        times.append(timed(run, env))
-                        if dst == "inc":
-                            incus.local("delete", name)
-                        else:
-                            stapes.api("DELETE", f"/1.0/instances/{name}")
-                            time.sleep(0.5)
-                    cases.append((direction, tool, mode, statistics.median(times)))
-            print(f"Incus {incus.local('version').stdout.split()[-1]} <-> Stapes, {args.size_mib} MiB random "
-                  f"+ busybox, dir pools, real disk, median of {args.repeat}")
-            print(f"floor: tar -c | tar -x  {floor:6.2f} s")
-            print(f"{'direction':15} {'client':7} {'mode':6} {'seconds':>8} {'x floor':>8}")
-            for direction, tool, mode, seconds in cases:
-                print(f"{direction:15} {tool:7} {mode:6} {seconds:8.2f} {seconds / floor:8.1f}")
-        finally:
-            incus.close()
-            cluster.close()
+    with incus_and_stapes("dir") as peers:
+        incus, stapes, client, cli, netns = peers.incus, peers.stapes, peers.client, peers.cli, peers.incus.netns
+        incus.local("init", "busybox", "src")
+        subprocess.run(["dd", "if=/dev/urandom", f"of={incus.rootfs('src') / 'random.bin'}", "bs=1M",
+                        f"count={args.size_mib}", "status=none"], check=True)
+        cli.run("init", "st:busybox", "st:src", "-q")
+        shutil.copy(incus.rootfs("src") / "random.bin", stapes.state_dir / "storage-pools/default/containers/"
+                    "src/rootfs/random.bin")
+        floor = tar_floor(incus.rootfs("src"), peers.cluster.root / "scratch", args.repeat)
+        incus_env = dict(os.environ, INCUS_CONF=str(client.conf), HOME=str(client.conf))
+        ns = ["nsenter", f"--net=/run/netns/{netns}", "--"]
+        cases = []
+        for mode in MODES:
+            for tool, direction in (("incus", "incus->stapes"), ("incus", "stapes->incus"),
+                                    ("stapes", "incus->stapes"), ("stapes", "stapes->incus")):
+                src, dst = ("inc", "st") if direction == "incus->stapes" else ("st", "inc")
+                times = []
+                for i in range(args.repeat):
+                    name = f"c-{mode}-{i}"
+                    if tool == "incus":
+                        run, env = [*ns, "incus", "copy", f"{src}:src", f"{dst}:{name}", "--mode", mode], incus_env
+                    else:
+                        run, env = [*ns, str(Path(sys.executable).parent / "stapes"), "copy", f"{src}:src",
+                                    f"{dst}:{name}", "--mode", mode], cli.env()
+                    times.append(timed(run, env))
+                    if dst == "inc":
+                        incus.local("delete", name)
+                    else:
+                        stapes.api("DELETE", f"/1.0/instances/{name}")
+                        time.sleep(0.5)
+                cases.append((direction, tool, mode, statistics.median(times)))
+        print(f"Incus {incus.local('version').stdout.split()[-1]} <-> Stapes, {args.size_mib} MiB random "
+              f"+ busybox, dir pools, real disk, median of {args.repeat}")
+        print(f"floor: tar -c | tar -x  {floor:6.2f} s")
+        print(f"{'direction':15} {'client':7} {'mode':6} {'seconds':>8} {'x floor':>8}")
+        for direction, tool, mode, seconds in cases:
+            print(f"{direction:15} {tool:7} {mode:6} {seconds:8.2f} {seconds / floor:8.1f}")
 
 
 if __name__ == "__main__":

@@ -4,17 +4,13 @@ is removed on exit. Skipped, saying why, where Incus is not installed."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stapes.server.images.busybox import build_busybox_image  # noqa: E402
-from tests.integration.harness import Cluster  # noqa: E402
-from tests.integration.incus_peer import IncusClient, IncusPeer, missing, network_namespace  # noqa: E402
+from tests.integration.incus_peer import incus_and_stapes, missing  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -38,52 +34,32 @@ def main() -> None:
         say(f"Exchanging instances with Incus: skipped ({reason})")
         return
     say("Exchanging instances with a real Incus server (Debian's incus-base), both in a private network namespace")
-    cluster = Cluster()
-    os.chmod(cluster.root, 0o711)
-    with network_namespace() as netns:
-        incus = IncusPeer(cluster.root, netns)
-        try:
-            incus.start()
-            incus.initialize("dir")
-            image = cluster.root / "busybox.tar.xz"
-            asyncio.run(build_busybox_image(image))
-            incus.local("image", "import", str(image), "--alias", "busybox")
-            stapes = cluster.server("st", "127.0.0.2", netns=netns)
-            client = IncusClient(cluster.root / "incus-client", netns)
-            client.run("remote", "add", "inc", incus.url, "--accept-certificate", "--token",
-                       incus.trust_token("demo"))
-            token = stapes.api("POST", "/1.0/certificates", {"name": "demo", "type": "client", "token": True})
-            client.run("remote", "add", "st", token["metadata"]["token"])
-            cli = cluster.cli(netns=netns)
-            cli.trust(stapes, "st")
-            cli.run("remote", "add", "inc", incus.url, "--token", incus.trust_token("stapes-cli"))
-            print(f"Incus {incus.local('version').stdout.split()[-1]} at {incus.url}, Stapes at {stapes.url}")
+    with incus_and_stapes("dir") as peers:
+        incus, stapes, client, cli = peers.incus, peers.stapes, peers.client, peers.cli
+        print(f"Incus {incus.local('version').stdout.split()[-1]} at {incus.url}, Stapes at {stapes.url}")
 
-            def incus_cmd(*args: str) -> None:
-                show(client.run(*args), ["incus", *args])
+        def incus_cmd(*args: str) -> None:
+            show(client.run(*args), ["incus", *args])
 
-            def stapes_cmd(*args: str) -> None:
-                show(cli.run(*args), ["stapes", *args])
+        def stapes_cmd(*args: str) -> None:
+            show(cli.run(*args), ["stapes", *args])
 
-            incus_cmd("launch", "inc:busybox", "inc:web", "-c", "user.owner=ops")
-            incus_cmd("exec", "inc:web", "--", "sh", "-c", "echo made on incus > /root/note")
-            incus_cmd("stop", "inc:web", "--force")
-            incus_cmd("snapshot", "create", "inc:web", "before-move")
-            say("incus move, Incus -> Stapes (the official client; pull, then push back)")
-            incus_cmd("move", "inc:web", "st:web")
-            incus_cmd("list", "st:", "-c", "nsS")
-            incus_cmd("start", "st:web")
-            incus_cmd("exec", "st:web", "--", "cat", "/root/note")
-            incus_cmd("stop", "st:web", "--force")
-            incus_cmd("move", "st:web", "inc:web", "--mode", "push")
-            say("stapes move, with Incus as a remote (relay through this client, and back)")
-            stapes_cmd("move", "inc:web", "st:web", "--mode", "relay")
-            stapes_cmd("list", "st:")
-            stapes_cmd("copy", "st:web", "inc:web-copy")
-            incus_cmd("list", "inc:", "-c", "nsS")
-        finally:
-            incus.close()
-            cluster.close()
+        incus_cmd("launch", "inc:busybox", "inc:web", "-c", "user.owner=ops")
+        incus_cmd("exec", "inc:web", "--", "sh", "-c", "echo made on incus > /root/note")
+        incus_cmd("stop", "inc:web", "--force")
+        incus_cmd("snapshot", "create", "inc:web", "before-move")
+        say("incus move, Incus -> Stapes (the official client; pull, then push back)")
+        incus_cmd("move", "inc:web", "st:web")
+        incus_cmd("list", "st:", "-c", "nsS")
+        incus_cmd("start", "st:web")
+        incus_cmd("exec", "st:web", "--", "cat", "/root/note")
+        incus_cmd("stop", "st:web", "--force")
+        incus_cmd("move", "st:web", "inc:web", "--mode", "push")
+        say("stapes move, with Incus as a remote (relay through this client, and back)")
+        stapes_cmd("move", "inc:web", "st:web", "--mode", "relay")
+        stapes_cmd("list", "st:")
+        stapes_cmd("copy", "st:web", "inc:web-copy")
+        incus_cmd("list", "inc:", "-c", "nsS")
 
 
 if __name__ == "__main__":

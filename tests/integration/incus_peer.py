@@ -8,6 +8,7 @@ namespace itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,12 +17,14 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.integration.harness import in_netns, unmount_below
+from stapes.server.images.busybox import build_busybox_image
+from tests.integration.harness import Cli, Cluster, Server, in_netns, unmount_below
 
 INCUSD = Path("/usr/libexec/incus/incusd")
 ADDRESS = "127.0.0.1:8443"
@@ -156,3 +159,42 @@ class IncusClient:
 
     def names(self, remote: str) -> list[str]:
         return sorted(i["name"] for i in json.loads(self.run("list", f"{remote}:", "--format", "json").stdout))
+
+
+@dataclass
+class Peers:
+    """An Incus server and a Stapes server in one namespace, with both clients trusted on both as remotes
+    `inc:` and `st:`, and the busybox image on Incus."""
+
+    cluster: Cluster
+    incus: IncusPeer
+    stapes: Server
+    client: IncusClient  # the official client
+    cli: Cli  # the stapes CLI
+
+
+@contextmanager
+def incus_and_stapes(pool_driver: str = "dir") -> Iterator[Peers]:
+    cluster = Cluster()
+    os.chmod(cluster.root, 0o711)  # Incus's unprivileged containers must traverse to their rootfs
+    with network_namespace() as netns:
+        incus = IncusPeer(cluster.root, netns)
+        try:
+            incus.start()
+            incus.initialize(pool_driver)
+            image = cluster.root / "busybox.tar.xz"
+            asyncio.run(build_busybox_image(image))
+            incus.local("image", "import", str(image), "--alias", "busybox")
+            stapes = cluster.server("st", "127.0.0.2", netns=netns)
+            client = IncusClient(cluster.root / "incus-client", netns)
+            client.run("remote", "add", "inc", incus.url, "--accept-certificate", "--token",
+                       incus.trust_token("client"))
+            token = stapes.api("POST", "/1.0/certificates", {"name": "client", "type": "client", "token": True})
+            client.run("remote", "add", "st", token["metadata"]["token"])
+            cli = cluster.cli(netns=netns)
+            cli.trust(stapes, "st")
+            cli.run("remote", "add", "inc", incus.url, "--token", incus.trust_token("stapes-cli"))
+            yield Peers(cluster, incus, stapes, client, cli)
+        finally:
+            incus.close()
+            cluster.close()

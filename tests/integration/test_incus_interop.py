@@ -5,7 +5,6 @@ peer killed half-way loses nothing and leaves nothing; what cannot be exchanged 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 from collections.abc import Iterator
@@ -14,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from stapes.server.images.busybox import build_busybox_image
 from tests.integration.fstree import fingerprint, populate
-from tests.integration.harness import Cli, Cluster, Server, in_netns, wait_for
-from tests.integration.incus_peer import IncusClient, IncusPeer, missing, network_namespace
+from tests.integration.harness import Cli, Server, in_netns, wait_for
+from tests.integration.incus_peer import IncusClient, IncusPeer, incus_and_stapes, missing
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
@@ -49,34 +47,13 @@ class Interop:
 
 @pytest.fixture(scope="module", params=["dir", "btrfs"])
 def interop(request: pytest.FixtureRequest) -> Iterator[Interop]:
-    cluster = Cluster()
-    os.chmod(cluster.root, 0o711)  # Incus's unprivileged containers must traverse to their rootfs
-    with network_namespace() as netns:
-        incus = IncusPeer(cluster.root, netns)
-        try:
-            incus.start()
-            incus.initialize(request.param)
-            image = cluster.root / "busybox.tar.xz"
-            asyncio.run(build_busybox_image(image))
-            incus.local("image", "import", str(image), "--alias", "busybox")
-            stapes = cluster.server("st", "127.0.0.2", netns=netns)
-            pool = "default"
-            if request.param == "btrfs":
-                pool = "bt"
-                stapes.api("POST", "/1.0/storage-pools",
-                           {"name": pool, "driver": "btrfs", "config": {"size": "700MiB"}})
-            client = IncusClient(cluster.root / "incus-client", netns)
-            client.run("remote", "add", "inc", incus.url, "--accept-certificate", "--token",
-                       incus.trust_token("client"))
-            token = stapes.api("POST", "/1.0/certificates", {"name": "client", "type": "client", "token": True})
-            client.run("remote", "add", "st", token["metadata"]["token"])
-            cli = cluster.cli(netns=netns)
-            cli.trust(stapes, "st")
-            cli.run("remote", "add", "inc", incus.url, "--token", incus.trust_token("stapes-cli"))
-            yield Interop(incus, stapes, client, cli, pool, request.param)
-        finally:
-            incus.close()
-            cluster.close()
+    with incus_and_stapes(request.param) as peers:
+        pool = "default"
+        if request.param == "btrfs":
+            pool = "bt"
+            peers.stapes.api("POST", "/1.0/storage-pools", {"name": pool, "driver": "btrfs",
+                                                           "config": {"size": "700MiB"}})
+        yield Interop(peers.incus, peers.stapes, peers.client, peers.cli, pool, request.param)
 
 
 def content(root: Path) -> dict[str, tuple[object, ...]]:
