@@ -142,15 +142,19 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def api(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
-        """One REST call over the unix socket, as root (no CLI start-up): the response's metadata."""
+    def raw(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
+        """One REST call over the unix socket, as root (no CLI start-up): the whole answer, errors included."""
         conn = _UnixConnection(self.state_dir / "unix.socket", timeout)
         try:
             conn.request(method, path, body=None if body is None else json.dumps(body),
                          headers={"Content-Type": "application/json"})
-            answer = json.loads(conn.getresponse().read())
+            return json.loads(conn.getresponse().read())
         finally:
             conn.close()
+
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
+        """The response's metadata; an error fails the test."""
+        answer = self.raw(method, path, body, timeout)
         if answer.get("type") == "error":
             raise AssertionError(f"{method} {path}: {answer['error']}")
         return answer["metadata"]

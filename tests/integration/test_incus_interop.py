@@ -131,21 +131,65 @@ def test_incus_client_copies_a_stapes_instance_to_incus(interop: Interop, mode: 
     env.cli.run("delete", f"st:{name}")
 
 
-def test_stapes_cli_moves_both_ways(interop: Interop) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_stapes_cli_moves_both_ways(interop: Interop, mode: str) -> None:
     """The stapes CLI and library drive an Incus remote as they drive a Stapes one (waits in whole seconds)."""
-    env, name = interop, "cli"
+    env, name = interop, f"cli-{mode}"
     before = make_incus_container(env, name)
-    moved = env.cli.run("move", f"inc:{name}", f"st:{name}", *env.to_stapes())
-    assert "Moved" in moved.stdout, moved.stdout
+    moved = env.cli.run("move", f"inc:{name}", f"st:{name}", "--mode", mode, *env.to_stapes())
+    assert f"Moved inc:{name} to st:{name} ({mode}, rsync)" in moved.stdout, moved.stdout
     assert name not in env.incus.instances()
     assert content(env.stapes_rootfs(name)) == before["rootfs"]
-    env.cli.run("copy", f"st:{name}", "inc:cli-copy", "--mode", "relay", "-s", "default")
-    env.cli.run("move", f"st:{name}", f"inc:{name}", "--mode", "push", "-s", "default")
-    assert sorted(n for n in env.incus.instances() if n.startswith("cli")) == ["cli", "cli-copy"]
-    assert content(env.incus.rootfs(name)) == before["rootfs"] == content(env.incus.rootfs("cli-copy"))
-    listed = env.cli.json("list", "inc:")
-    assert {"cli", "cli-copy"} <= {i["name"] for i in listed}
-    env.incus.local("delete", name, "cli-copy")
+    env.cli.run("copy", f"st:{name}", f"inc:{name}-copy", "--mode", mode, "-s", "default")
+    env.cli.run("move", f"st:{name}", f"inc:{name}", "--mode", mode, "-s", "default")
+    assert name not in [n for n, _ in env.stapes.instances()]
+    assert content(env.incus.rootfs(name)) == before["rootfs"] == content(env.incus.rootfs(f"{name}-copy"))
+    assert content(env.incus_snapshot(name, "snap0")) == before["snap0"]
+    assert {name, f"{name}-copy"} <= {i["name"] for i in env.cli.json("list", "inc:")}
+    env.incus.local("delete", name, f"{name}-copy")
+
+
+def test_incus_only_keys_travel_or_are_refused_by_name(interop: Interop) -> None:
+    """Keys that only tune what Stapes does not do are kept (and come back to Incus); keys that would change
+    how the container runs are refused before any transfer, naming the key."""
+    env, name = interop, "keys"
+    env.incus.local("init", "busybox", name, "-c", "snapshots.schedule=@daily", "-c", "boot.autostart.priority=5",
+                    "-c", "cloud-init.user-data=#cloud-config")
+    env.client.run("move", f"inc:{name}", f"st:{name}", *env.to_stapes())
+    config = env.stapes.api("GET", f"/1.0/instances/{name}")["config"]
+    assert (config["snapshots.schedule"], config["boot.autostart.priority"]) == ("@daily", "5")
+    env.client.run("move", f"st:{name}", f"inc:{name}", "-s", "default")
+    assert env.client.run("config", "get", f"inc:{name}", "snapshots.schedule").stdout.strip() == "@daily"
+
+    env.incus.local("config", "set", name, "security.nesting=true")
+    result = env.client.run("move", f"inc:{name}", f"st:{name}", *env.to_stapes(), check=False)
+    assert result.returncode != 0 and "security.nesting" in result.stderr, result.stderr
+    assert "incus config unset" in result.stderr
+    assert name in env.incus.instances() and name not in [n for n, _ in env.stapes.instances()]
+    env.incus.local("delete", name)
+
+
+def test_a_running_incus_container_is_copied_in_two_passes(interop: Interop) -> None:
+    """Incus copies a running container statelessly: the volume while it runs, then a final sync."""
+    env, name = interop, "running"
+    if env.pool_driver != "dir":
+        pytest.skip("the pool does not change the two passes")
+    env.incus.local("launch", "busybox", name)
+    try:
+        (env.incus.rootfs(name) / "marker").write_text("copied while running\n")
+        env.client.run("copy", f"inc:{name}", f"st:{name}", "--stateless")
+        assert (env.stapes_rootfs(name) / "marker").read_text() == "copied while running\n"
+        assert env.stapes.api("GET", f"/1.0/instances/{name}")["status"] == "Stopped"
+        # A live move is refused by the target before anything moves, saying what to do instead.
+        refused = env.stapes.raw("POST", "/1.0/instances", {
+            "name": f"{name}-live", "source": {"type": "migration", "mode": "pull", "live": True,
+                                              "operation": f"{env.incus.url}/1.0/operations/0", "certificate": "x",
+                                              "secrets": {"control": "0" * 64, "fs": "0" * 64}}})
+        assert refused["error_code"] == 400 and "--stateless" in refused["error"], refused
+        assert name in env.incus.instances() and f"{name}-live" not in [n for n, _ in env.stapes.instances()]
+    finally:
+        env.incus.local("delete", name, "--force")
+    env.cli.run("delete", f"st:{name}")
 
 
 def test_what_cannot_be_exchanged_is_refused_before_any_transfer(interop: Interop) -> None:

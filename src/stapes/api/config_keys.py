@@ -100,7 +100,21 @@ INSTANCE_KEYS: dict[str, Key] = {
     "migration.incremental.memory.goal": Key(check_int(1, 100), "Pre-copy goal, in percent synced", "70"),
     "migration.incremental.memory.iterations": Key(check_int(1, 999), "Pre-copy rounds at most", "10"),
 }
-INSTANCE_NAMESPACES = ("user.", "environment.", "image.", "volatile.")
+# Incus keys that only tune what Stapes does not do (snapshot schedules, boot ordering, first-boot data):
+# kept as they are, without effect here, so an instance moved from Incus and back keeps them. Keys that
+# change how a container runs (security.*, linux.*, other limits.*) are refused instead: silently not
+# applying them would run the container differently from what its owner asked.
+INERT_INCUS_KEYS: dict[str, Key] = {
+    "snapshots.schedule": Key(check_any, "Incus: snapshot schedule (kept, not acted on by Stapes)"),
+    "snapshots.schedule.stopped": Key(check_bool, "Incus: snapshot stopped instances too (kept, no effect)"),
+    "snapshots.pattern": Key(check_any, "Incus: name pattern of scheduled snapshots (kept, no effect)"),
+    "snapshots.expiry": Key(check_any, "Incus: lifetime of scheduled snapshots (kept, no effect)"),
+    "boot.autostart.delay": Key(check_int(0, 2**31), "Incus: seconds to wait after autostart (kept, no effect)"),
+    "boot.autostart.priority": Key(check_int(-(2**31), 2**31), "Incus: autostart order (kept, no effect)"),
+    "boot.stop.priority": Key(check_int(-(2**31), 2**31), "Incus: shutdown order (kept, no effect)"),
+    "boot.host_shutdown_timeout": Key(check_int(0, 2**31), "Incus: shutdown wait (kept, no effect)"),
+}
+INSTANCE_NAMESPACES = ("user.", "environment.", "image.", "volatile.", "cloud-init.")
 
 SERVER_KEYS: dict[str, Key] = {
     "core.https_address": Key(check_address, "Address to listen on for HTTPS (HOST:PORT); empty: none"),
@@ -110,7 +124,7 @@ SERVER_NAMESPACES = ("user.",)
 
 
 def validate_config(
-    config: Mapping[str, str], keys: Mapping[str, Key], namespaces: tuple[str, ...], what: str
+    config: Mapping[str, str], keys: Mapping[str, Key], namespaces: tuple[str, ...], what: str, hint: str = ""
 ) -> None:
     for key, value in config.items():
         if not isinstance(value, str):
@@ -121,7 +135,7 @@ def validate_config(
                 continue
             known = ", ".join(sorted(keys))
             free = ", ".join(f"{n}*" for n in namespaces)
-            raise BadRequest(f"Unknown {what} key {key!r}: known keys are {known}, and any key under {free}")
+            raise BadRequest(f"Unknown {what} key {key!r}: known keys are {known}, and any key under {free}{hint}")
         try:
             spec.check(value)
         except ValueError as err:
@@ -129,7 +143,8 @@ def validate_config(
 
 
 def validate_instance_config(config: Mapping[str, str]) -> None:
-    validate_config(config, INSTANCE_KEYS, INSTANCE_NAMESPACES, "instance configuration")
+    validate_config(config, {**INSTANCE_KEYS, **INERT_INCUS_KEYS}, INSTANCE_NAMESPACES, "instance configuration",
+                    " (an instance coming from Incus: unset the key there first, 'incus config unset NAME KEY')")
 
 
 def validate_server_config(config: Mapping[str, str]) -> None:

@@ -393,7 +393,8 @@ def _check_migration_source(source: InstanceSource) -> None:
     if source.mode not in ("pull", "push"):
         raise BadRequest(f"Unknown migration mode {source.mode!r}: use pull or push (relay is push on both ends)")
     if source.live:
-        raise BadRequest("Live migration is not supported yet")
+        raise BadRequest("Live migration to Stapes is not supported yet: stop the instance first, or move it "
+                         "with --stateless")
     if source.mode == "pull":
         check_peer(source.operation, source.secrets, source.certificate, "source")
 
