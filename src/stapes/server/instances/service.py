@@ -158,7 +158,7 @@ class InstanceService:
             "profiles": row.profiles, "ephemeral": row.ephemeral, "stateful": False,
             "expanded_config": _shown(config), "expanded_devices": devices, "status": status.label,
             "status_code": int(status), "created_at": iso(row.created_at), "last_used_at": iso(row.last_used_at),
-            "location": "none", "snapshots": None, "backups": None,
+            "location": "none",
         }
 
     async def render_all(self, project: str | None, *, with_state: bool) -> list[dict[str, Any]]:
