@@ -48,6 +48,7 @@ class Interop:
 @pytest.fixture(scope="module", params=["dir", "btrfs"])
 def interop(request: pytest.FixtureRequest) -> Iterator[Interop]:
     with incus_and_stapes(request.param) as peers:
+        assert f"driver: {request.param}" in peers.incus.local("storage", "show", "default").stdout
         pool = "default"
         if request.param == "btrfs":
             pool = "bt"
