@@ -106,3 +106,15 @@ def test_root_cause_of_a_tool_failure() -> None:
     assert root_cause("rsync error: error in rsync protocol data stream (code 12)\n") == (
         "rsync error: error in rsync protocol data stream (code 12)")
     assert root_cause("") == ""
+
+
+def test_progress_says_100_percent_only_when_the_transfer_is_complete() -> None:
+    from stapes.server.migration.progress import figures, human
+
+    # rsync sent a small share of the total (the rest was already there): not yet done, then done.
+    running = figures(25_000, 6_000_000, 0.5)
+    assert (running["percent"], running["eta"]) == (0, 119)
+    assert figures(6_000_000, 6_000_000, 1.0)["percent"] == 99  # the bytes are there, the tool has not exited
+    done = figures(25_000, 6_000_000, 0.5, complete=True)
+    assert (done["percent"], done["eta"]) == (100, 0)
+    assert human(done) == "100% 24.41KiB (48.83KiB/s)"

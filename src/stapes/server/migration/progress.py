@@ -9,14 +9,15 @@ from typing import Any
 PUBLISH_INTERVAL = 0.5
 
 
-def figures(done: int, total: int, elapsed: float) -> dict[str, Any]:
-    """Pure: what the progress line shows."""
+def figures(done: int, total: int, elapsed: float, *, complete: bool = False) -> dict[str, Any]:
+    """Pure: what the progress line shows. `complete`: the data is all in place, whatever crossed the wire
+    (rsync sends only differences, so the bytes moved may stay far below the total): 100 %, nothing left."""
     rate = int(done / elapsed) if elapsed > 0 else 0
     result: dict[str, Any] = {"bytes": done, "rate": rate}
     if total > 0:
         result["total"] = total
-        result["percent"] = min(100, int(done * 100 / total))
-        result["eta"] = int(max(total - done, 0) / rate) if rate > 0 else None
+        result["percent"] = 100 if complete else min(99, int(done * 100 / total))
+        result["eta"] = 0 if complete else (int(max(total - done, 0) / rate) if rate > 0 else None)
     return result
 
 
@@ -32,7 +33,7 @@ def human(figures_: dict[str, Any]) -> str:
     text = f"{size(figures_['bytes'])} ({size(figures_['rate'])}/s)"
     if "percent" in figures_:
         text = f"{figures_['percent']}% {text}"
-        if figures_.get("eta") is not None:
+        if figures_.get("eta"):
             text += f" ETA {figures_['eta']}s"
     return text
 
@@ -53,6 +54,10 @@ class Progress:
             self._last = now
             self.publish()
 
-    def publish(self) -> None:
-        current = figures(self.done, self.total, time.monotonic() - self._start)
+    def publish(self, *, complete: bool = False) -> None:
+        current = figures(self.done, self.total, time.monotonic() - self._start, complete=complete)
         self._publish({"stage": self.stage, **current, "text": human(current)})
+
+    def finish(self) -> None:
+        """The transfer succeeded: the last figures say 100 %."""
+        self.publish(complete=True)

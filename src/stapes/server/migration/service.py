@@ -184,7 +184,7 @@ class MigrationService:
             raise InternalError(f"Transfer to the target failed: {reason}") from None
         finally:
             await asyncio.shield(sender.close())
-        progress.publish()
+        progress.finish()
         await pause_point("source-before-commit", self._paths.root)
         await _send_control(control, True)
         result = await _receive_control(control)
@@ -338,4 +338,4 @@ class MigrationService:
                 task.cancel()
             await asyncio.gather(said, transfer, return_exceptions=True)
             await asyncio.shield(receiver.close())
-        progress.publish()
+        progress.finish()
