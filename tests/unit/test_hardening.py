@@ -174,3 +174,16 @@ async def test_coalesced_queries_are_shared_and_never_stale() -> None:
     results = await asyncio.gather(first, *late)
     # The late callers asked after the first run started: they share one newer run, not the first's answer.
     assert results[0] == 1 and set(results[1:]) == {2} and len(runs) == 2
+
+
+def test_a_malformed_timeout_in_the_environment_stops_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stapes.server.migration.channel import _seconds_from_env
+
+    monkeypatch.setenv("STAPES_TEST_SECONDS", "30")
+    assert _seconds_from_env("STAPES_TEST_SECONDS", 120.0) == 30.0
+    monkeypatch.delenv("STAPES_TEST_SECONDS")
+    assert _seconds_from_env("STAPES_TEST_SECONDS", 120.0) == 120.0
+    for bad in ("abc", "-5", "0", "nan", "1e9"):
+        monkeypatch.setenv("STAPES_TEST_SECONDS", bad)
+        with pytest.raises(SystemExit, match="STAPES_TEST_SECONDS"):
+            _seconds_from_env("STAPES_TEST_SECONDS", 120.0)

@@ -23,7 +23,22 @@ MAX_MESSAGE = 16 << 20  # one websocket message; senders use 1 MiB at most (Incu
 # A migration closes its sockets only once everything was said; waiting long for the peer's close frame
 # serves nothing (an Incus peer sends none until its own operation ends).
 CLOSE_TIMEOUT = 0.5
-IDLE_TIMEOUT = float(os.environ.get("STAPES_MIGRATION_IDLE_TIMEOUT", "120"))
+def _seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment; anything else stops the daemon at start with a
+    message naming the variable (not a traceback, and not a silently different timeout)."""
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 10**6:
+        raise SystemExit(f"stapesd: {name}={text!r} is not a number of seconds: unset it, or give one such as 120")
+    return value
+
+
+IDLE_TIMEOUT = _seconds_from_env("STAPES_MIGRATION_IDLE_TIMEOUT", 120.0)
 
 
 class ChannelClosed(StapesError):
