@@ -53,7 +53,6 @@ class InstanceService:
         # Instances taking part in a migration (either side), with the operation that holds them: anything
         # else that would change them is refused at once, as Incus's operation lock does.
         self._busy: dict[tuple[str, str], str] = {}
-        self._settled: dict[tuple[str, str], asyncio.Event] = {}
 
     # lookups and expansion
     def driver(self, instance_type: str) -> InstanceDriver:
@@ -112,22 +111,12 @@ class InstanceService:
         self.check_idle(project, name)
         key = (project, name)
         self._busy[key] = f"operation {operation.id} ({operation.description})"
-        self._settled[key] = asyncio.Event()
 
         def release() -> None:
             if self._busy.get(key, "").startswith(f"operation {operation.id} "):
                 del self._busy[key]
-                self._settled.pop(key).set()
 
         return release
-
-    async def settled(self, project: str, name: str, grace: float) -> None:
-        """Give a migration that is about to end `grace` seconds to do so. A client that saw the target confirm
-        deletes the source at once; the source may learn of the confirmation a moment later."""
-        event = self._settled.get((project, name))
-        if event is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), grace)
 
     def check_idle(self, project: str, name: str) -> None:
         holder = self._busy.get((project, name))

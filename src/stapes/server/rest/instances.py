@@ -147,7 +147,6 @@ def routes(r: web.RouteTableDef) -> None:
         proj = await project(request)
         name = request.match_info["name"]
         await d.instances.get(proj, name)
-        await d.instances.settled(proj, name, SETTLE_GRACE)
 
         async def work(op: Operation) -> None:
             await d.instances.delete(proj, name)
@@ -325,9 +324,6 @@ def _migration_operation(request: web.Request, description: str, project: str, n
     if websockets:
         op.metadata.update(op.secrets)  # Incus puts the secrets at the top of the metadata
     return op
-
-
-SETTLE_GRACE = 2.0  # a delete waits this long for a move of the instance that is about to end
 
 
 def _start_claimed(request: web.Request, op: Operation, project: str, name: str,
