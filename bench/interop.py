@@ -18,22 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.migration import tar_floor  # noqa: E402
 from tests.integration.incus_peer import incus_and_stapes, missing  # noqa: E402
 
 MODES = ("pull", "push", "relay")
-
-
-def tar_floor(volume: Path, scratch: Path, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        target = scratch / "tar-copy"
-        target.mkdir(parents=True)
-        start = time.perf_counter()
-        subprocess.run(f"tar -C {volume} -cf - . | tar -C {target} -xf -", shell=True, check=True)
-        subprocess.run(["sync"], check=True)
-        times.append(time.perf_counter() - start)
-        shutil.rmtree(target)
-    return statistics.median(times)
 
 
 def timed(run: list[str], env: dict[str, str]) -> float:
@@ -58,7 +46,7 @@ def main() -> None:
         cli.run("init", "st:busybox", "st:src", "-q")
         shutil.copy(incus.rootfs("src") / "random.bin", stapes.state_dir / "storage-pools/default/containers/"
                     "src/rootfs/random.bin")
-        floor = tar_floor(incus.rootfs("src"), peers.cluster.root / "scratch", args.repeat)
+        floor = tar_floor(incus.rootfs("src"), peers.cluster.root / "scratch", args.repeat, sync=True)
         incus_env = dict(os.environ, INCUS_CONF=str(client.conf), HOME=str(client.conf))
         ns = ["nsenter", f"--net=/run/netns/{netns}", "--"]
         cases = []

@@ -69,13 +69,16 @@ def fill(rootfs: Path, dataset: str) -> int:
     return int(subprocess.run(["du", "-sb", str(rootfs)], capture_output=True, text=True).stdout.split()[0])
 
 
-def tar_floor(volume: Path, scratch: Path, repeat: int) -> float:
+def tar_floor(volume: Path, scratch: Path, repeat: int, *, sync: bool = False) -> float:
+    """`sync`: include writing the copy back to disk, when the timed commands do too."""
     times = []
     for _ in range(repeat):
         target = scratch / "tar-copy"
         target.mkdir(parents=True)
         start = time.perf_counter()
         subprocess.run(f"tar -C {volume} -cf - . | tar -C {target} -xf -", shell=True, check=True)
+        if sync:
+            subprocess.run(["sync"], check=True)
         times.append(time.perf_counter() - start)
         shutil.rmtree(target)
     return statistics.median(times)

@@ -258,5 +258,5 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")

@@ -17,12 +17,11 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.fstree import fingerprint
-from tests.integration.harness import STAPES, Cli, Cluster, Server, free_port
+from tests.integration.harness import STAPES, Cli, Cluster, Server, free_port, wait_for
 from tests.integration.hostile import Raw
 
 MODES = ["pull", "push", "relay"]
@@ -60,15 +59,6 @@ def _rootfs(server: Server, pool: str) -> Path:
     return server.state_dir / "storage-pools" / pool / "containers" / "c1" / "rootfs"
 
 
-def _wait_for(predicate: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _transferring(target: Server) -> bool:
     return any(((op.get("metadata") or {}).get("progress") or {}).get("bytes", 0) > 0
                for op in target.running_operations())
@@ -77,7 +67,7 @@ def _transferring(target: Server) -> bool:
 def _assert_exactly_once_on_the_source(cluster: Cluster, s1: Server, s2: Server,
                                        before: dict[str, tuple[object, ...]], pool: str) -> None:
     try:
-        _wait_for(lambda: not s1.running_operations() and not s2.running_operations(), "operations to end")
+        wait_for(lambda: not s1.running_operations() and not s2.running_operations(), 30, "operations to end")
     except AssertionError:
         still = [(s, op["description"], op["metadata"].get("progress")) for s in (s1, s2)
                  for op in s.running_operations()]
@@ -118,9 +108,9 @@ def test_a_server_killed_during_a_move(cluster: Cluster, mode: str, side: str, w
                             env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = s1 if side == "source" else s2
     if slow:
-        _wait_for(lambda: _transferring(s2), "the transfer to start")
+        wait_for(lambda: _transferring(s2), 30, "the transfer to start")
     else:
-        _wait_for((victim.state_dir / f"paused-at-{side}-{when}").exists, f"the {side} to reach {when}")
+        wait_for((victim.state_dir / f"paused-at-{side}-{when}").exists, 30, f"the {side} to reach {when}")
     victim.kill()
     _, err = move.communicate(timeout=90)
     assert move.returncode != 0 and err.startswith("Error: "), err
@@ -134,7 +124,7 @@ def test_a_server_stopped_gracefully_during_a_move(cluster: Cluster) -> None:
     before = _container(s1, slow=True)
     move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "-s", "default", "--transport", "rsync"],
                             env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _transferring(s2), "the transfer to start")
+    wait_for(lambda: _transferring(s2), 30, "the transfer to start")
     s2.stop()
     _, err = move.communicate(timeout=90)
     assert move.returncode != 0 and "Error: " in err, err
@@ -239,7 +229,7 @@ async def test_the_link_between_the_servers_breaks(cluster: Cluster, mode: str, 
                     "migration": True, "transport": "rsync",
                     "target": {"operation": proxy.url(target_op["id"]), "certificate": cert2, "secrets": secrets}})
                 source_op = body["metadata"]
-            await asyncio.to_thread(_wait_for, lambda: _transferring(s2), "the transfer to start")
+            await asyncio.to_thread(wait_for, lambda: _transferring(s2), 30, "the transfer to start")
             proxy.cut() if fault == "cut" else proxy.stall()
             results = await asyncio.gather(src.wait(source_op, 60), dst.wait(target_op, 60))
     finally:
@@ -267,7 +257,7 @@ def test_the_relaying_clients_link_is_cut(cluster: Cluster) -> None:
         move = subprocess.Popen([STAPES, "move", "s1:c1", "s2p:", "-s", "default", "--mode", "relay",
                                  "--transport", "rsync"], env=cli.env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: _transferring(s2), "the transfer to start")
+        wait_for(lambda: _transferring(s2), 30, "the transfer to start")
         proxy.cut()
         _, err = move.communicate(timeout=90)
         assert move.returncode != 0 and err.startswith("Error: "), err

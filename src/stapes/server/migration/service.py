@@ -64,11 +64,11 @@ async def _receive_control(control: Channel) -> pb.MigrationControl:
 
 async def _peer_reason(control: Channel, fallback: StapesError | BaseException) -> str:
     """When a transfer breaks, the other side usually said why on the control channel: prefer that."""
-    with contextlib.suppress(Exception):
-        reply = await asyncio.wait_for(_receive_control(control), 2)
-        if not reply.success and reply.message:
-            return reply.message
-    return fallback.message if isinstance(fallback, StapesError) else str(fallback)
+    said = asyncio.create_task(_receive_control(control))
+    try:
+        return await _reason_from(said, fallback)
+    finally:
+        said.cancel()
 
 
 class PoolFull(InternalError):
@@ -97,7 +97,7 @@ def _failure_reason(said: asyncio.Task[pb.MigrationControl]) -> str | None:
 
 
 async def _reason_from(said: asyncio.Task[pb.MigrationControl], fallback: StapesError | BaseException) -> str:
-    """When a transfer breaks, the other side usually said why on the control channel: prefer that."""
+    """The peer's reason from its control message (read by `said`, waited for 2 s at most), or `fallback`'s."""
     with contextlib.suppress(Exception):
         reply = await asyncio.wait_for(asyncio.shield(said), 2)
         if not reply.success and reply.message:
