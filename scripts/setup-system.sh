@@ -11,7 +11,8 @@ fi
 . /etc/os-release
 codename="${VERSION_CODENAME:-}"
 packages=(lxc busybox-static rsync btrfs-progs nftables tar gzip xz-utils python3 python3-venv python3-dev gcc
-          ca-certificates curl incus-client incus-base iproute2 util-linux)
+          ca-certificates curl incus-client incus-base iproute2 util-linux dnsmasq-base uidmap mmdebstrap zstd
+          iputils-ping)
 
 backports=()
 if [ "$codename" = bookworm ]; then
@@ -49,6 +50,14 @@ if [ ${#missing[@]} -gt 0 ] || [ -n "${apt_update_needed:-}" ]; then
     [ ${#from_backports[@]} -gt 0 ] && apt-get install -y -q --no-install-recommends -t bookworm-backports \
         "${from_backports[@]}"
 fi
+
+# Unprivileged containers map their ids into root's subordinate range, as Incus's do.
+for file in /etc/subuid /etc/subgid; do
+    if ! grep -qs '^root:' "$file"; then
+        echo "root:1000000:1000000000" >> "$file"
+        echo "setup-system: gave root the ids 1000000-1000999999 in $file (unprivileged containers)"
+    fi
+done
 
 # Make sure the python3 that builds the virtual environment can (pyenv or Debian's).
 python3 -c 'import venv, ensurepip' 2>/dev/null || {

@@ -224,6 +224,7 @@ class Cluster:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="stapes-test-"))
+        self.root.chmod(0o711)  # unprivileged containers' root (a high uid) must traverse to their files
         self.servers: list[Server] = []
 
     def server(self, name: str, host: str, env: dict[str, str] | None = None, netns: str | None = None) -> Server:
@@ -242,8 +243,16 @@ class Cluster:
         for server in self.servers:
             server.kill_containers()
             server.stop()
+            cleanup_networks(server.state_dir)
         unmount_below(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def cleanup_networks(state_dir: Path) -> None:
+    """The bridges, nftables tables and dnsmasq a server's networks left on the host (they outlive the daemon,
+    as Incus's do, so running containers keep their network)."""
+    from stapes.server.networks.cleanup import cleanup
+    cleanup(state_dir)
 
 
 def unmount_below(root: Path) -> None:

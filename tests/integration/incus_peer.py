@@ -193,6 +193,9 @@ def incus_and_stapes(pool_driver: str = "dir") -> Iterator[Peers]:
             client.run("remote", "add", "st", token["metadata"]["token"])
             cli = cluster.cli(netns=netns)
             cli.trust(stapes, "st")
+            # LXC checks a bridge through /sys, which nsenter leaves showing the host's interfaces: in this
+            # namespace Stapes's containers run without a nic, as the Incus peer's do (its preseed has none).
+            cli.run("profile", "device", "remove", "st:default", "eth0")
             cli.run("remote", "add", "inc", incus.url, "--token", incus.trust_token("stapes-cli"))
             yield Peers(cluster, incus, stapes, client, cli)
         finally:

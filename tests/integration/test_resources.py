@@ -45,7 +45,7 @@ def test_projects_keep_instances_apart(s1: Server, cli: Cli) -> None:
 
 
 def test_storage_pools(s1: Server, cli: Cli, tmp_path: Path) -> None:
-    source = tmp_path / "fastpool"
+    source = s1.state_dir.parent / "fastpool"  # outside the state dir, where unprivileged roots can traverse
     cli.run("storage", "create", "fast", "dir", f"source={source}")
     cli.run("launch", "busybox", "c1", "-s", "fast", "-q")
     assert (source / "containers/c1/rootfs/bin/busybox").exists()

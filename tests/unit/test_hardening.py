@@ -20,7 +20,7 @@ from stapes.server.operations import OperationRegistry
 
 
 def _service() -> InstanceService:
-    return InstanceService(None, None, None, EventHub(), {})  # type: ignore[arg-type]
+    return InstanceService(None, None, None, EventHub(), {}, None)  # type: ignore[arg-type]
 
 
 async def test_a_lock_is_never_dropped_while_others_wait() -> None:

@@ -60,7 +60,14 @@ def test_devices() -> None:
     validate_devices({"root": {"type": "disk", "path": "/", "pool": "default"},
                       "data": {"type": "disk", "path": "/data", "source": "/srv"}})
     for bad, message in [
-        ({"eth0": {"type": "nic"}}, "unsupported type"),
+        ({"g": {"type": "gpu"}}, "unsupported type"),
+        ({"eth0": {"type": "nic"}}, "needs a managed 'network'"),
+        ({"eth0": {"type": "nic", "network": "n", "parent": "br0"}}, "takes no"),
+        ({"eth0": {"type": "nic", "nictype": "bridged"}}, "needs the host bridge"),
+        ({"eth0": {"type": "nic", "network": "n", "hwaddr": "11:22:33:44:55:66"}}, "multicast"),
+        ({"eth0": {"type": "nic", "network": "n", "name": "a/b"}}, "not an interface name"),
+        ({"a": {"type": "nic", "network": "n"}, "b": {"type": "nic", "network": "n", "name": "a"}},
+         "same interface"),
         ({"d": {"type": "disk", "path": "/x"}}, "needs a host 'source'"),
         ({"d": {"type": "disk", "path": "rel", "source": "/s"}}, "absolute"),
         ({"d": {"type": "disk", "path": "/", "bogus": "1"}}, "unknown key"),

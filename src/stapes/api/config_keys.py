@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from stapes.api.errors import BadRequest
+from stapes.api.networks import parse_ipv4_cidr, parse_ipv6_cidr
 
 Check = Callable[[str], None]
 
@@ -95,6 +96,8 @@ INSTANCE_KEYS: dict[str, Key] = {
     "limits.processes": Key(check_int(1, 2**31), "Maximum number of processes"),
     "boot.autostart": Key(check_bool, "Start the instance when the server starts", "false"),
     "raw.lxc": Key(check_any, "Extra LXC configuration lines, appended as they are"),
+    "security.privileged": Key(check_bool, "Run the container without a user namespace: root inside is root "
+                               "on the host (off by default)", "false"),
     "migration.stateful": Key(check_bool, "Move the instance live, with its running state", "false"),
     "migration.incremental.memory": Key(check_bool, "Use CRIU memory pre-copy for live moves", "false"),
     "migration.incremental.memory.goal": Key(check_int(1, 100), "Pre-copy goal, in percent synced", "70"),
@@ -115,6 +118,40 @@ INERT_INCUS_KEYS: dict[str, Key] = {
     "boot.host_shutdown_timeout": Key(check_int(0, 2**31), "Incus: shutdown wait (kept, no effect)"),
 }
 INSTANCE_NAMESPACES = ("user.", "environment.", "image.", "volatile.", "cloud-init.")
+
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def check_domain(value: str) -> None:
+    if not _DOMAIN.match(value) or len(value) > 253:
+        raise ValueError(f"{value!r} is not a DNS domain: use lower-case labels such as stapes or lab.example")
+
+
+def check_mtu(value: str) -> None:
+    check_int(1280, 9000)(value)
+
+
+def _check_cidr(parse: Callable[[str], object]) -> Check:
+    def check(value: str) -> None:
+        if value not in ("auto", "none"):
+            parse(value)
+
+    return check
+
+
+# Managed bridge networks: Incus's key names and meanings. "auto" picks a subnet unused on the host when the
+# network is created (the chosen one is then stored); "none" turns that family off.
+NETWORK_KEYS: dict[str, Key] = {
+    "ipv4.address": Key(_check_cidr(parse_ipv4_cidr), "Gateway address and prefix (10.1.2.1/24), auto or none", "auto"),
+    "ipv4.nat": Key(check_bool, "Masquerade IPv4 traffic leaving the subnet", "true"),
+    "ipv4.dhcp": Key(check_bool, "Hand out IPv4 addresses by DHCP", "true"),
+    "ipv6.address": Key(_check_cidr(parse_ipv6_cidr), "Gateway address and /64 (fd42:1:2:3::1/64), auto or none",
+                        "auto"),
+    "ipv6.nat": Key(check_bool, "Masquerade IPv6 traffic leaving the subnet", "true"),
+    "dns.domain": Key(check_domain, "Domain of the instances' names in the network's DNS", "stapes"),
+    "bridge.mtu": Key(check_mtu, "MTU of the bridge", "1500"),
+}
+NETWORK_NAMESPACES = ("user.",)
 
 SERVER_KEYS: dict[str, Key] = {
     "core.https_address": Key(check_address, "Address to listen on for HTTPS (HOST:PORT); empty: none"),
@@ -149,3 +186,7 @@ def validate_instance_config(config: Mapping[str, str]) -> None:
 
 def validate_server_config(config: Mapping[str, str]) -> None:
     validate_config(config, SERVER_KEYS, SERVER_NAMESPACES, "server configuration")
+
+
+def validate_network_config(config: Mapping[str, str]) -> None:
+    validate_config(config, NETWORK_KEYS, NETWORK_NAMESPACES, "network configuration")

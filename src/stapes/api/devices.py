@@ -5,14 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from stapes.api.errors import BadRequest
+from stapes.api.networks import check_interface_name, check_mac
 
 Devices = dict[str, dict[str, str]]
 
 _DEVICE_KEYS: dict[str, dict[str, bool]] = {
     # key -> required
     "disk": {"path": True, "source": False, "pool": False, "readonly": False, "size": False},
+    "nic": {"network": False, "nictype": False, "parent": False, "name": False, "hwaddr": False, "mtu": False,
+            "host_name": False},
     "none": {},
 }
+NIC_TYPES = ("bridged",)
 
 
 def validate_devices(devices: Mapping[str, Mapping[str, str]]) -> None:
@@ -32,6 +36,12 @@ def validate_devices(devices: Mapping[str, Mapping[str, str]]) -> None:
                 raise BadRequest(f"Invalid device {name!r}: a {kind} device needs {key!r}")
         if kind == "disk":
             _validate_disk(name, device)
+        elif kind == "nic":
+            _validate_nic(name, device)
+    names = [dev.get("name") or name for name, dev in devices.items() if dev.get("type") == "nic"]
+    if len(set(names)) != len(names):
+        raise BadRequest("Two nic devices have the same interface name inside the instance: give one another "
+                         "'name'")
 
 
 def _validate_disk(name: str, device: Mapping[str, str]) -> None:
@@ -43,6 +53,35 @@ def _validate_disk(name: str, device: Mapping[str, str]) -> None:
             raise BadRequest(f"Invalid device {name!r}: the root disk takes a pool, not a source")
     elif not device.get("source"):
         raise BadRequest(f"Invalid device {name!r}: a disk other than the root disk needs a host 'source' path")
+
+
+def _validate_nic(name: str, device: Mapping[str, str]) -> None:
+    """Incus's two ways: `network=NAME` (a managed network here), or `nictype=bridged` with a host `parent`."""
+    if device.get("network"):
+        if device.get("nictype") or device.get("parent"):
+            raise BadRequest(f"Invalid device {name!r}: a nic on a managed network takes no 'nictype' or 'parent' "
+                             "(the network says which bridge)")
+    elif device.get("nictype") not in NIC_TYPES:
+        raise BadRequest(f"Invalid device {name!r}: a nic needs a managed 'network', or nictype=bridged with a "
+                         "host bridge as 'parent'")
+    elif not device.get("parent"):
+        raise BadRequest(f"Invalid device {name!r}: a bridged nic needs the host bridge as 'parent'")
+    try:
+        for key in ("name", "parent", "host_name"):
+            if device.get(key):
+                check_interface_name(device[key])
+        if device.get("hwaddr"):
+            check_mac(device["hwaddr"])
+        if device.get("mtu"):
+            mtu = device["mtu"]
+            if not mtu.isdigit() or not 1280 <= int(mtu) <= 9000:
+                raise ValueError(f"mtu {mtu!r} must be a number between 1280 and 9000")
+    except ValueError as err:
+        raise BadRequest(f"Invalid device {name!r}: {err}") from None
+
+
+def nic_devices(devices: Mapping[str, Mapping[str, str]]) -> dict[str, Mapping[str, str]]:
+    return {name: dev for name, dev in sorted(devices.items()) if dev.get("type") == "nic"}
 
 
 def expand_devices(profile_devices: Sequence[Mapping[str, Mapping[str, str]]], local: Devices) -> Devices:

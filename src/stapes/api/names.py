@@ -35,3 +35,13 @@ def validate_entity_name(kind: str, name: str) -> None:
         raise BadRequest(
             f"Invalid {kind} name {name!r}: use letters, digits, '-', '_' or '.', without spaces or slashes"
         )
+
+
+def validate_alias_name(name: str) -> None:
+    """Image aliases may hold slashes, as Incus's do (debian/12); never an empty or dot-only part."""
+    if not name or len(name) > 63:
+        raise BadRequest(f"Invalid image alias name {name!r}: it must be 1 to 63 characters long")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") or not _ENTITY_NAME.match(part) for part in parts):
+        raise BadRequest(f"Invalid image alias name {name!r}: use letters, digits, '-', '_', '.' and '/' between "
+                         "parts, without spaces")

@@ -146,6 +146,13 @@ class EntityPut(Body):
     devices: DeviceMap | None = None
 
 
+class NetworksPost(Body):
+    name: str = ""
+    type: str = "bridge"
+    description: str = ""
+    config: StrMap | None = None
+
+
 class Rename(Body):
     name: str = ""
 

@@ -12,6 +12,20 @@ from stapes.cli.common import client_for, config, key_values, parse, parse_remot
 from stapes.cli.config import _edit_yaml
 
 
+def _listing(kind: str, items: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    used = [str(len(i.get("used_by") or [])) for i in items]
+    if kind == "pool":
+        return (["NAME", "DRIVER", "DESCRIPTION", "USED BY"],
+                [[i["name"], i["driver"], i.get("description", ""), n] for i, n in zip(items, used, strict=True)])
+    if kind == "network":
+        return (["NAME", "TYPE", "MANAGED", "IPV4", "IPV6", "DESCRIPTION", "USED BY"],
+                [[i["name"], i["type"], "YES" if i.get("managed") else "NO", i["config"].get("ipv4.address", ""),
+                  i["config"].get("ipv6.address", ""), i.get("description", ""), n]
+                 for i, n in zip(items, used, strict=True)])
+    return ["NAME", "DESCRIPTION", "USED BY"], [[i["name"], i.get("description", ""), n]
+                                                 for i, n in zip(items, used, strict=True)]
+
+
 def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, editable: tuple[str, ...]) -> click.Group:
     @cli.group(name=group_name, help=f"Manage {noun}s.")
     def group() -> None:
@@ -23,10 +37,7 @@ def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, edita
     def list_cmd(remote: str | None, fmt: str) -> None:
         with client_for(parse_remote_only(remote)) as client:
             items = client.collection(kind)
-        headers = ["NAME", "DRIVER", "DESCRIPTION", "USED BY"] if kind == "pool" else ["NAME", "DESCRIPTION",
-                                                                                       "USED BY"]
-        rows = [[i["name"], *([i["driver"]] if kind == "pool" else []), i.get("description", ""),
-                 str(len(i.get("used_by") or []))] for i in items]
+        headers, rows = _listing(kind, items)
         render.table(headers, rows, fmt, raw=items)
 
     @group.command(name="show", help=f"Show a {noun} as YAML.")
@@ -249,3 +260,51 @@ def register(cli: click.Group) -> None:
         with client_for(remote) as client:
             usage: dict[str, Any] = client.pool_resources(entity)
         click.echo(f"space used: {usage['space']['used']}\nspace total: {usage['space']['total']}")
+
+    network = _entity_group(cli, "network", "network", "network", ("config", "description"))
+
+    @network.command(name="create")
+    @click.argument("name")
+    @click.argument("settings", nargs=-1)
+    @click.option("--type", "network_type", default="bridge", help="Network type (bridge)")
+    @click.option("--description", default="")
+    def network_create(name: str, settings: tuple[str, ...], network_type: str, description: str) -> None:
+        """Create a managed bridge with DHCP, DNS and NAT; unused subnets are picked unless given.
+
+        \b
+        Examples:
+          stapes network create s1:backend
+          stapes network create lab ipv4.address=10.50.0.1/24 ipv6.address=none
+        """
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            client.create_entity("network", {"name": entity, "type": network_type, "config": key_values(settings),
+                                             "description": description})
+        click.echo(f"Network {entity} created")
+
+    @network.command(name="info")
+    @click.argument("name")
+    def network_info(name: str) -> None:
+        """Show a network's bridge: addresses, MAC, MTU, traffic."""
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            net = client.entity("network", entity)
+            state = client.network_state(entity)
+        click.echo(f"Name: {entity}\nInterface: {net.get('interface', '')}\nMAC address: {state['hwaddr']}\n"
+                   f"MTU: {state['mtu']}\nState: {state['state']}\nIP addresses:")
+        for addr in state["addresses"]:
+            click.echo(f"  {addr['family']}  {addr['address']}/{addr['netmask']} ({addr['scope']})")
+        counters = state.get("counters") or {}
+        click.echo(f"Traffic: {counters.get('bytes_received', 0)} bytes received, "
+                   f"{counters.get('bytes_sent', 0)} bytes sent")
+
+    @network.command(name="list-leases")
+    @click.argument("name")
+    @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
+    def network_leases(name: str, fmt: str) -> None:
+        """List the addresses the network's DHCP server handed out."""
+        remote, entity = parse(name)
+        with client_for(remote) as client:
+            leases = client.network_leases(entity)
+        render.table(["HOSTNAME", "MAC ADDRESS", "IP ADDRESS", "TYPE"],
+                     [[x["hostname"], x["hwaddr"], x["address"], x["type"].upper()] for x in leases], fmt, raw=leases)

@@ -51,19 +51,23 @@ def register(cli: click.Group) -> None:
         render.success(f"Image imported with fingerprint: {op['metadata']['fingerprint']}", quiet)
 
     @image.command(name="build")
-    @click.argument("builtin", type=click.Choice(["busybox"]))
+    @click.argument("name", type=click.Choice(["busybox", "debian/12", "debian/13"]))
     @click.argument("remote", required=False)
-    @click.option("--alias", "aliases", multiple=True, help="Alias for the new image (repeatable)")
-    def build(builtin: str, remote: str | None, aliases: tuple[str, ...]) -> None:
-        """Build a built-in image on the server (no network needed).
+    @click.option("--alias", "aliases", multiple=True,
+                  help="Alias for the new image (repeatable; a Debian image is called debian/N unless given)")
+    @click.option("-q", "--quiet", is_flag=True)
+    def build(name: str, remote: str | None, aliases: tuple[str, ...], quiet: bool) -> None:
+        """Build an image on the server: busybox (from the host's busybox, no network needed), or a minimal
+        Debian system from the Debian archive (mmdebstrap; cached on the server for a week).
 
         \b
-        Example:
+        Examples:
           stapes image build busybox s1: --alias bb
+          stapes image build debian/12 s1: && stapes launch s1:debian/12 d1
         """
-        with client_for(parse_remote_only(remote)) as client:
-            op = client.build_image(builtin, list(aliases))
-        click.echo(f"Image built with fingerprint: {op['metadata']['fingerprint']}")
+        with client_for(parse_remote_only(remote)) as client, render.progress(f"Building {name}", quiet) as update:
+            op = client.build_image(name, list(aliases), update)
+        render.success(f"Image built with fingerprint: {op['metadata']['fingerprint']}", quiet)
 
     @image.command(name="delete")
     @click.argument("names", nargs=-1, required=True)

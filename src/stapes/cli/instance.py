@@ -21,8 +21,8 @@ LIST_COLUMNS: dict[str, Column] = {
     "n": ("NAME", lambda i: i["name"]),
     "s": ("STATE", lambda i: i["status"].upper()),
     "t": ("TYPE", lambda i: i["type"].upper()),
-    "4": ("IPV4", lambda i: ""),
-    "6": ("IPV6", lambda i: ""),
+    "4": ("IPV4", lambda i: _addresses(i, "inet")),
+    "6": ("IPV6", lambda i: _addresses(i, "inet6")),
     "S": ("SNAPSHOTS", lambda i: str(len(i.get("snapshots") or []))),
     "P": ("PROFILES", lambda i: "\n".join(i["profiles"])),
     "e": ("PROJECT", lambda i: i["project"]),
@@ -32,6 +32,36 @@ LIST_COLUMNS: dict[str, Column] = {
     "p": ("PID", lambda i: str((i.get("state") or {}).get("pid", ""))),
     "m": ("MEMORY USAGE", lambda i: _bytes(((i.get("state") or {}).get("memory") or {}).get("usage", 0))),
 }
+
+
+def _server_info(name: str | None) -> None:
+    """As `incus info` without an instance: what the server is and runs on."""
+    with client_for(parse_remote_only(name.rstrip(":") if name else None)) as client:
+        info = client.server()
+        networks = client.collection("network")
+    env = info.get("environment") or {}
+    lines = [
+        ("Server", f"{env.get('server', '')} {env.get('server_version', '')}"),
+        ("Server name", env.get("server_name", "")), ("Addresses", ", ".join(env.get("addresses") or []) or "-"),
+        ("Certificate fingerprint", env.get("certificate_fingerprint", "")),
+        ("Kernel", f"{env.get('kernel', '')} {env.get('kernel_version', '')} ({env.get('kernel_architecture', '')})"),
+        ("Container driver", f"{env.get('driver', '')} {env.get('driver_version', '')}"),
+        ("Firewall", env.get("firewall", "")),
+        ("Storage drivers", ", ".join(d["name"] for d in env.get("storage_supported_drivers") or [])),
+        ("Instance types", ", ".join(env.get("instance_types") or [])),
+        ("Unprivileged containers", env.get("unprivileged", "")),
+        ("Networks", ", ".join(f"{n['name']} ({n['config'].get('ipv4.address', '')})" for n in networks) or "-"),
+        ("API extensions", str(len(info.get("api_extensions") or []))),
+    ]
+    for key, value in lines:
+        click.echo(f"{key}: {value}")
+
+
+def _addresses(instance: dict[str, Any], family: str) -> str:
+    """As `incus list`: each global address with its interface, one per line."""
+    network = (instance.get("state") or {}).get("network") or {}
+    return "\n".join(f"{a['address']} ({name})" for name, iface in sorted(network.items()) if name != "lo"
+                     for a in iface.get("addresses") or [] if a["family"] == family and a["scope"] == "global")
 
 
 def _bytes(value: int) -> str:
@@ -220,15 +250,19 @@ def register(cli: click.Group) -> None:
         render.table([LIST_COLUMNS[c][0] for c in columns], rows, fmt, raw=instances)
 
     @cli.command()
-    @click.argument("name")
+    @click.argument("name", required=False)
     @click.option("--show-log", is_flag=True, help="Show the instance's LXC log")
-    def info(name: str, show_log: bool) -> None:
-        """Show an instance's details and state.
+    def info(name: str | None, show_log: bool) -> None:
+        """Show an instance's details and state, or (no instance named) the server's.
 
         \b
-        Example:
+        Examples:
           stapes info s1:c1 --show-log
+          stapes info s1:
         """
+        if name is None or name.endswith(":"):
+            _server_info(name)
+            return
         remote, instance_name = parse(name)
         with client_for(remote) as client:
             instance = client.instance(instance_name, with_state=True)
@@ -245,6 +279,13 @@ def register(cli: click.Group) -> None:
                           ("CPU usage (ns)", str((state.get("cpu") or {}).get("usage", 0)))]
             for key, value in lines:
                 click.echo(f"{key}: {value}")
+            network = state.get("network") or {}
+            for iface_name, iface in sorted(network.items()):
+                if iface_name == "lo":
+                    continue
+                click.echo(f"Network {iface_name}: {iface.get('hwaddr', '')}, {iface.get('state', '')}")
+                for addr in iface.get("addresses") or []:
+                    click.echo(f"  {addr['family']}  {addr['address']}/{addr['netmask']} ({addr['scope']})")
             if show_log:
                 click.echo("\nLog:\n")
                 click.echo(client.instance_log(instance_name, "lxc.log").decode(errors="replace"))

@@ -83,7 +83,7 @@ async def _transfer(move: bool, source_spec: str, dest_spec: str | None, mode: s
         try:
             with render.progress(f"{'Moving' if move else 'Copying'} {name}", quiet) as update:
                 transport = await copy_instance(source, name, target, landing, mode=mode, overrides=overrides,
-                                                progress=update)
+                                                progress=update, move=move)
         except BaseException:
             if running:
                 await asyncio.shield(source.change_state(name, "start"))

@@ -26,7 +26,8 @@ T = TypeVar("T")
 Progress = Callable[[Json], None]
 
 # Collections with the same REST shape: list/get/create/put/patch/delete/rename.
-COLLECTIONS = {"profile": "/1.0/profiles", "project": "/1.0/projects", "pool": "/1.0/storage-pools"}
+COLLECTIONS = {"profile": "/1.0/profiles", "project": "/1.0/projects", "pool": "/1.0/storage-pools",
+               "network": "/1.0/networks"}
 
 
 class AsyncClient:
@@ -156,10 +157,10 @@ class AsyncClient:
             op = await self.conn.request("POST", "/1.0/images", data=handle, headers=headers)
         return await self.run_operation(op, progress)
 
-    async def build_image(self, builtin: str, aliases: list[str]) -> Json:
+    async def build_image(self, builtin: str, aliases: list[str], progress: Progress | None = None) -> Json:
         op = await self.conn.request("POST", "/1.0/images", {
             "source": {"type": "builtin", "name": builtin}, "aliases": [{"name": a} for a in aliases]})
-        return await self.conn.wait(op)
+        return await self.run_operation(op, progress)
 
     async def delete_image(self, name: str) -> None:
         image = await self.image(name)
@@ -195,6 +196,13 @@ class AsyncClient:
 
     async def delete_entity(self, kind: str, name: str) -> None:
         await self.conn.request("DELETE", f"{COLLECTIONS[kind]}/{name}")
+
+    async def network_state(self, name: str) -> Json:
+        return await self.conn.request("GET", f"/1.0/networks/{name}/state")
+
+    async def network_leases(self, name: str) -> list[Json]:
+        result: list[Json] = await self.conn.request("GET", f"/1.0/networks/{name}/leases")
+        return result
 
     async def pool_resources(self, name: str) -> Json:
         return await self.conn.request("GET", f"/1.0/storage-pools/{name}/resources")

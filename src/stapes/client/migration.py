@@ -39,12 +39,14 @@ class Overrides:
     refresh: bool = False  # bring an existing copy up to date (only what changed is sent)
 
 
-def target_body(instance: Json, new_name: str, overrides: Overrides, profile_devices: dict[str, dict[str, str]]
-                ) -> dict[str, Any]:
+def target_body(instance: Json, new_name: str, overrides: Overrides, profile_devices: dict[str, dict[str, str]],
+                *, move: bool = False) -> dict[str, Any]:
     """The instance as the target creates it: the source's own config and devices with the overrides applied
-    (pure: unit-tested). Volatile keys stay behind except the base image, as Incus does."""
+    (pure: unit-tested). Volatile keys stay behind except the base image and, on a move, the nics' MAC
+    addresses (a moved instance is the same machine; a copy is a new one, with new MACs), as Incus does."""
     config = {k: v for k, v in instance["config"].items()
-              if not k.startswith("volatile.") or k == "volatile.base_image"}
+              if not k.startswith("volatile.") or k == "volatile.base_image"
+              or (move and k.endswith(".hwaddr"))}
     config.update(overrides.config)
     devices = {name: dict(dev) for name, dev in instance["devices"].items()}
     for name, values in overrides.devices.items():
@@ -107,8 +109,9 @@ async def _pump(reader: aiohttp.ClientWebSocketResponse, writer: aiohttp.ClientW
 
 
 async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new_name: str, *, mode: str = "pull",
-                        overrides: Overrides | None = None, progress: Callable[[Json], None] | None = None) -> str:
-    """Returns the transport the servers used."""
+                        overrides: Overrides | None = None, progress: Callable[[Json], None] | None = None,
+                        move: bool = False) -> str:
+    """Returns the transport the servers used. `move`: the source goes away after (it keeps its MACs)."""
     if mode not in MODES:
         raise BadRequest(f"Unknown transfer mode {mode!r}: use pull, push or relay")
     overrides = overrides or Overrides()
@@ -117,7 +120,7 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
     profiles = instance["profiles"] if overrides.profiles is None else overrides.profiles
     for profile in profiles:
         profile_devices.update((await target.entity("profile", profile))["devices"])
-    body = target_body(instance, new_name, overrides, profile_devices)
+    body = target_body(instance, new_name, overrides, profile_devices, move=move)
     migration = {"type": "migration", "live": False, "instance_only": overrides.instance_only,
                  "refresh": overrides.refresh}
     source_request: dict[str, Any] = {"migration": True, "live": False, "instance_only": overrides.instance_only}

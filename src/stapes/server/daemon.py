@@ -24,6 +24,7 @@ from stapes.server.images.store import ImageStore
 from stapes.server.instances.lxc import LxcDriver
 from stapes.server.instances.service import InstanceService
 from stapes.server.migration.service import MigrationService
+from stapes.server.networks.service import DEFAULT_NETWORK, NetworkService
 from stapes.server.operations import OperationRegistry
 from stapes.server.paths import StatePaths
 from stapes.server.rest.app import build_app
@@ -42,9 +43,10 @@ class Daemon:
         self.trust = TrustStore(store)
         self.storage = StorageService(store, paths)
         self.images = ImageStore(store, paths.images)
+        self.networks = NetworkService(store, paths)
         self.instances = InstanceService(
             store, self.storage, self.images, self.events,
-            {"container": LxcDriver(paths.lxc_path, paths.server_id)},
+            {"container": LxcDriver(paths.lxc_path, paths.server_id)}, self.networks,
         )
         self.migration = MigrationService(self.instances, paths)
         self.certificate_pem = paths.server_cert.read_text()
@@ -67,8 +69,14 @@ class Daemon:
         try:
             await self.store.profile("default")
         except NotFound:
-            await self.store.create_profile(ProfileRow(
-                "default", "Default profile", {}, {"root": {"type": "disk", "path": "/", "pool": "default"}}))
+            devices: dict[str, dict[str, str]] = {"root": {"type": "disk", "path": "/", "pool": "default"}}
+            try:  # as `incus admin init --auto`: a bridge with DHCP and NAT, and a nic on it for every instance
+                await self.networks.create(DEFAULT_NETWORK, "bridge", {}, "Default network")
+                devices["eth0"] = {"type": "nic", "network": DEFAULT_NETWORK, "name": "eth0"}
+            except Exception as err:
+                log.warning("could not create the default network %s (instances get no nic): %s",
+                            DEFAULT_NETWORK, err)
+            await self.store.create_profile(ProfileRow("default", "Default profile", {}, devices))
         if "busybox" not in await self.store.aliases():
             upload = self.paths.images / "busybox-build.tar.gz"
             try:
@@ -119,7 +127,12 @@ class Daemon:
                 await self.instances.driver(row.type).define(await self.instances.spec(row))
 
     async def serve(self, https_address: str | None) -> None:
+        """Clean up what a crash left and bring the networks up before answering anyone (a client must never
+        see a half-created instance, or start one before its bridge exists); start instances after."""
         self._reaper.start()
+        await self.storage.activate_all()
+        await self.instances.remove_incomplete()
+        await self.networks.start_all()
         app = build_app(self)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -135,13 +148,12 @@ class Daemon:
             await self.store.replace_server_config(config)
         if config.get("core.https_address"):
             await self._listen_https(config["core.https_address"])
-        await self.storage.activate_all()
-        await self.instances.remove_incomplete()
         await self.instances.restore_power_state()
         log.info("stapesd ready: unix socket %s, https %s", sock, self._https_address or "off")
 
     async def shutdown(self) -> None:
         await self.operations.shutdown()
+        await self.networks.shutdown()
         if self._runner is not None:
             await self._runner.cleanup()
         await self._reaper.stop()

@@ -15,13 +15,46 @@ from stapes.api.errors import PreconditionFailed
 from stapes.server.images.store import ARCHITECTURE
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
-DIRS = ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run", "var/log", "usr/bin", "usr/sbin", "mnt")
+DIRS = ("bin", "sbin", "etc", "etc/udhcpc", "proc", "sys", "dev", "tmp", "root", "run", "var/log", "usr/bin",
+        "usr/sbin", "mnt")
 
 INITTAB = """\
 ::sysinit:/bin/hostname -F /etc/hostname
+::sysinit:/etc/rc.network
 ::respawn:/bin/sh -c 'exec sleep 2147483647'
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sync
+"""
+
+
+# Started by init: loopback up, and eth0 (if the container has one) configured by DHCP. udhcpc stays in the
+# background to renew the lease; it sends the hostname, so the network's DNS knows the container by name.
+RC_NETWORK = """\
+#!/bin/sh
+ip link set lo up
+[ -e /sys/class/net/eth0 ] || exit 0
+exec udhcpc -b -t 5 -T 1 -i eth0 -x "hostname:$(hostname)" >/dev/null 2>&1
+"""
+
+# What udhcpc runs on each DHCP event (Debian's busybox looks for it here): configure the address, the default
+# route and the resolver. IPv6 comes from router advertisements (the kernel's autoconfiguration).
+UDHCPC_SCRIPT = """\
+#!/bin/sh
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    for r in $router; do ip route replace default via "$r" dev "$interface"; break; done
+    : > /etc/resolv.conf
+    [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    ;;
+esac
+exit 0
 """
 
 
@@ -50,6 +83,9 @@ def _build(tarball: Path) -> None:
         (root / "sbin/init").symlink_to("../bin/busybox")
         (root / "etc/inittab").write_text(INITTAB)
         (root / "etc/hostname").write_text("busybox\n")
+        for path, text in (("etc/udhcpc/default.script", UDHCPC_SCRIPT), ("etc/rc.network", RC_NETWORK)):
+            (root / path).write_text(text)
+            (root / path).chmod(0o755)
         (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
         (root / "etc/group").write_text("root:x:0:\n")
         (root / "etc/profile").write_text("export PATH=/bin:/sbin:/usr/bin:/usr/sbin\n")

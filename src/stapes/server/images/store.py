@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from stapes.api.errors import BadRequest, Conflict, NotFound
-from stapes.api.names import validate_entity_name
+from stapes.api.names import validate_alias_name
 from stapes.server import process
 from stapes.server.store.db import ImageRow, Store
 
@@ -49,12 +49,16 @@ class ImageStore:
         raise NotFound(f"Image {name!r} not found: 'image list' shows the images and aliases this server has")
 
     async def import_file(self, upload: Path, properties: dict[str, str] | None = None,
-                          public: bool = False) -> ImageRow:
-        """Takes ownership of `upload` (moved into the store or deleted)."""
+                          public: bool = False, existing_ok: bool = False) -> ImageRow:
+        """Takes ownership of `upload` (moved into the store or deleted). `existing_ok`: the same image already
+        in the store is the result (a rebuild from the cache), not a conflict."""
         try:
             fingerprint = await asyncio.to_thread(_sha256, upload)
-            if any(row.fingerprint == fingerprint for row in await self._store.images()):
-                raise Conflict(f"Image {fingerprint[:12]} is already in the store")
+            for existing in await self._store.images():
+                if existing.fingerprint == fingerprint:
+                    if existing_ok:
+                        return existing
+                    raise Conflict(f"Image {fingerprint[:12]} is already in the store")
             metadata = await self._read_metadata(upload)
             props = {str(k): str(v) for k, v in (metadata.get("properties") or {}).items()}
             props.update(properties or {})
@@ -100,5 +104,5 @@ class ImageStore:
         self.path(fingerprint).unlink(missing_ok=True)
 
     async def set_alias(self, name: str, fingerprint: str, description: str = "") -> None:
-        validate_entity_name("image alias", name)
+        validate_alias_name(name)
         await self._store.set_alias(name, fingerprint, description)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from stapes.api.status import StatusCode
+from stapes.server.idmap import IdRange
 
 
 @dataclass
@@ -21,6 +22,8 @@ class InstanceSpec:
     config: Mapping[str, str]
     devices: Mapping[str, Mapping[str, str]]
     volume: Path
+    nics: Mapping[str, str] = field(default_factory=dict)  # nic device -> the host bridge it joins
+    idmap: tuple[IdRange, ...] = ()  # empty: privileged (no user namespace)
 
     @property
     def runtime_name(self) -> str:
@@ -35,12 +38,13 @@ class RuntimeState:
     processes: int = -1
     memory: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, int] = field(default_factory=dict)
+    network: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "status": self.status.label, "status_code": int(self.status), "pid": self.pid,
             "processes": self.processes, "memory": self.memory or {"usage": 0, "usage_peak": 0},
-            "cpu": self.cpu or {"usage": 0}, "disk": {}, "network": None,
+            "cpu": self.cpu or {"usage": 0}, "disk": {}, "network": self.network,
         }
 
 

@@ -7,6 +7,7 @@ lxcpath (`-P`) and cgroup directory names, so two servers on one host never coll
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.coalesce import Coalesced
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
+from stapes.server.networks.netns import interfaces_in
 
 _STATES = {
     "RUNNING": StatusCode.RUNNING, "STOPPED": StatusCode.STOPPED, "FROZEN": StatusCode.FROZEN,
@@ -45,21 +47,54 @@ def _cpuset(value: str) -> str:
     return value
 
 
+# The signals that halt and reboot each image's init (LXC's defaults suit sysvinit and systemd).
+DEFAULT_SIGNALS = ("SIGPWR", "SIGINT")
+HALT_SIGNALS = {"busybox": ("SIGUSR1", "SIGTERM")}
+
+
+def _nic_lines(spec: InstanceSpec) -> list[str]:
+    """One veth per nic, its host end on the nic's bridge, with the MAC recorded in volatile.<nic>.hwaddr."""
+    if not spec.nics:
+        return ["lxc.net.0.type = empty"]
+    lines = []
+    for index, (dev_name, bridge) in enumerate(sorted(spec.nics.items())):
+        device = spec.devices[dev_name]
+        prefix = f"lxc.net.{index}"
+        lines += [f"{prefix}.type = veth", f"{prefix}.link = {bridge}", f"{prefix}.flags = up",
+                  f"{prefix}.name = {device.get('name') or dev_name}"]
+        if hwaddr := device.get("hwaddr") or spec.config.get(f"volatile.{dev_name}.hwaddr"):
+            lines.append(f"{prefix}.hwaddr = {hwaddr}")
+        if mtu := device.get("mtu"):
+            lines.append(f"{prefix}.mtu = {mtu}")
+        if host_name := device.get("host_name"):
+            lines.append(f"{prefix}.veth.pair = {host_name}")
+    return lines
+
+
 def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2: bool) -> str:
     """The LXC configuration of one container, from its expanded config and devices (pure: unit-tested)."""
     name = spec.runtime_name
+    halt, reboot = HALT_SIGNALS.get(spec.config.get("image.os", ""), DEFAULT_SIGNALS)
     lines = [
         "lxc.include = /usr/share/lxc/config/common.conf",
         f"lxc.uts.name = {spec.name}",
         f"lxc.rootfs.path = dir:{spec.volume / 'rootfs'}",
-        "lxc.net.0.type = empty",
+    ]
+    if spec.idmap:
+        # Unprivileged: a user namespace, and the unshifted rootfs seen through an id-mapped mount.
+        lines += ["lxc.include = /usr/share/lxc/config/userns.conf", "lxc.rootfs.options = idmap=container"]
+        lines += [f"lxc.idmap = {'u' if r.uid else 'g'} {r.inside} {r.host} {r.size}" for r in spec.idmap]
+    lines += _nic_lines(spec)
+    lines += [
         "lxc.apparmor.profile = unconfined",
-        "lxc.signal.halt = SIGUSR1",
-        "lxc.signal.reboot = SIGTERM",
+        f"lxc.signal.halt = {halt}",
+        f"lxc.signal.reboot = {reboot}",
         f"lxc.cgroup.dir.monitor = stapes-{server_id}.monitor.{name}",
         f"lxc.cgroup.dir.container = stapes-{server_id}.payload.{name}",
         "lxc.autodev = 1",
-        "lxc.mount.auto = proc:mixed sys:mixed cgroup:mixed",
+        # :force: with cgroup namespaces LXC leaves the cgroup mounts to the container's init, which busybox and
+        # sysvinit never do; mounted here, the container sees its own limits (memory.limit_in_bytes).
+        f"lxc.mount.auto = proc:mixed sys:mixed cgroup:{'rw' if spec.idmap else 'mixed'}:force",
         f"lxc.log.file = {lxc_dir / 'lxc.log'}",
         "lxc.log.level = WARN",
         f"lxc.console.logfile = {lxc_dir / 'console.log'}",
@@ -116,6 +151,8 @@ class LxcDriver(InstanceDriver):
         root = spec.volume / "rootfs"
         if root.is_symlink() or not root.is_dir():  # never let LXC take a host directory as the root
             raise InternalError(f"Failed to start {spec.name!r}: its rootfs is not a directory in its volume")
+        if spec.idmap:
+            await asyncio.to_thread(_check_reachable, spec)
         result = await process.run(self._tool("lxc-start", spec), check=False, timeout=60)
         if result.returncode != 0:
             detail = _last_errors(self._dir(spec) / "lxc.log")
@@ -148,6 +185,8 @@ class LxcDriver(InstanceDriver):
             state.memory = {"usage": _int(fields.get("Memory use")), "usage_peak": 0}
             state.cpu = {"usage": _int(fields.get("CPU use"))}
             state.processes = await asyncio.to_thread(_count_processes, self.server_id, spec.runtime_name)
+            if state.pid > 0:
+                state.network = await asyncio.to_thread(interfaces_in, state.pid)
         return state
 
     async def states(self, specs: list[InstanceSpec]) -> dict[str, StatusCode]:
@@ -225,9 +264,44 @@ def _count_processes(server_id: str, name: str) -> int:
     return -1
 
 
+def _check_reachable(spec: InstanceSpec) -> None:
+    """An unprivileged container's root (a high host uid) must be able to walk to its rootfs and to the sources
+    of its disk devices; LXC's own error for this says only that the container failed to spawn."""
+    volume = spec.volume
+    if not volume.stat().st_mode & 0o001:
+        # The volume directory is the server's own (the rootfs inside it is the container's): a peer may have
+        # sent it as 0100 (Incus's mode for its container directories, which it chowns to the mapped root).
+        volume.chmod(volume.stat().st_mode & 0o7777 | 0o011)
+    paths = {"its files": volume / "rootfs"}
+    for name, device in spec.devices.items():
+        if device.get("type") == "disk" and device.get("source"):
+            paths[f"the source of disk device {name!r}"] = Path(device["source"])
+    for what, path in paths.items():
+        closed = _untraversable_parent(path)
+        if closed is not None:
+            raise InternalError(
+                f"Failed to start {spec.name!r}: {closed} is mode {closed.stat().st_mode & 0o777:04o}, so the "
+                f"container's root (host uid {spec.idmap[0].host}) cannot reach {what}: 'chmod o+x {closed}' "
+                "(0711 is enough), or run it privileged (security.privileged=true)")
+
+
+def _untraversable_parent(path: Path) -> Path | None:
+    """The first directory above `path` that others may not enter (a `mktemp -d` one is 0700)."""
+    for parent in path.parents:
+        with contextlib.suppress(OSError):
+            if not parent.stat().st_mode & 0o001:
+                return parent
+    return None
+
+
 def _last_errors(log: Path) -> str:
+    """What LXC logged for the failed start: the first ERROR among the log's last lines (the root cause) and
+    the last (how it ended), e.g. 'Failed to mount ... / Failed to spawn container "c1"'."""
     try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line]
+        lines = log.read_text(errors="replace").splitlines()[-60:]
     except OSError:
         return ""
-    return lines[-1].split(" - ", 1)[-1] if lines else ""
+    errors = [line.split(" - ", 1)[-1] for line in lines if " ERROR " in line]
+    if not errors:
+        return ""
+    return errors[0] if len(errors) == 1 else f"{errors[0]} / {errors[-1]}"

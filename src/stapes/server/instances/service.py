@@ -8,21 +8,24 @@ import logging
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from stapes.api.config_keys import is_true, validate_instance_config
-from stapes.api.devices import Devices, expand_devices, root_disk, validate_devices
-from stapes.api.errors import BadRequest, Conflict, NotFound, StapesError
+from stapes.api.devices import Devices, expand_devices, nic_devices, root_disk, validate_devices
+from stapes.api.errors import BadRequest, Conflict, NotFound, PreconditionFailed, StapesError
 from stapes.api.names import validate_entity_name, validate_instance_name
 from stapes.api.status import StatusCode
 from stapes.api.timefmt import iso
 from stapes.server import rootfs
 from stapes.server.events import EventHub
+from stapes.server.idmap import IdRange, NoAllocation, container_map
 from stapes.server.images.store import ARCHITECTURE, ImageStore
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec
 from stapes.server.instances.exec_session import run_exec
+from stapes.server.instances.volatile import kept_from_peer, missing_volatile
+from stapes.server.networks.service import NetworkService
 from stapes.server.operations import Operation
 from stapes.server.storage.base import PoolDriver
 from stapes.server.storage.service import StorageService
@@ -41,8 +44,10 @@ def _shown(config: dict[str, str]) -> dict[str, str]:
 
 class InstanceService:
     def __init__(self, store: Store, storage: StorageService, images: ImageStore, events: EventHub,
-                 drivers: dict[str, InstanceDriver]) -> None:
+                 drivers: dict[str, InstanceDriver], networks: NetworkService) -> None:
         self._store = store
+        self._networks = networks
+        self._host_map: list[IdRange] | NoAllocation | None = None
         self._storage = storage
         self._images = images
         self._events = events
@@ -87,8 +92,48 @@ class InstanceService:
         if root is None:
             raise BadRequest(f"Instance {row.name!r} has no root disk device: add one with a pool, or a profile")
         pool = await _one(pools, root[1].get("pool", ""), self._storage.driver, "Storage pool")
+        nics = {name: dev.get("parent") or self._networks.interface(dev.get("network", ""))
+                for name, dev in nic_devices(devices).items()}
+        idmap = () if is_true(config.get("security.privileged")) else tuple(await self._container_map())
         return InstanceSpec(row.project, row.name, config, devices, pool.volume_path(VOLUME_KIND, row.project,
-                                                                                     row.name))
+                                                                                     row.name), nics, idmap)
+
+    async def _container_map(self) -> list[IdRange]:
+        """Root's subordinate ids, read once (a change to /etc/subuid takes a daemon restart, as for Incus)."""
+        if self._host_map is None:
+            try:
+                self._host_map = await asyncio.to_thread(container_map)
+            except NoAllocation as err:
+                self._host_map = err
+        if isinstance(self._host_map, NoAllocation):
+            raise PreconditionFailed(str(self._host_map))
+        return self._host_map
+
+    async def unprivileged_status(self) -> str:
+        """For `GET /1.0`: whether new containers run unprivileged, and with which ids."""
+        try:
+            ranges = await self._container_map()
+        except PreconditionFailed as err:
+            return f"unavailable: {err.message}"
+        return f"yes (root inside is host uid {ranges[0].host}, {ranges[0].size} ids)"
+
+    async def _check_networks(self, devices: Mapping[str, Mapping[str, str]]) -> None:
+        for name, device in nic_devices(devices).items():
+            if device.get("network"):
+                await self._networks.require(device["network"], name)
+
+    async def add_volatile(self, row: InstanceRow) -> bool:
+        """Record what the instance runs with (its nics' MACs, its id map) before it first runs with it."""
+        config, devices = await self.expand(row)
+        idmap = () if is_true(config.get("security.privileged")) else tuple(await self._container_map())
+        missing = missing_volatile(config, devices, idmap)
+        row.config.update(missing)
+        return bool(missing)
+
+    async def from_peer(self, row: InstanceRow) -> None:
+        """An instance arriving by migration keeps its config and MACs, not the other server's volatile state."""
+        _, devices = await self.expand(row)
+        row.config = kept_from_peer(row.config, devices)
 
     @contextlib.asynccontextmanager
     async def locked(self, project: str, name: str) -> AsyncIterator[None]:
@@ -213,6 +258,9 @@ class InstanceService:
         if not root[1].get("pool"):
             raise BadRequest(f"The root disk device {root[0]!r} names no storage pool")
         await self._store.pool(root[1]["pool"])
+        await self._check_networks(devices)
+        if not is_true(config.get("security.privileged")):
+            await self._container_map()
         with contextlib.suppress(NotFound):
             await self._store.instance(row.project, row.name)
             raise Conflict(f"Instance {row.name!r} already exists in project {row.project!r}")
@@ -248,6 +296,7 @@ class InstanceService:
     async def _create_locked(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
                              finalize: Callable[[], Awaitable[None]] | None) -> None:
         await self.validate_new(row)
+        await self.add_volatile(row)
         row.config[INCOMPLETE] = "true"  # until the end: a server killed half-way cleans up at its next start
         await self._store.create_instance(row)
         volume_created = False
@@ -428,10 +477,15 @@ class InstanceService:
         spec = await self.spec(row)
         validate_instance_config(dict(spec.config))
         await self._store.pool(root_disk(spec.devices)[1]["pool"])  # type: ignore[index]
+        await self._check_networks(spec.devices)
+        if await self.add_volatile(row):
+            spec = await self.spec(row)
         return spec
 
     async def check_profile_change(self, profile: ProfileRow) -> None:
-        """A profile edit must leave every instance that uses it valid (a root disk on a pool, valid keys)."""
+        """A profile edit must leave every instance that uses it valid (a root disk on a pool, valid keys), and
+        its nics must name networks that exist."""
+        await self._check_networks(profile.devices)
         for row in await self._store.instances():
             if profile.name not in row.profiles:
                 continue
@@ -526,6 +580,9 @@ class InstanceService:
                     raise BadRequest(f"Instance {name!r} is already running")
                 if status == StatusCode.FROZEN:
                     raise BadRequest(f"Instance {name!r} is frozen: use 'unfreeze' (or 'start' after 'stop')")
+                await self._check_networks(spec.devices)
+                if await self.add_volatile(row):
+                    spec = await self.spec(row)
                 await driver.define(spec)
                 await driver.start(spec)
                 row.last_used_at = time.time()

@@ -11,7 +11,17 @@ from aiohttp import web
 
 from stapes.api.errors import Forbidden, InternalError, NotFound, StapesError
 from stapes.server.auth import identify
-from stapes.server.rest import certificates, images, instances, operations, profiles, projects, root, storage
+from stapes.server.rest import (
+    certificates,
+    images,
+    instances,
+    networks,
+    operations,
+    profiles,
+    projects,
+    root,
+    storage,
+)
 from stapes.server.rest.common import error
 
 if TYPE_CHECKING:
@@ -59,7 +69,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1 << 40)
     app["daemon"] = daemon
     table = web.RouteTableDef()
-    for module in (root, instances, operations, images, storage, profiles, projects, certificates):
+    for module in (root, instances, operations, images, storage, profiles, projects, certificates, networks):
         module.routes(table)
     app.add_routes(table)
     return app

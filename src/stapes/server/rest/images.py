@@ -5,21 +5,36 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from stapes.api.errors import BadRequest, Conflict, NotFound, RequestTooLarge
-from stapes.api.names import validate_entity_name
+from stapes.api.names import validate_alias_name
 from stapes.api.requests import BuiltinImageSource, ImageAlias, ImageAliasesPost, ImagesPost
 from stapes.api.timefmt import iso
 from stapes.server.images.busybox import build_busybox_image
+from stapes.server.images.debian import build_debian_image, release_of
 from stapes.server.operations import Operation
 from stapes.server.rest.common import body, daemon, recursion, start_task, sync
 from stapes.server.store.db import ImageRow
 
-BUILTIN_IMAGES = {"busybox": build_busybox_image}
+Builder = Callable[[Path, Callable[[str], None]], Awaitable[None]]
+
+
+def _builder(source: BuiltinImageSource) -> tuple[Builder, str]:
+    """The image a JSON request asks the server to build, and the alias it gets unless others are given."""
+    if source.type == "builtin" and source.name == "busybox":
+        return (lambda upload, progress: build_busybox_image(upload)), ""
+    if source.type == "builtin" and source.name.startswith("debian/"):
+        release_of(source.name)  # an unknown release is refused before any operation starts
+        name = source.name
+        return (lambda upload, progress: build_debian_image(name, upload, progress)), name
+    raise BadRequest("Only built-in images can be made from JSON ({'source': {'type': 'builtin', 'name': "
+                     "'busybox'}}, or 'debian/12', 'debian/13'); upload a unified tarball as the request body to "
+                     "import one")
 MAX_IMAGE_SIZE = 16 << 30
 FREE_SPACE_MARGIN = 256 << 20  # an upload never fills the server's disk
 
@@ -48,36 +63,42 @@ def routes(r: web.RouteTableDef) -> None:
     async def create_image(request: web.Request) -> web.Response:
         d = daemon(request)
         aliases: list[ImageAlias] = []
+        build: Builder | None = None
+        if request.content_type == "application/json":
+            data = await body(request, ImagesPost)
+            aliases = list(data.aliases or [])
+            build, default_alias = _builder(data.source or BuiltinImageSource())
+            if not aliases and default_alias:
+                aliases = [ImageAlias(name=default_alias)]
+        for alias in aliases:
+            validate_alias_name(alias.name)
         upload = _temp_upload(d.paths.images)
-        try:
-            if request.content_type == "application/json":
-                data = await body(request, ImagesPost)
-                source = data.source or BuiltinImageSource()
-                aliases = list(data.aliases or [])
-                builder = BUILTIN_IMAGES.get(source.name) if source.type == "builtin" else None
-                if builder is None:
-                    raise BadRequest(
-                        "Only built-in images can be made from JSON ({'source': {'type': 'builtin', "
-                        "'name': 'busybox'}}); upload a unified tarball as the request body to import one")
-                await builder(upload)
-            else:
+        if build is None:
+            try:
                 await _receive_upload(request, upload)
-                header = request.headers.get("X-Incus-aliases") or request.headers.get("X-Stapes-Aliases") or ""
-                aliases = [ImageAlias(name=a) for a in header.split(",") if a]
+            except BaseException:
+                upload.unlink(missing_ok=True)  # a failed upload leaves no temporary file
+                raise
+            header = request.headers.get("X-Incus-aliases") or request.headers.get("X-Stapes-Aliases") or ""
+            aliases = [ImageAlias(name=a) for a in header.split(",") if a]
             for alias in aliases:
-                validate_entity_name("image alias", alias.name)
-        except BaseException:
-            upload.unlink(missing_ok=True)  # a failed build or upload leaves no temporary file
-            raise
+                validate_alias_name(alias.name)
         public = request.headers.get("X-Incus-public") in ("true", "1")
+        builder = build
 
         async def work(op: Operation) -> dict[str, Any]:
-            row = await d.images.import_file(upload, public=public)
+            try:
+                if builder is not None:
+                    await builder(upload, lambda stage: op.update_metadata(progress={"stage": stage, "text": stage}))
+                    op.update_metadata(progress={"stage": "import", "text": "importing the image"})
+                row = await d.images.import_file(upload, public=public, existing_ok=builder is not None)
+            finally:
+                upload.unlink(missing_ok=True)  # imported (moved away) or failed: never left behind
             for alias in aliases:
                 await d.images.set_alias(alias.name, row.fingerprint, alias.description)
             return {"fingerprint": row.fingerprint, "size": row.size}
 
-        return start_task(request, "Importing image", "default", work)
+        return start_task(request, "Building image" if build else "Importing image", "default", work)
 
     @r.get("/1.0/images/aliases")
     async def list_aliases(request: web.Request) -> web.Response:
@@ -97,7 +118,7 @@ def routes(r: web.RouteTableDef) -> None:
         await d.images.set_alias(data.name, row.fingerprint, data.description)
         return sync()
 
-    @r.get("/1.0/images/aliases/{name}")
+    @r.get("/1.0/images/aliases/{name:.+}")
     async def get_alias(request: web.Request) -> web.Response:
         aliases = await daemon(request).store.aliases()
         name = request.match_info["name"]
@@ -106,7 +127,7 @@ def routes(r: web.RouteTableDef) -> None:
         fp, desc = aliases[name]
         return sync({"name": name, "target": fp, "description": desc, "type": "container"})
 
-    @r.delete("/1.0/images/aliases/{name}")
+    @r.delete("/1.0/images/aliases/{name:.+}")
     async def delete_alias(request: web.Request) -> web.Response:
         if not await daemon(request).store.delete_alias(request.match_info["name"]):
             raise NotFound(f"Image alias {request.match_info['name']!r} not found")

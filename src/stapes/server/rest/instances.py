@@ -86,6 +86,8 @@ def routes(r: web.RouteTableDef) -> None:
             await d.images.resolve(image)
         if source.type == "migration" and source.refresh and await _exists(request, proj, row.name):
             return await _refresh_migration(request, row, source)
+        if source.type == "migration":
+            await d.instances.from_peer(row)
         await d.instances.validate_new(row)
         if source.type == "migration":
             return _receive_migration(request, row, source)

@@ -17,7 +17,7 @@ API_EXTENSIONS = [
     "storage", "projects", "instances", "certificate_token", "explicit_trust_token", "certificate_update",
     "exec_environment", "container_exec_signal_handling", "operation_wait", "image_aliases_list",
     "api_filtering", "container_full", "container_backup", "instance_all_projects", "resources",
-    "server_info_pid", "instance_create_start",
+    "server_info_pid", "instance_create_start", "network", "network_state", "network_leases",
     "container_push", "container_push_target", "container_only_migration", "migration_progress",
 ]
 
@@ -52,6 +52,7 @@ def routes(r: web.RouteTableDef) -> None:
                     "storage_version": "1", "storage_supported_drivers": [
                         {"name": "dir", "version": "1", "remote": False}],
                     "instance_types": ["container"],
+                    "unprivileged": await d.instances.unprivileged_status(),
                 },
             })
         return sync(info)

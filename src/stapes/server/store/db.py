@@ -49,12 +49,22 @@ CREATE TABLE IF NOT EXISTS image_aliases (
 CREATE TABLE IF NOT EXISTS certificates (
     fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, type TEXT NOT NULL, certificate TEXT NOT NULL,
     restricted INTEGER NOT NULL DEFAULT 0, projects TEXT NOT NULL DEFAULT '[]');
+CREATE TABLE IF NOT EXISTS networks (
+    name TEXT PRIMARY KEY, type TEXT NOT NULL, description TEXT NOT NULL DEFAULT '',
+    config TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS trust_tokens (
     secret TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at REAL NOT NULL, operation TEXT NOT NULL);
 """
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # version -> statements that bring a database of the previous version to it (version 1 is SCHEMA itself).
-MIGRATIONS: dict[int, list[str]] = {}
+# 2: managed networks (the `networks` table, which SCHEMA's CREATE ... IF NOT EXISTS adds), and containers
+#    unprivileged by default: those made before keep running privileged, as they were made.
+MIGRATIONS: dict[int, list[str]] = {2: [
+    """UPDATE instances SET config = json_set(config, '$."security.privileged"', 'true')
+       WHERE json_extract(config, '$."security.privileged"') IS NULL""",
+    """UPDATE snapshots SET config = json_set(config, '$."security.privileged"', 'true')
+       WHERE json_extract(config, '$."security.privileged"') IS NULL""",
+]}
 Statement = tuple[str, tuple[Any, ...]]
 
 
@@ -97,6 +107,14 @@ class ProfileRow:
 class PoolRow:
     name: str
     driver: str
+    description: str = ""
+    config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class NetworkRow:
+    name: str
+    type: str = "bridge"
     description: str = ""
     config: dict[str, str] = field(default_factory=dict)
 
@@ -283,6 +301,30 @@ class Store:
 
     async def delete_pool(self, name: str) -> None:
         await self._write("DELETE FROM storage_pools WHERE name=?", (name,))
+
+    # networks
+    async def networks(self) -> list[NetworkRow]:
+        rows = await self._all("SELECT * FROM networks ORDER BY name")
+        return [NetworkRow(r["name"], r["type"], r["description"], json.loads(r["config"])) for r in rows]
+
+    async def network(self, name: str) -> NetworkRow:
+        rows = await self._all("SELECT * FROM networks WHERE name=?", (name,))
+        if not rows:
+            raise NotFound(f"Network {name!r} not found")
+        r = rows[0]
+        return NetworkRow(r["name"], r["type"], r["description"], json.loads(r["config"]))
+
+    async def create_network(self, row: NetworkRow) -> None:
+        await self._write("INSERT INTO networks VALUES (?, ?, ?, ?)",
+                          (row.name, row.type, row.description, json.dumps(row.config)),
+                          conflict=f"Network {row.name!r} already exists")
+
+    async def update_network(self, row: NetworkRow) -> None:
+        await self._write("UPDATE networks SET description=?, config=? WHERE name=?",
+                          (row.description, json.dumps(row.config), row.name))
+
+    async def delete_network(self, name: str) -> None:
+        await self._write("DELETE FROM networks WHERE name=?", (name,))
 
     # instances
     @staticmethod

@@ -1,0 +1,51 @@
+"""`volatile.*` keys: the state a server records about an instance (its nics' MAC addresses, its id map).
+Pure functions: which keys to add, and which of a migration peer's keys to keep."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from stapes.api.devices import nic_devices
+from stapes.api.errors import BadRequest
+from stapes.api.networks import check_mac, random_mac
+from stapes.server.idmap import IdRange, to_volatile
+
+IDMAP_KEYS = ("volatile.idmap.base", "volatile.idmap.current", "volatile.idmap.next", "volatile.last_state.idmap")
+_HWADDR = re.compile(r"^volatile\.([A-Za-z0-9_.-]{1,64})\.hwaddr$")
+
+
+def missing_volatile(config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]],
+                     idmap: tuple[IdRange, ...]) -> dict[str, str]:
+    """Keys to add: a MAC for every nic that has none yet (kept from then on, so DHCP gives the same address),
+    and the id map the container runs with. The files stay unshifted on disk: last_state.idmap is empty."""
+    wanted: dict[str, str] = {}
+    for name, device in nic_devices(devices).items():
+        key = f"volatile.{name}.hwaddr"
+        if not device.get("hwaddr") and not config.get(key):
+            wanted[key] = random_mac()
+    current = to_volatile(list(idmap))
+    base = str(idmap[0].host) if idmap else "0"
+    for key, value in (("volatile.idmap.base", base), ("volatile.idmap.current", current),
+                       ("volatile.idmap.next", current), ("volatile.last_state.idmap", "[]")):
+        if config.get(key) != value:
+            wanted[key] = value
+    return wanted
+
+
+def kept_from_peer(config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """A migrated instance's config as this server takes it: its own keys, the base image, and the MAC of each
+    of its nics (a moved instance keeps its address where the network hands it out by MAC). Every other
+    volatile key (an id map, a power state, a peer's internals) describes the other server and is dropped."""
+    kept: dict[str, str] = {}
+    nics = nic_devices(devices)
+    for key, value in config.items():
+        if not key.startswith("volatile.") or key == "volatile.base_image":
+            kept[key] = value
+        elif (match := _HWADDR.match(key)) and match.group(1) in nics:
+            try:
+                check_mac(value)
+            except ValueError as err:
+                raise BadRequest(f"Invalid {key}: {err}") from None
+            kept[key] = value
+    return kept

@@ -1,0 +1,316 @@
+"""The bridge driver: a Linux bridge made through netlink (pyroute2), NAT and a small firewall for it in its
+own nftables table, and dnsmasq for DHCP, router advertisements and DNS of the instances' names.
+
+Everything here belongs to one network of one server: the bridge carries the server's mark in its ifalias,
+the nftables table is named after the bridge, and dnsmasq is this daemon's child (killed with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from stapes.api.config_keys import is_true
+from stapes.api.errors import InternalError
+from stapes.api.networks import dhcp_range
+from stapes.server import process
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class BridgeSpec:
+    name: str  # the network's name in the API
+    interface: str  # the bridge on the host
+    alias: str  # the bridge's ifalias: which server and network it belongs to
+    config: dict[str, str]
+    directory: Path  # dnsmasq's lease and pid files
+
+    @property
+    def ipv4(self) -> ipaddress.IPv4Interface | None:
+        value = self.config.get("ipv4.address", "none")
+        return None if value == "none" else ipaddress.IPv4Interface(value)
+
+    @property
+    def ipv6(self) -> ipaddress.IPv6Interface | None:
+        value = self.config.get("ipv6.address", "none")
+        return None if value == "none" else ipaddress.IPv6Interface(value)
+
+    @property
+    def domain(self) -> str:
+        return self.config.get("dns.domain") or "stapes"
+
+
+def host_networks() -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]:
+    """Every subnet in use on the host (its addresses and its routes) with the interface it is on, so a new
+    network avoids them. Blocking: call it in a thread."""
+    found: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
+    with IPRoute() as ipr:
+        names = {link["index"]: str(link.get("IFLA_IFNAME")) for link in ipr.get_links()}
+        for addr in ipr.get_addr():
+            with contextlib.suppress(ValueError, TypeError):
+                net = ipaddress.ip_network(f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}", strict=False)
+                if not net.is_loopback and not net.is_link_local:
+                    found.append((net, names.get(addr["index"], "")))
+        for family in (2, 10):
+            for route in ipr.get_routes(family=family):
+                dst = route.get("RTA_DST")
+                if dst and route["dst_len"] > 0:
+                    with contextlib.suppress(ValueError, TypeError):
+                        net = ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False)
+                        if not net.is_loopback and not net.is_link_local and not net.is_multicast:
+                            found.append((net, names.get(route.get("RTA_OIF"), "")))
+    return found
+
+
+def _ensure_bridge(spec: BridgeSpec) -> None:
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=spec.interface)
+        if links:
+            alias = ipr.get_links(links[0])[0].get("IFLA_IFALIAS")
+            if alias != spec.alias:
+                raise InternalError(f"The host already has an interface {spec.interface!r} that is not this "
+                                    "server's bridge: delete it ('ip link delete') or rename the network")
+        else:
+            ipr.link("add", ifname=spec.interface, kind="bridge")
+            links = ipr.link_lookup(ifname=spec.interface)
+        index = links[0]
+        ipr.link("set", index=index, ifalias=spec.alias)
+        if mtu := spec.config.get("bridge.mtu"):
+            ipr.link("set", index=index, mtu=int(mtu))
+        _sysctl(f"net/ipv6/conf/{spec.interface}/disable_ipv6", "0" if spec.ipv6 else "1")
+        _sysctl(f"net/ipv6/conf/{spec.interface}/accept_dad", "0")
+        wanted = {str(a) for a in (spec.ipv4, spec.ipv6) if a is not None}
+        for addr in ipr.get_addr(index=index):
+            value = f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}"
+            scope_link = addr.get("IFA_ADDRESS", "").startswith("fe80:")
+            if value not in wanted and not scope_link:
+                ipr.addr("del", index=index, address=addr.get("IFA_ADDRESS"), prefixlen=addr["prefixlen"])
+            wanted.discard(value)
+        for value in sorted(wanted):
+            iface = ipaddress.ip_interface(value)
+            ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        ipr.link("set", index=index, state="up")
+
+
+def _delete_bridge(interface: str, alias: str) -> None:
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=interface)
+        if links and ipr.get_links(links[0])[0].get("IFLA_IFALIAS") == alias:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=links[0])
+
+
+def _sysctl(path: str, value: str) -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/sys", path).write_text(value)
+
+
+def bridge_state(interface: str) -> dict[str, Any]:
+    """Incus's network state: addresses, MAC, MTU, counters. Blocking: call it in a thread."""
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=interface)
+        if not links:
+            return {"addresses": [], "counters": {}, "hwaddr": "", "mtu": 0, "state": "down", "type": "broadcast"}
+        link = ipr.get_links(links[0])[0]
+        stats = link.get("IFLA_STATS64") or {}
+        addresses = [{"family": "inet" if a["family"] == 2 else "inet6", "address": a.get("IFA_ADDRESS"),
+                      "netmask": str(a["prefixlen"]), "scope": "link" if a["scope"] == 253 else "global"}
+                     for a in ipr.get_addr(index=links[0])]
+    return {
+        "addresses": addresses, "hwaddr": link.get("IFLA_ADDRESS", ""), "mtu": link.get("IFLA_MTU", 0),
+        "state": "up" if link.get("IFLA_OPERSTATE") in ("UP", "UNKNOWN") or link["flags"] & 1 else "down",
+        "type": "broadcast",
+        "counters": {"bytes_received": stats.get("rx_bytes", 0), "bytes_sent": stats.get("tx_bytes", 0),
+                     "packets_received": stats.get("rx_packets", 0), "packets_sent": stats.get("tx_packets", 0)},
+    }
+
+
+def nft_ruleset(spec: BridgeSpec) -> str:
+    """This network's nftables table (pure: unit-tested): DHCP and DNS from instances to the host, forwarding
+    for the bridge, and masquerading of traffic that leaves the subnet when NAT is on."""
+    table = f"stapes_{spec.interface}"
+    br = spec.interface
+    nat: list[str] = []
+    if spec.ipv4 and is_true(spec.config.get("ipv4.nat", "true")):
+        net = spec.ipv4.network
+        nat.append(f"ip saddr {net} ip daddr != {net} masquerade")
+    if spec.ipv6 and is_true(spec.config.get("ipv6.nat", "true")):
+        net6 = spec.ipv6.network
+        nat.append(f"ip6 saddr {net6} ip6 daddr != {net6} masquerade")
+    lines = [
+        f"table inet {table} {{",
+        "  chain input { type filter hook input priority 0; policy accept;",
+        f'    iifname "{br}" udp dport {{ 53, 67, 547 }} accept',
+        f'    iifname "{br}" tcp dport 53 accept',
+        f'    iifname "{br}" icmpv6 type {{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert }} accept',
+        "  }",
+        "  chain forward { type filter hook forward priority 0; policy accept;",
+        f'    iifname "{br}" accept',
+        f'    oifname "{br}" accept',
+        "  }",
+        "  chain postrouting { type nat hook postrouting priority 100; policy accept;",
+        *[f"    {rule}" for rule in nat],
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def _apply_nft(spec: BridgeSpec) -> None:
+    table = f"stapes_{spec.interface}"
+    # Declaring then deleting the table first makes the whole replacement one atomic nft transaction.
+    script = f"table inet {table}\ndelete table inet {table}\n" + nft_ruleset(spec)
+    await process.run(["nft", "-f", "-"], input=script.encode(), timeout=30)
+
+
+async def _delete_nft(interface: str) -> None:
+    table = f"stapes_{interface}"
+    await process.run(["nft", "-f", "-"], input=f"table inet {table}\ndelete table inet {table}\n".encode(),
+                      check=False, timeout=30)
+
+
+def _die_with_parent() -> None:
+    """dnsmasq goes when the daemon goes, even when the daemon is killed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def dnsmasq_argv(spec: BridgeSpec) -> list[str]:
+    """dnsmasq for one bridge (pure: unit-tested): leases and names for the instances, nothing else."""
+    argv = [
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--strict-order", "--bind-interfaces",
+        "--except-interface=lo", f"--interface={spec.interface}", "--no-resolv", "--no-ping", "--no-hosts",
+        "--dhcp-no-override", "--dhcp-authoritative", "--user=nobody", "--group=nogroup",
+        f"--pid-file={spec.directory / 'dnsmasq.pid'}", f"--dhcp-leasefile={spec.directory / 'dnsmasq.leases'}",
+        f"--domain={spec.domain}", f"--local=/{spec.domain}/", "--expand-hosts", "--dhcp-fqdn",
+        "--log-facility=-", "--quiet-dhcp", "--quiet-dhcp6", "--quiet-ra",
+    ]
+    if spec.ipv4:
+        argv.append(f"--listen-address={spec.ipv4.ip}")
+        if is_true(spec.config.get("ipv4.dhcp", "true")):
+            first, last = dhcp_range(spec.ipv4)
+            argv.append(f"--dhcp-range={first},{last},1h")
+    if spec.ipv6:
+        argv += [f"--listen-address={spec.ipv6.ip}", "--enable-ra",
+                 f"--dhcp-range=::,constructor:{spec.interface},ra-stateless,ra-names"]
+    return argv
+
+
+class Dnsmasq:
+    """One dnsmasq process, owned by this daemon."""
+
+    def __init__(self, spec: BridgeSpec) -> None:
+        self.spec = spec
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.spec.directory.mkdir, parents=True, exist_ok=True)
+        await _kill_stale(self.spec.directory / "dnsmasq.pid")
+        log_file = await asyncio.to_thread(open, self.spec.directory / "dnsmasq.log", "ab")
+        try:
+            self._proc = await process.spawn(dnsmasq_argv(self.spec), stdin=asyncio.subprocess.DEVNULL,
+                                             stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+        finally:
+            log_file.close()
+        await asyncio.sleep(0.05)
+        if self._proc.returncode is not None:
+            raise InternalError(f"dnsmasq for network {self.spec.name!r} failed to start; see "
+                                f"{self.spec.directory / 'dnsmasq.log'}")
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        process.forget(proc)
+
+
+async def _kill_stale(pid_file: Path) -> None:
+    """A dnsmasq left by a previous run of this daemon (killed before it could stop it) holds the address."""
+    try:
+        pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
+        cmdline = await asyncio.to_thread(Path(f"/proc/{pid}/cmdline").read_bytes)
+    except (OSError, ValueError):
+        return
+    if b"dnsmasq" in cmdline and str(pid_file).encode() in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            await asyncio.sleep(0.02)
+
+
+class BridgeDriver:
+    """Start, change and remove one managed bridge."""
+
+    def __init__(self) -> None:
+        self._dnsmasq: dict[str, Dnsmasq] = {}
+
+    async def start(self, spec: BridgeSpec) -> None:
+        try:
+            await asyncio.to_thread(_ensure_bridge, spec)
+        except NetlinkError as err:
+            raise InternalError(f"Could not set up the bridge of network {spec.name!r}: {err}") from None
+        if spec.ipv4 and is_true(spec.config.get("ipv4.nat", "true")):
+            await asyncio.to_thread(_sysctl, "net/ipv4/ip_forward", "1")
+        if spec.ipv6:
+            await asyncio.to_thread(_sysctl, "net/ipv6/conf/all/forwarding", "1")
+        await _apply_nft(spec)
+        await self.stop_dhcp(spec.name)
+        dnsmasq = Dnsmasq(spec)
+        await dnsmasq.start()
+        self._dnsmasq[spec.name] = dnsmasq
+
+    def serving(self, name: str) -> bool:
+        return name in self._dnsmasq
+
+    async def stop_dhcp(self, name: str) -> None:
+        dnsmasq = self._dnsmasq.pop(name, None)
+        if dnsmasq is not None:
+            await dnsmasq.stop()
+
+    async def remove(self, spec: BridgeSpec) -> None:
+        await self.stop_dhcp(spec.name)
+        await _delete_nft(spec.interface)
+        await asyncio.to_thread(_delete_bridge, spec.interface, spec.alias)
+
+    async def stop_all(self) -> None:
+        for name in list(self._dnsmasq):
+            await self.stop_dhcp(name)
+
+    async def state(self, spec: BridgeSpec) -> dict[str, Any]:
+        return await asyncio.to_thread(bridge_state, spec.interface)
+
+    async def leases(self, spec: BridgeSpec) -> list[dict[str, str]]:
+        """dnsmasq's leases: who has which address (for `stapes network list-leases`)."""
+        try:
+            text = await asyncio.to_thread((spec.directory / "dnsmasq.leases").read_text)
+        except OSError:
+            return []
+        leases = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[0] != "duid":
+                leases.append({"hwaddr": parts[1], "address": parts[2], "hostname": parts[3], "type": "dynamic"})
+        return leases
