@@ -5,10 +5,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$PWD/.venv/bin"
 ROOT="$(mktemp -d /tmp/stapes-demo.XXXXXX)"
+chmod 711 "$ROOT"   # unprivileged containers' root (a high uid) must traverse to their files
 PORT="${STAPES_DEMO_PORT:-8443}"
 export STAPES_CONF="$ROOT/client"
 pids=()
 
+wait_address() {  # remote:name -> prints its IPv4 address once DHCP gave it one
+    for _ in $(seq 120); do
+        addr=$("$BIN/stapes" list "${1%%:*}:" --format csv -c n4 | awk -F, -v n="${1#*:}" '$1 == n {print $2}')
+        [ -n "$addr" ] && { echo "$addr"; return 0; }
+        sleep 0.5
+    done
+    echo "no address for $1" >&2; return 1
+}
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
 
@@ -24,6 +33,7 @@ cleanup() {
     done
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    for s in s1 s2; do "$BIN/python" -m stapes.server.networks.cleanup "$ROOT/$s" >/dev/null 2>&1 || true; done
     rm -rf "$ROOT"
 }
 trap cleanup EXIT
@@ -54,9 +64,17 @@ run "$BIN/stapes" remote list
 say "The built-in busybox image (made locally from busybox-static)"
 run "$BIN/stapes" image list s1:
 
+say "Each server: what it is, and its own bridge (DHCP, DNS, NAT) on a subnet nothing else on the host uses"
+run "$BIN/stapes" info s1:
+run "$BIN/stapes" network list s1:
+run "$BIN/stapes" network list s2:
+
 say "Launching a container on s1 with limits, and running commands in it"
 run "$BIN/stapes" launch s1:busybox c1 -c limits.memory=64MiB -c limits.cpu=1
 run "$BIN/stapes" exec s1:c1 -- cat /etc/hostname
+echo "# unprivileged by default: root inside (uid 0) is host uid 1000000"
+run "$BIN/stapes" exec s1:c1 -- cat /proc/self/uid_map
+echo "# its cgroups are mounted inside (cgroup v1 on this host), so it sees its own memory limit"
 run "$BIN/stapes" exec s1:c1 -- sh -c 'echo "memory limit: $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max)"'
 echo "hello through stdin" | run "$BIN/stapes" exec s1:c1 -- cat
 set +e; run "$BIN/stapes" exec s1:c1 -- sh -c 'exit 3'; echo "exit status passed on: $?"; set -e
@@ -94,6 +112,44 @@ run "$BIN/stapes" list s1:
 run "$BIN/stapes" list s2:
 run "$BIN/stapes" delete s1:backup
 run "$BIN/stapes" delete s2:mover3
+
+say "A networked, unprivileged container moves: owners inside, MAC address kept, an address on the target"
+run "$BIN/stapes" launch s1:busybox web1
+run "$BIN/stapes" launch s1:busybox web2
+echo "address of web1 on s1: $(wait_address s1:web1)"; wait_address s1:web2 >/dev/null
+run "$BIN/stapes" exec s1:web2 -- ping -c1 -W2 web1       # by name, from the network's DNS
+run "$BIN/stapes" exec s1:web1 -- sh -c 'echo secret > /root/f && chown 1000:42 /root/f && chmod 4640 /root/f'
+run "$BIN/stapes" exec s1:web1 -- stat -c '%n %u:%g %a' /root/f
+run "$BIN/stapes" list s1: -c ns4
+run "$BIN/stapes" config get s1:web1 volatile.eth0.hwaddr
+run "$BIN/stapes" move s1:web1 s2: --stateless
+echo "address of web1 on s2: $(wait_address s2:web1)"
+run "$BIN/stapes" list s2: -c ns4
+run "$BIN/stapes" exec s2:web1 -- stat -c '%n %u:%g %a' /root/f
+run "$BIN/stapes" exec s2:web1 -- cat /sys/class/net/eth0/address
+run "$BIN/stapes" delete --force s1:web2
+
+say "A move to a server without the container's network is refused before anything moves"
+run "$BIN/stapes" network create s1:backend
+run "$BIN/stapes" launch s1:busybox db -d eth0,network=backend
+run "$BIN/stapes" stop s1:db
+run "$BIN/stapes" move s1:db s2: || true
+run "$BIN/stapes" list s1: -c ns
+run "$BIN/stapes" move s1:db s2: -d eth0,network=stapesbr0 --mode push
+run "$BIN/stapes" start s2:db
+echo "address of db on s2: $(wait_address s2:db)"
+run "$BIN/stapes" delete --force s2:db s2:web1
+run "$BIN/stapes" network delete s1:backend
+
+say "A Debian 12 system image, built on s1 with mmdebstrap (cached for a week), booting its own init"
+run "$BIN/stapes" image build debian/12 s1:
+run "$BIN/stapes" launch s1:debian/12 deb
+echo "address of deb on s1: $(wait_address s1:deb)"
+run "$BIN/stapes" exec s1:deb -- sh -c 'ps -e | head -4; stat -c "%n %U:%G %a" /etc/shadow /usr/bin/passwd'
+run "$BIN/stapes" move s1:deb s2: --stateless --mode relay
+echo "address of deb on s2: $(wait_address s2:deb)"
+run "$BIN/stapes" exec s2:deb -- sh -c 'stat -c "%n %U:%G %a" /etc/shadow /usr/bin/passwd'
+run "$BIN/stapes" delete --force s2:deb
 
 say "A failed move leaves everything as it was"
 run "$BIN/stapes" launch s1:busybox safe
