@@ -111,7 +111,9 @@ def test_moves_keep_owners_inside_and_the_mac(s1: Server, s2: Server, two: Cli) 
         assert two.json("list", f"{here}:") == []
         assert two.run("exec", f"{there}:c1", "--", "sh", "-c", STAT).stdout == before, mode
         assert two.run("exec", f"{there}:c1", "--", "cat", "/sys/class/net/eth0/address").stdout.strip() == mac
-        assert ipaddress.IPv4Address(wait_address(two, f"{there}:c1")) in subnet(two, there)
+        address = wait_address(two, f"{there}:c1")
+        assert ipaddress.IPv4Address(address) in subnet(two, there)
+        assert subprocess.run(["ping", "-c1", "-W2", address], capture_output=True).returncode == 0
         here, there = there, here
     copied = two.run("copy", f"{here}:c1", f"{there}:c1-copy", "--stateless").stdout
     assert "Copied" in copied
@@ -143,7 +145,7 @@ def test_a_missing_network_on_the_target_is_refused_before_anything_moves(s1: Se
 @pytest.mark.skipif(subprocess.run(["which", "mmdebstrap"], capture_output=True).returncode != 0,
                     reason="mmdebstrap is not installed (make install)")
 def test_a_debian_container_boots_gets_an_address_and_moves(s1: Server, s2: Server, two: Cli) -> None:
-    built = two.run("image", "build", "debian/12", "s1:").stdout
+    built = two.run("image", "build", "debian/12", "s1:", timeout=900).stdout  # from the archive, unless cached
     assert "Image built with fingerprint" in built
     two.run("launch", "s1:debian/12", "d1")
     address = wait_address(two, "s1:d1", timeout=60)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stapes.api.config_keys import validate_instance_config
+from stapes.api.devices import validate_devices
 from stapes.api.errors import BadRequest
 from stapes.api.networks import (
     check_mac,
@@ -193,3 +195,16 @@ async def test_containers_made_before_unprivileged_defaults_stay_privileged(tmp_
         assert await store.networks() == []
     finally:
         await store.close()
+
+
+def test_nothing_a_client_sends_can_add_lines_to_the_lxc_config() -> None:
+    with pytest.raises(BadRequest, match="volatile.eth0.hwaddr"):
+        validate_instance_config({"volatile.eth0.hwaddr": "10:66:6a:00:00:01\nlxc.idmap = u 0 0 1"})
+    with pytest.raises(BadRequest, match="control characters"):
+        validate_devices({"d": {"type": "disk", "path": "/d", "source": "/srv\nlxc.rootfs.path = dir:/"}})
+    with pytest.raises(BadRequest, match="Invalid device name"):
+        validate_devices({"d\nlxc.idmap = u 0 0 1": {"type": "none"}})
+    spec = InstanceSpec("default", "c1", {}, {"d": {"type": "disk", "path": "/my data", "source": "/srv/a b"}},
+                        Path("/pool/c1"))
+    text = render_config(spec, lxc_dir=Path("/l"), server_id="x", cgroup2=False)
+    assert "lxc.mount.entry = /srv/a\\040b my\\040data none" in text

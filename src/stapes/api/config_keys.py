@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from stapes.api.errors import BadRequest
-from stapes.api.networks import parse_ipv4_cidr, parse_ipv6_cidr
+from stapes.api.networks import check_mac, parse_ipv4_cidr, parse_ipv6_cidr
 
 Check = Callable[[str], None]
 
@@ -160,6 +160,12 @@ SERVER_KEYS: dict[str, Key] = {
 SERVER_NAMESPACES = ("user.",)
 
 
+# Keys inside a free-form namespace whose values still reach a tool (a nic's MAC goes into LXC's config).
+PATTERN_KEYS: tuple[tuple[re.Pattern[str], Check], ...] = (
+    (re.compile(r"^volatile\.[^.]+\.hwaddr$"), check_mac),
+)
+
+
 def validate_config(
     config: Mapping[str, str], keys: Mapping[str, Key], namespaces: tuple[str, ...], what: str, hint: str = ""
 ) -> None:
@@ -169,6 +175,12 @@ def validate_config(
         spec = keys.get(key)
         if spec is None:
             if key.startswith(namespaces):
+                for pattern, check in PATTERN_KEYS:
+                    if pattern.match(key):
+                        try:
+                            check(value)
+                        except ValueError as err:
+                            raise BadRequest(f"Invalid value for {what} key {key!r}: {err}") from None
                 continue
             known = ", ".join(sorted(keys))
             free = ", ".join(f"{n}*" for n in namespaces)

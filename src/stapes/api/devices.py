@@ -21,6 +21,9 @@ NIC_TYPES = ("bridged",)
 
 def validate_devices(devices: Mapping[str, Mapping[str, str]]) -> None:
     for name, device in devices.items():
+        if not name or len(name) > 64 or "/" in name or any(ord(c) < 33 or c == "\x7f" for c in name):
+            raise BadRequest(f"Invalid device name {name!r}: 1 to 64 characters, without '/', spaces or control "
+                             "characters")
         kind = device.get("type", "")
         allowed = _DEVICE_KEYS.get(kind)
         if allowed is None:
@@ -28,9 +31,12 @@ def validate_devices(devices: Mapping[str, Mapping[str, str]]) -> None:
                 f"Invalid device {name!r}: unsupported type {kind!r}; supported types are "
                 + ", ".join(sorted(_DEVICE_KEYS))
             )
-        for key in device:
+        for key, value in device.items():
             if key != "type" and key not in allowed and not key.startswith("user."):
                 raise BadRequest(f"Invalid device {name!r}: unknown key {key!r} for a {kind} device")
+            if not isinstance(value, str) or any(ord(c) < 32 or c == "\x7f" for c in value):
+                raise BadRequest(f"Invalid device {name!r}: the value of {key!r} must be a string without control "
+                                 "characters (newlines, tabs)")
         for key, required in allowed.items():
             if required and not device.get(key):
                 raise BadRequest(f"Invalid device {name!r}: a {kind} device needs {key!r}")

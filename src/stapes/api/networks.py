@@ -48,6 +48,11 @@ def check_mac(value: str) -> None:
         raise ValueError(f"{value!r} is a multicast or null MAC address: a nic needs a unicast one")
 
 
+def _check_usable(value: str, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface, example: str) -> None:
+    if iface.ip.is_loopback or iface.ip.is_link_local or iface.ip.is_multicast or iface.ip.is_unspecified:
+        raise ValueError(f"{value!r} is a loopback, link-local, multicast or unspecified address: use {example}")
+
+
 def parse_ipv4_cidr(value: str) -> ipaddress.IPv4Interface:
     """A gateway address with its prefix, such as 10.12.13.1/24."""
     try:
@@ -55,9 +60,7 @@ def parse_ipv4_cidr(value: str) -> ipaddress.IPv4Interface:
     except ValueError:
         raise ValueError(f"{value!r} is not an IPv4 address with a prefix: use such as 10.0.3.1/24, auto or "
                          "none") from None
-    if iface.ip.is_loopback or iface.ip.is_link_local or iface.ip.is_multicast or iface.ip.is_unspecified:
-        raise ValueError(f"{value!r} is a loopback, link-local, multicast or unspecified address: use a private "
-                         "subnet such as 10.0.3.1/24")
+    _check_usable(value, iface, "a private subnet such as 10.0.3.1/24")
     if not 8 <= iface.network.prefixlen <= 30:
         raise ValueError(f"{value!r}: the prefix must be between /8 and /30 (room for a gateway and instances)")
     if iface.ip in (iface.network.network_address, iface.network.broadcast_address):
@@ -72,9 +75,7 @@ def parse_ipv6_cidr(value: str) -> ipaddress.IPv6Interface:
     except ValueError:
         raise ValueError(f"{value!r} is not an IPv6 address with a prefix: use such as fd42:1:2:3::1/64, auto or "
                          "none") from None
-    if iface.ip.is_loopback or iface.ip.is_link_local or iface.ip.is_multicast or iface.ip.is_unspecified:
-        raise ValueError(f"{value!r} is a loopback, link-local, multicast or unspecified address: use a unique "
-                         "local one such as fd42:1:2:3::1/64")
+    _check_usable(value, iface, "a unique local one such as fd42:1:2:3::1/64")
     if iface.network.prefixlen != 64:
         raise ValueError(f"{value!r}: use a /64 (stateless autoconfiguration needs one)")
     if iface.ip == iface.network.network_address:

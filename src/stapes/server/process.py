@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,20 @@ def forget(proc: asyncio.subprocess.Process) -> None:
     _our_children.discard(proc.pid)
 
 
+@contextlib.asynccontextmanager
+async def reaped(proc: asyncio.subprocess.Process) -> AsyncIterator[asyncio.subprocess.Process]:
+    """While the caller talks to the tool: if it fails or is cancelled, the tool is killed and reaped."""
+    try:
+        yield proc
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    finally:
+        forget(proc)
+
+
 async def run(
     argv: Sequence[str], *, input: bytes | None = None, check: bool = True, timeout: float | None = None,
     cwd: str | Path | None = None,
@@ -59,15 +73,8 @@ async def run(
         argv, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd,
     )
-    try:
+    async with reaped(proc):
         stdout, stderr = await asyncio.wait_for(proc.communicate(input), timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    finally:
-        forget(proc)
     assert proc.returncode is not None
     result = Result(argv, proc.returncode, stdout, stderr)
     if check and result.returncode != 0:

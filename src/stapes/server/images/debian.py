@@ -9,7 +9,6 @@ fetched once a week at most.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import tempfile
@@ -122,7 +121,7 @@ async def _run_reporting(argv: list[str], progress: Progress) -> None:
     proc = await process.spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                                stderr=asyncio.subprocess.PIPE)
     tail: list[str] = []
-    try:
+    async with process.reaped(proc):
         assert proc.stderr is not None
         async for raw in proc.stderr:
             line = raw.decode(errors="replace").strip()
@@ -130,12 +129,5 @@ async def _run_reporting(argv: list[str], progress: Progress) -> None:
             if line.startswith("I: "):
                 progress(line[3:])
         code = await proc.wait()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    finally:
-        process.forget(proc)
     if code != 0:
         raise InternalError(f"mmdebstrap failed (exit status {code}): {' / '.join(tail)}")

@@ -52,6 +52,11 @@ DEFAULT_SIGNALS = ("SIGPWR", "SIGINT")
 HALT_SIGNALS = {"busybox": ("SIGUSR1", "SIGTERM")}
 
 
+def _fstab(path: str) -> str:
+    """A path in a mount entry, escaped as fstab (and LXC's getmntent) read it: spaces would split the fields."""
+    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+
+
 def _nic_lines(spec: InstanceSpec) -> list[str]:
     """One veth per nic, its host end on the nic's bridge, with the MAC recorded in volatile.<nic>.hwaddr."""
     if not spec.nics:
@@ -117,7 +122,8 @@ def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2:
             options = "bind,create=dir" + (",ro" if device.get("readonly") in ("true", "1") else "")
             if not Path(device["source"]).is_dir():
                 options = options.replace("create=dir", "create=file")
-            lines.append(f"lxc.mount.entry = {device['source']} {target} none {options} 0 0  # device {dev_name}")
+            lines.append(f"lxc.mount.entry = {_fstab(device['source'])} {_fstab(target)} none {options} 0 0  "
+                         f"# device {dev_name}")
     if raw := config.get("raw.lxc"):
         lines.extend(raw.splitlines())
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from aiohttp import web
 from stapes import __version__
 from stapes.api.requests import ServerPut
 from stapes.server.rest.common import body, caller, daemon, sync
+from stapes.server.storage.service import DRIVERS as STORAGE_DRIVERS
 
 # Incus API extensions whose behaviour Stapes implements (names as Incus spells them).
 API_EXTENSIONS = [
@@ -50,7 +51,7 @@ def routes(r: web.RouteTableDef) -> None:
                     "server_clustered": False, "server_event_mode": "full-mesh", "server_name": socket.gethostname(),
                     "server_pid": os.getpid(), "server_version": __version__, "storage": "dir",
                     "storage_version": "1", "storage_supported_drivers": [
-                        {"name": "dir", "version": "1", "remote": False}],
+                        {"name": name, "version": "1", "remote": False} for name in sorted(STORAGE_DRIVERS)],
                     "instance_types": ["container"],
                     "unprivileged": await d.instances.unprivileged_status(),
                 },
