@@ -136,6 +136,8 @@ def test_a_missing_network_on_the_target_is_refused_before_anything_moves(s1: Se
     assert (after["config"], after["devices"], after["status"]) == (before["config"], before["devices"], "Stopped")
     assert two.json("list", "s2:") == []
     assert not (s2.state_dir / "storage-pools/default/containers/c1").exists()
+    assert "Network 'nowhere'" in two.fails("profile", "device", "add", "s2:default", "eth1", "nic",
+                                             "network=nowhere")
     two.run("move", "s1:c1", "s2:", "-d", "eth0,network=stapesbr0")
     two.run("start", "s2:c1")
     assert ipaddress.IPv4Address(wait_address(two, "s2:c1")) in subnet(two, "s2")

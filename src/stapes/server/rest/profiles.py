@@ -49,6 +49,7 @@ def routes(r: web.RouteTableDef) -> None:
         row = ProfileRow(data.name, data.description, data.config or {}, data.devices or {})
         validate_entity_name("profile", row.name)
         _validate(row)
+        await daemon(request).instances.check_profile_change(row)  # no instance uses it yet: its nics' networks
         try:
             await daemon(request).store.create_profile(row)
         except Conflict:
