@@ -66,12 +66,13 @@ def test_an_unprivileged_container_is_confined(cli: Cli, s1: Server, cluster: Cl
     assert "stapesd" not in processes and "init" in processes  # its own PID namespace
     assert cli.run("exec", "c1", "--", "cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes", check=False
                    ).returncode == 0  # its cgroups are mounted, so it sees its own limits
-    # security.privileged opts out: no user namespace.
-    cli.run("launch", "busybox", "p1", "-c", "security.privileged=true")
-    assert cli.run("exec", "p1", "--", "cat", "/proc/self/uid_map").stdout.split() == ["0", "0", "4294967295"]
-    config = {i["name"]: i["config"] for i in cli.json("list")}
-    assert '"Hostid":1000000' in config["c1"]["volatile.idmap.current"]
-    assert config["p1"]["volatile.idmap.current"] == "[]"
+    # security.privileged opts out (no user namespace) from the next start; until then the map stays current.
+    cli.run("config", "set", "c1", "security.privileged=true")
+    config = next(i for i in cli.json("list") if i["name"] == "c1")["config"]
+    assert '"Hostid":1000000' in config["volatile.idmap.current"] and config["volatile.idmap.next"] == "[]"
+    cli.run("restart", "c1", "--force")
+    assert cli.run("exec", "c1", "--", "cat", "/proc/self/uid_map").stdout.split() == ["0", "0", "4294967295"]
+    assert next(i for i in cli.json("list") if i["name"] == "c1")["config"]["volatile.idmap.current"] == "[]"
     info = cli.run("info").stdout
     assert "Unprivileged containers: yes (root inside is host uid 1000000" in info and "stapesbr0" in info
 

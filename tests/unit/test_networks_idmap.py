@@ -90,17 +90,21 @@ def test_firewall_and_dhcp_of_a_bridge() -> None:
 
 
 def test_volatile_keys_for_nics_and_the_id_map() -> None:
-    added = missing_volatile({}, {"eth0": NIC, "eth1": {**NIC, "hwaddr": "10:66:6a:00:00:01"}}, MAP)
+    added = missing_volatile({}, {"eth0": NIC, "eth1": {**NIC, "hwaddr": "10:66:6a:00:00:01"}}, MAP, applying=True)
     check_mac(added["volatile.eth0.hwaddr"])
     assert "volatile.eth1.hwaddr" not in added  # the device fixes its own MAC
     assert from_volatile(added["volatile.idmap.next"]) == list(MAP)
     assert json.loads(added["volatile.idmap.current"])[0] == {"Isuid": True, "Isgid": False, "Hostid": 1000000,
                                                                "Nsid": 0, "Maprange": 65536}
     assert added["volatile.idmap.base"] == "1000000" and added["volatile.last_state.idmap"] == "[]"
-    again = missing_volatile({**added}, {"eth0": NIC}, MAP)
+    again = missing_volatile({**added}, {"eth0": NIC}, MAP, applying=True)
     assert again == {}  # nothing changes once recorded: the MAC stays
-    privileged = missing_volatile(added, {"eth0": NIC}, ())
-    assert privileged["volatile.idmap.current"] == "[]" and "volatile.eth0.hwaddr" not in privileged
+    # security.privileged set on a running container: the next start drops the map, the current one stays
+    changed = missing_volatile(added, {"eth0": NIC}, (), applying=False)
+    assert changed["volatile.idmap.next"] == "[]" and "volatile.idmap.current" not in changed
+    assert "volatile.eth0.hwaddr" not in changed
+    started = missing_volatile({**added, **changed}, {"eth0": NIC}, (), applying=True)
+    assert started == {"volatile.idmap.current": "[]"}
 
 
 def test_what_a_migrated_instance_keeps() -> None:

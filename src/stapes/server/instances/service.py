@@ -122,11 +122,12 @@ class InstanceService:
             if device.get("network"):
                 await self._networks.require(device["network"], name)
 
-    async def add_volatile(self, row: InstanceRow) -> bool:
-        """Record what the instance runs with (its nics' MACs, its id map) before it first runs with it."""
+    async def add_volatile(self, row: InstanceRow, *, applying: bool) -> bool:
+        """Record what the instance runs with (its nics' MACs, its id map) before it first runs with it;
+        `applying`: it is being created or started with it now."""
         config, devices = await self.expand(row)
         idmap = () if is_true(config.get("security.privileged")) else tuple(await self._container_map())
-        missing = missing_volatile(config, devices, idmap)
+        missing = missing_volatile(config, devices, idmap, applying=applying)
         row.config.update(missing)
         return bool(missing)
 
@@ -296,7 +297,7 @@ class InstanceService:
     async def _create_locked(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
                              finalize: Callable[[], Awaitable[None]] | None) -> None:
         await self.validate_new(row)
-        await self.add_volatile(row)
+        await self.add_volatile(row, applying=True)
         row.config[INCOMPLETE] = "true"  # until the end: a server killed half-way cleans up at its next start
         await self._store.create_instance(row)
         volume_created = False
@@ -478,7 +479,7 @@ class InstanceService:
         validate_instance_config(dict(spec.config))
         await self._store.pool(root_disk(spec.devices)[1]["pool"])  # type: ignore[index]
         await self._check_networks(spec.devices)
-        if await self.add_volatile(row):
+        if await self.add_volatile(row, applying=False):
             spec = await self.spec(row)
         return spec
 
@@ -581,7 +582,7 @@ class InstanceService:
                 if status == StatusCode.FROZEN:
                     raise BadRequest(f"Instance {name!r} is frozen: use 'unfreeze' (or 'start' after 'stop')")
                 await self._check_networks(spec.devices)
-                if await self.add_volatile(row):
+                if await self.add_volatile(row, applying=True):
                     spec = await self.spec(row)
                 await driver.define(spec)
                 await driver.start(spec)
@@ -596,6 +597,9 @@ class InstanceService:
                 if status == StatusCode.STOPPED:
                     raise BadRequest(f"Instance {name!r} is not running: use 'start'")
                 await driver.stop(spec, timeout=stop_timeout, force=force)
+                if await self.add_volatile(row, applying=True):
+                    spec = await self.spec(row)
+                    await driver.define(spec)
                 await driver.start(spec)
                 row.last_used_at = time.time()
             elif action == "freeze":

@@ -16,20 +16,22 @@ _HWADDR = re.compile(r"^volatile\.([A-Za-z0-9_.-]{1,64})\.hwaddr$")
 
 
 def missing_volatile(config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]],
-                     idmap: tuple[IdRange, ...]) -> dict[str, str]:
-    """Keys to add: a MAC for every nic that has none yet (kept from then on, so DHCP gives the same address),
-    and the id map the container runs with. The files stay unshifted on disk: last_state.idmap is empty."""
+                     idmap: tuple[IdRange, ...], *, applying: bool) -> dict[str, str]:
+    """Keys to add or change: a MAC for every nic that has none yet (kept from then on, so DHCP gives the same
+    address), and the id map, as Incus records it: `next` (and `base`) is what the next start uses; `current`
+    is what the container runs with, so it changes only when the map is applied (`applying`: a create or a
+    start). The files stay unshifted on disk, so `last_state.idmap` is always empty."""
     wanted: dict[str, str] = {}
     for name, device in nic_devices(devices).items():
         key = f"volatile.{name}.hwaddr"
         if not device.get("hwaddr") and not config.get(key):
             wanted[key] = random_mac()
-    current = to_volatile(list(idmap))
-    base = str(idmap[0].host) if idmap else "0"
-    for key, value in (("volatile.idmap.base", base), ("volatile.idmap.current", current),
-                       ("volatile.idmap.next", current), ("volatile.last_state.idmap", "[]")):
-        if config.get(key) != value:
-            wanted[key] = value
+    map_json = to_volatile(list(idmap))
+    recorded = {"volatile.idmap.base": str(idmap[0].host) if idmap else "0", "volatile.idmap.next": map_json,
+                "volatile.last_state.idmap": "[]"}
+    if applying or "volatile.idmap.current" not in config:
+        recorded["volatile.idmap.current"] = map_json
+    wanted.update({key: value for key, value in recorded.items() if config.get(key) != value})
     return wanted
 
 
