@@ -26,6 +26,7 @@ RELEASES = {"12": "bookworm", "13": "trixie"}
 PACKAGES = ("sysvinit-core", "ifupdown", "isc-dhcp-client", "iproute2", "iputils-ping", "netbase", "procps")
 RECIPE = "1"  # bump when the packages or the files written below change: the cache then rebuilds
 CACHE_LIFETIME = 7 * 86400
+BUILD_TIMEOUT = 1800.0  # a mirror that stops answering must not hold the build operation for ever
 DEFAULT_CACHE = Path("/var/cache/stapes/images")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 EXCLUDED = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/info/*", "/usr/share/locale/*",
@@ -121,13 +122,17 @@ async def _run_reporting(argv: list[str], progress: Progress) -> None:
     proc = await process.spawn(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                                stderr=asyncio.subprocess.PIPE)
     tail: list[str] = []
-    async with process.reaped(proc):
-        assert proc.stderr is not None
-        async for raw in proc.stderr:
-            line = raw.decode(errors="replace").strip()
-            tail = (tail + [line])[-5:]
-            if line.startswith("I: "):
-                progress(line[3:])
-        code = await proc.wait()
+    try:
+        async with process.reaped(proc), asyncio.timeout(BUILD_TIMEOUT):
+            assert proc.stderr is not None
+            async for raw in proc.stderr:
+                line = raw.decode(errors="replace").strip()
+                tail = (tail + [line])[-5:]
+                if line.startswith("I: "):
+                    progress(line[3:])
+            code = await proc.wait()
+    except TimeoutError:
+        raise InternalError(f"mmdebstrap did not finish within {BUILD_TIMEOUT:.0f} s (last: {' / '.join(tail)}): "
+                            "check that the server reaches the Debian mirror, or set STAPES_DEBIAN_MIRROR") from None
     if code != 0:
         raise InternalError(f"mmdebstrap failed (exit status {code}): {' / '.join(tail)}")

@@ -135,10 +135,14 @@ class NetworkService:
             try:
                 await self._driver.start(self._spec(row))
             except BaseException:
-                await self._store.update_network(old)
-                with contextlib.suppress(StapesError):
-                    await self._driver.start(self._spec(old))
+                await asyncio.shield(self._undo_update(old))
                 raise
+
+    async def _undo_update(self, old: NetworkRow) -> None:
+        """The row and the bridge as they were, even when the change was cancelled half-way."""
+        await self._store.update_network(old)
+        with contextlib.suppress(StapesError):
+            await self._driver.start(self._spec(old))
 
     async def delete(self, name: str) -> None:
         async with self._lock:
