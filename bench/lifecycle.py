@@ -87,7 +87,8 @@ def bench_raw(root: Path, count: int, list_calls: int) -> dict[str, float]:
         run("tar", "-xf", str(tarball), "-C", str(volume), "--numeric-owner")
         spec = InstanceSpec("default", names[i], {}, {}, volume)
         (lxc_path / names[i]).mkdir()
-        config = render_config(spec, lxc_dir=lxc_path / names[i], server_id="rawbench", cgroup2=cgroup2)
+        config = render_config(spec, lxc_dir=lxc_path / names[i], server_id="rawbench", cgroup2=cgroup2,
+                               apparmor=False)
         (lxc_path / names[i] / "config").write_text(config)
         run("lxc-start", "-P", str(lxc_path), "-n", names[i])
 

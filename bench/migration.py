@@ -92,8 +92,8 @@ async def time_copies(config: ClientConfig, name: str, mode: str, transport: str
         target = AsyncClient.connect("s2", config)
         try:
             start = time.perf_counter()
-            used = await copy_instance(source, name, target, f"{name}-{i}", mode=mode,
-                                       overrides=Overrides(transport=transport, storage=pool))
+            used = (await copy_instance(source, name, target, f"{name}-{i}", mode=mode,
+                                       overrides=Overrides(transport=transport, storage=pool))).transport
             times.append(time.perf_counter() - start)
             await target.delete_instance(f"{name}-{i}")
         finally:

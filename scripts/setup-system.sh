@@ -62,4 +62,5 @@ done
 # Make sure the python3 that builds the virtual environment can (pyenv or Debian's).
 python3 -c 'import venv, ensurepip' 2>/dev/null || {
     echo "setup-system: python3 lacks venv/ensurepip; install python3-venv" >&2; exit 1; }
+bash "$(dirname "$0")/setup-criu.sh"
 echo "setup-system: all system packages present"

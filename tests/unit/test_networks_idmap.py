@@ -149,14 +149,19 @@ def _spec(config: dict[str, str], idmap: tuple[IdRange, ...], nics: dict[str, st
 
 def test_lxc_config_of_an_unprivileged_networked_container() -> None:
     text = render_config(_spec({"volatile.eth0.hwaddr": "10:66:6a:01:02:03", "image.os": "busybox"}, MAP,
-                               {"eth0": "stpabc"}), lxc_dir=Path("/l"), server_id="x", cgroup2=False)
+                               {"eth0": "stpabc"}), lxc_dir=Path("/l"), server_id="x", cgroup2=False,
+                         apparmor=False)
     assert "lxc.idmap = u 0 1000000 65536" in text and "lxc.idmap = g 0 1000000 65536" in text
-    assert "lxc.rootfs.options = idmap=container" in text and "cgroup:rw:force" in text
+    # The server's own id-mapped mount of the volume's rootfs (CRIU cannot restore LXC's idmap=container one).
+    assert "lxc.rootfs.path = dir:/l/rootfs" in text and "idmap=container" not in text and "cgroup:rw:force" in text
+    # What a checkpoint needs: no console pty, no AppArmor line on a host without AppArmor.
+    assert "lxc.console.path = none" in text and "apparmor" not in text
     for line in ("lxc.net.0.type = veth", "lxc.net.0.link = stpabc", "lxc.net.0.name = eth0",
                  "lxc.net.0.hwaddr = 10:66:6a:01:02:03", "lxc.signal.halt = SIGUSR1"):
         assert line in text
     privileged = render_config(_spec({"image.os": "debian"}, (), {}), lxc_dir=Path("/l"), server_id="x",
-                               cgroup2=False)
+                               cgroup2=False, apparmor=True)
+    assert "lxc.rootfs.path = dir:/pool/c1/rootfs" in privileged and "lxc.apparmor.profile = unconfined" in privileged
     assert "lxc.idmap" not in privileged and "lxc.net.0.type = empty" in privileged
     assert "lxc.signal.halt = SIGPWR" in privileged and "cgroup:mixed:force" in privileged
 
@@ -210,5 +215,5 @@ def test_nothing_a_client_sends_can_add_lines_to_the_lxc_config() -> None:
         validate_devices({"d\nlxc.idmap = u 0 0 1": {"type": "none"}})
     spec = InstanceSpec("default", "c1", {}, {"d": {"type": "disk", "path": "/my data", "source": "/srv/a b"}},
                         Path("/pool/c1"))
-    text = render_config(spec, lxc_dir=Path("/l"), server_id="x", cgroup2=False)
+    text = render_config(spec, lxc_dir=Path("/l"), server_id="x", cgroup2=False, apparmor=False)
     assert "lxc.mount.entry = /srv/a\\040b my\\040data none" in text

@@ -75,7 +75,7 @@ def _spec(config: dict[str, str], project: str = "default") -> InstanceSpec:
 def test_render_lxc_config_v1_and_v2() -> None:
     text = render_config(_spec({"limits.memory": "64MiB", "limits.cpu": "1", "limits.processes": "10",
                                 "raw.lxc": "lxc.environment = X=1"}),
-                         lxc_dir=Path("/lxc/c1"), server_id="abcd", cgroup2=False)
+                         lxc_dir=Path("/lxc/c1"), server_id="abcd", cgroup2=False, apparmor=False)
     assert "lxc.rootfs.path = dir:/pool/c1/rootfs" in text
     assert "lxc.cgroup.memory.limit_in_bytes = 67108864" in text
     assert "lxc.cgroup.cpuset.cpus = 0" in text
@@ -84,7 +84,7 @@ def test_render_lxc_config_v1_and_v2() -> None:
     assert "lxc.mount.entry = /srv data none bind,create=dir,ro 0 0" in text
     assert text.rstrip().endswith("lxc.environment = X=1")
     v2 = render_config(_spec({"limits.memory": "64MiB"}, project="p1"), lxc_dir=Path("/l"), server_id="x",
-                       cgroup2=True)
+                       cgroup2=True, apparmor=False)
     assert "lxc.cgroup2.memory.max = 67108864" in v2
     assert "stapes-x.payload.p1_c1" in v2
 

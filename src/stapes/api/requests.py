@@ -78,6 +78,7 @@ class InstancePost(Body):
     container_only: bool = False
     target: MigrationTarget | None = None
     transport: str | None = None  # Stapes: narrow the transports offered (benchmarks, tests)
+    keep_running: bool = False  # Stapes: a live copy, the instance keeps running here too
     pool: str = ""
     project: str = ""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from typing import Any
 
 import click
@@ -13,7 +12,8 @@ from stapes.cli import render
 from stapes.cli.common import config, device_overrides, key_values, parse, project_override
 from stapes.client.client import AsyncClient
 from stapes.client.config import Remote
-from stapes.client.migration import MODES, Overrides, copy_instance
+from stapes.client.migration import MODES, Overrides
+from stapes.client.move import transfer
 
 
 def _options(func: Any) -> Any:
@@ -31,7 +31,8 @@ def _options(func: Any) -> Any:
         click.option("--target-project", help="Project on the target"),
         click.option("--instance-only", is_flag=True, help="Leave the snapshots behind"),
         click.option("--stateless", is_flag=True,
-                     help="Stop a running instance, move it and start it on the target"),
+                     help="Stop a running instance, move it and start it on the target (without it, a running "
+                          "container moves live)"),
         click.option("--target", "member", help="Cluster member to move to"),
         click.option("--transport", type=click.Choice(["auto", "tar-stream", "rsync"]), default="auto",
                      help="Force a transport (auto: the best both servers can do)"),
@@ -61,43 +62,10 @@ async def _transfer(move: bool, source_spec: str, dest_spec: str | None, mode: s
     source = AsyncClient.connect(source_remote.name, conf, project)
     target = AsyncClient.connect(target_remote.name, conf, target_project or project)
     try:
-        instance = await source.instance(name)
-        same_place = (source_remote.name == target_remote.name and not target_project and not overrides.storage
-                      and not overrides.config and not overrides.devices and overrides.profiles is None)
-        if move and same_place:
-            if new_name == name:
-                raise BadRequest(f"{source_remote.name}:{name} is already there: name another server or a new name")
-            await source.rename_instance(name, new_name)
-            return f"Renamed {name} to {new_name}"
-        running = instance["status"] != "Stopped"
-        if running and not stateless:
-            raise BadRequest(
-                f"Instance {name!r} is running: stop it first, or add --stateless to stop it, "
-                f"{'move' if move else 'copy'} it and start it again")
-        # Moving to another pool under the same name and project: copy to a temporary name, then swap.
-        in_place = move and source_remote.name == target_remote.name and new_name == name and (
-            target_project or project or "default") == (project or "default")
-        landing = f"{name[:50]}-moving-{secrets.token_hex(3)}" if in_place else new_name
-        if running:
-            await source.change_state(name, "stop", timeout=30)
-        try:
-            with render.progress(f"{'Moving' if move else 'Copying'} {name}", quiet) as update:
-                transport = await copy_instance(source, name, target, landing, mode=mode, overrides=overrides,
-                                                progress=update, move=move)
-        except BaseException:
-            if running:
-                await asyncio.shield(source.change_state(name, "start"))
-            raise
-        if move:
-            await source.delete_instance(name)
-            if in_place:
-                await target.rename_instance(landing, name)
-            if running:
-                await target.change_state(new_name, "start")
-        elif running:
-            await source.change_state(name, "start")
-        verb = "Moved" if move else "Copied"
-        return f"{verb} {source_remote.name}:{name} to {target_remote.name}:{new_name} ({mode}, {transport})"
+        with render.progress(f"{'Moving' if move else 'Copying'} {name}", quiet) as update:
+            result = await transfer(source, name, target, new_name, move=move, mode=mode, overrides=overrides,
+                                    stateless=stateless, progress=update)
+        return result.message
     finally:
         await source.close()
         await target.close()

@@ -22,6 +22,15 @@ from stapes.client.connection import Json
 
 MODES = ("pull", "push", "relay")
 CHANNELS = ("control", "fs")
+LIVE_CHANNELS = ("control", "fs", "criu")  # a live move adds the running state's websocket
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    transport: str
+    frozen_s: float = 0.0  # live: from the checkpoint until the target confirmed it runs (as the source saw it)
+    source: Json = field(default_factory=dict)  # each operation's final metadata
+    target: Json = field(default_factory=dict)
 
 
 class MigrationFailed(StapesError):
@@ -79,11 +88,12 @@ async def _server_address(client: AsyncClient) -> tuple[str, str]:
     return url, str(env.get("certificate") or "")
 
 
-async def _relay(source: AsyncClient, source_op: Json, target: AsyncClient, target_op: Json) -> None:
+async def _relay(source: AsyncClient, source_op: Json, target: AsyncClient, target_op: Json,
+                 channels: tuple[str, ...]) -> None:
     """Open both ends of every channel and copy each message across, in both directions."""
     async with contextlib.AsyncExitStack() as stack:
         pumps = []
-        for name in CHANNELS:
+        for name in channels:
             src_ws = await stack.enter_async_context(
                 await source.conn.operation_websocket(source_op, source_op["metadata"][name]))
             dst_ws = await stack.enter_async_context(
@@ -110,8 +120,9 @@ async def _pump(reader: aiohttp.ClientWebSocketResponse, writer: aiohttp.ClientW
 
 async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new_name: str, *, mode: str = "pull",
                         overrides: Overrides | None = None, progress: Callable[[Json], None] | None = None,
-                        move: bool = False) -> str:
-    """Returns the transport the servers used. `move`: the source goes away after (it keeps its MACs)."""
+                        move: bool = False, live: bool = False, keep_running: bool = False) -> MigrationResult:
+    """One migration between two servers. `move`: the source goes away after (it keeps its MACs); `live`: a
+    running instance moves with its state (`keep_running`: and goes on running on the source, a live copy)."""
     if mode not in MODES:
         raise BadRequest(f"Unknown transfer mode {mode!r}: use pull, push or relay")
     overrides = overrides or Overrides()
@@ -121,9 +132,12 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
     for profile in profiles:
         profile_devices.update((await target.entity("profile", profile))["devices"])
     body = target_body(instance, new_name, overrides, profile_devices, move=move)
-    migration = {"type": "migration", "live": False, "instance_only": overrides.instance_only,
+    channels = LIVE_CHANNELS if live else CHANNELS
+    migration = {"type": "migration", "live": live, "instance_only": overrides.instance_only,
                  "refresh": overrides.refresh}
-    source_request: dict[str, Any] = {"migration": True, "live": False, "instance_only": overrides.instance_only}
+    source_request: dict[str, Any] = {"migration": True, "live": live, "instance_only": overrides.instance_only}
+    if keep_running:
+        source_request["keep_running"] = True
     if overrides.transport:
         source_request["transport"] = overrides.transport
 
@@ -133,7 +147,7 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
         if mode == "pull":
             source_url, source_cert = await _server_address(source)
             source_op = await source.conn.request("POST", f"/1.0/instances/{name}", source_request)
-            secrets = {k: source_op["metadata"][k] for k in CHANNELS}
+            secrets = {k: source_op["metadata"][k] for k in channels}
             body["source"] = {**migration, "mode": "pull", "operation": f"{source_url}{_op_path(source_op)}",
                               "certificate": source_cert, "secrets": secrets}
             target_op = await target.conn.request("POST", "/1.0/instances", body)
@@ -142,11 +156,12 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
             target_op = await target.conn.request("POST", "/1.0/instances", body)
             if mode == "push":
                 target_url, target_cert = await _server_address(target)
-                secrets = {k: target_op["metadata"][k] for k in CHANNELS}
+                secrets = {k: target_op["metadata"][k] for k in channels}
                 source_request["target"] = {"operation": f"{target_url}{_op_path(target_op)}",
                                             "certificate": target_cert, "secrets": secrets}
             source_op = await source.conn.request("POST", f"/1.0/instances/{name}", source_request)
-        return await _finish(source, source_op, target, target_op, relay=mode == "relay", progress=progress)
+        return await _finish(source, source_op, target, target_op, relay=channels if mode == "relay" else (),
+                             progress=progress)
     except BaseException:
         await asyncio.shield(_cancel(source, source_op, target, target_op))
         raise
@@ -160,8 +175,8 @@ def _op_path(op: Json) -> str:
     return f"/1.0/operations/{op['id']}"
 
 
-async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, target_op: Json, *, relay: bool,
-                  progress: Callable[[Json], None] | None) -> str:
+async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, target_op: Json, *,
+                  relay: tuple[str, ...], progress: Callable[[Json], None] | None) -> MigrationResult:
     async def watch_target() -> Json:
         async for current in target.conn.poll(target_op):
             if progress is not None:
@@ -170,7 +185,7 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
 
     tasks = {"source": asyncio.create_task(source.conn.poll_until_done(source_op)),
              "target": asyncio.create_task(watch_target())}
-    relay_task = asyncio.create_task(_relay(source, source_op, target, target_op)) if relay else None
+    relay_task = asyncio.create_task(_relay(source, source_op, target, target_op, relay)) if relay else None
     try:
         pending = set(tasks.values())
         while pending:
@@ -190,7 +205,12 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
                 break
         results: dict[str, Json] = {}
         for side, task in tasks.items():
-            if task.done():
+            if task.done() and task.exception() is not None:
+                # The server could not be asked (killed, unreachable): its error stands for its result.
+                failure = task.exception()
+                results[side] = {"status_code": 400, "status": "Failure",
+                                 "err": failure.message if isinstance(failure, StapesError) else str(failure)}
+            elif task.done():
                 results[side] = task.result()
             else:
                 task.cancel()
@@ -213,7 +233,10 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
             server = (target if side == "target" else source).remote.name
             parts.append(f"the {side} ({server}): {op.get('err') or op['status']}")
         raise MigrationFailed("Migration failed on " + "; and on ".join(parts))
-    return str(results["target"]["metadata"].get("transport", "rsync"))
+    source_meta = results["source"].get("metadata") or {}
+    target_meta = results["target"].get("metadata") or {}
+    return MigrationResult(str(target_meta.get("transport", "rsync")),
+                           float((source_meta.get("live") or {}).get("frozen_s") or 0.0), source_meta, target_meta)
 
 
 async def _cancel(source: AsyncClient, source_op: Json | None, target: AsyncClient, target_op: Json | None) -> None:

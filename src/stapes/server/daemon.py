@@ -21,6 +21,7 @@ from stapes.server.auth import TrustStore
 from stapes.server.events import EventHub
 from stapes.server.images.busybox import build_busybox_image
 from stapes.server.images.store import ImageStore
+from stapes.server.instances import criu
 from stapes.server.instances.lxc import LxcDriver
 from stapes.server.instances.service import InstanceService
 from stapes.server.migration.service import MigrationService
@@ -44,10 +45,9 @@ class Daemon:
         self.storage = StorageService(store, paths)
         self.images = ImageStore(store, paths.images)
         self.networks = NetworkService(store, paths)
-        self.instances = InstanceService(
-            store, self.storage, self.images, self.events,
-            {"container": LxcDriver(paths.lxc_path, paths.server_id)}, self.networks,
-        )
+        self.lxc = LxcDriver(paths.lxc_path, paths.server_id)
+        self.instances = InstanceService(store, self.storage, self.images, self.events, {"container": self.lxc},
+                                         self.networks)
         self.migration = MigrationService(self.instances, paths)
         self.certificate_pem = paths.server_cert.read_text()
         self.certificate_fingerprint = fingerprint_pem(self.certificate_pem)
@@ -130,7 +130,14 @@ class Daemon:
         """Clean up what a crash left and bring the networks up before answering anyone (a client must never
         see a half-created instance, or start one before its bridge exists); start instances after."""
         self._reaper.start()
+        self.lxc.use_criu(await criu.probe(self.paths.root))
+        if self.lxc.criu.refusal:
+            log.warning("live container migration is off: %s", self.lxc.criu.refusal)
+        elif self.lxc.criu.dirty_tracking_refusal:
+            log.info("live container migration: CRIU %s; %s", self.lxc.criu.version,
+                     self.lxc.criu.dirty_tracking_refusal)
         await self.storage.activate_all()
+        await self.migration.remove_leftovers()
         await self.instances.remove_incomplete()
         await self.networks.start_all()
         app = build_app(self)

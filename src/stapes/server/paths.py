@@ -41,6 +41,11 @@ class StatePaths:
         return self.root / "storage-pools"
 
     @property
+    def migrations(self) -> Path:
+        """Working space of migrations in progress (checkpoint images); emptied at start."""
+        return self.root / "migrations"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

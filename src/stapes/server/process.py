@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +67,12 @@ async def reaped(proc: asyncio.subprocess.Process) -> AsyncIterator[asyncio.subp
 
 async def run(
     argv: Sequence[str], *, input: bytes | None = None, check: bool = True, timeout: float | None = None,
-    cwd: str | Path | None = None,
+    cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
 ) -> Result:
     proc = await spawn(
         argv, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd,
+        env=None if env is None else dict(env),
     )
     async with reaped(proc):
         stdout, stderr = await asyncio.wait_for(proc.communicate(input), timeout)

@@ -59,8 +59,12 @@ class ExecRequest:
 
 
 class InstanceDriver(ABC):
+    """Lifecycle, and live migration as a fixed set of hooks on both sides (as Ganeti's hypervisors have
+    them): the source says whether an instance can move live and checkpoints it; the target says whether it
+    can accept it and restores it; each side then finalizes with the outcome, and rollback is part of it. The
+    migration service calls these hooks only, whatever the instance type."""
+
     instance_type: ClassVar[str]
-    supports_live_migration: ClassVar[bool] = False
 
     @abstractmethod
     async def define(self, spec: InstanceSpec) -> None:
@@ -94,3 +98,30 @@ class InstanceDriver(ABC):
 
     @abstractmethod
     def log_files(self, spec: InstanceSpec) -> dict[str, Path]: ...
+
+    # Live migration. The defaults refuse: a driver that can move instances live overrides them all.
+    async def live_refusal(self, spec: InstanceSpec) -> str | None:
+        """Source: None when this running instance can be checkpointed here; otherwise why not, and what to do."""
+        return f"{self.instance_type}s cannot move live with this server: move with --stateless"
+
+    async def accept_refusal(self, spec: InstanceSpec) -> str | None:
+        """Target: None when an instance checkpointed elsewhere can be restored here; otherwise why not."""
+        return f"{self.instance_type}s cannot move live to this server: move with --stateless"
+
+    async def checkpoint(self, spec: InstanceSpec, state: Path) -> None:
+        """Source: write the running state into the empty directory `state`; the instance stops with it (its
+        files then hold still for the last sync). A failed checkpoint leaves it running."""
+        raise NotImplementedError
+
+    async def finalize_source(self, spec: InstanceSpec, state: Path, *, resume: bool) -> None:
+        """Source, at the end. `resume`: the instance runs here again from `state`, as it was (a failed move,
+        or a copy); otherwise it moved, and what it left here is cleaned up."""
+        raise NotImplementedError
+
+    async def restore(self, spec: InstanceSpec, state: Path) -> None:
+        """Target: run the defined instance from the state the source checkpointed."""
+        raise NotImplementedError
+
+    async def finalize_target(self, spec: InstanceSpec, *, success: bool) -> None:
+        """Target, at the end: on failure nothing of the restored instance may keep running."""
+        raise NotImplementedError

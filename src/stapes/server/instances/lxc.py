@@ -1,7 +1,12 @@
-"""System containers through LXC's own tools (lxc-start, lxc-stop, lxc-info, lxc-attach).
+"""System containers through LXC's own tools (lxc-start, lxc-stop, lxc-info, lxc-attach, lxc-checkpoint).
 
 The tools are spawned asynchronously, so nothing blocks the event loop, and each server passes its own
 lxcpath (`-P`) and cgroup directory names, so two servers on one host never collide.
+
+Live migration goes through `lxc-checkpoint` (liblxc drives CRIU: cgroups, veths, the rootfs). What a
+checkpoint needs from a container is decided when it starts: no console pty (`lxc.console.path = none`:
+liblxc cannot hand a restored container its console), no AppArmor line on a host without AppArmor (CRIU's
+restore fails on it), and an unprivileged root mounted id-mapped by the server itself (see idmapped.py).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +24,8 @@ from stapes.api.errors import BadRequest, InternalError
 from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.coalesce import Coalesced
+from stapes.server.instances import idmapped
+from stapes.server.instances.criu import CriuSupport
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
 from stapes.server.networks.netns import interfaces_in
 
@@ -76,22 +84,26 @@ def _nic_lines(spec: InstanceSpec) -> list[str]:
     return lines
 
 
-def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2: bool) -> str:
-    """The LXC configuration of one container, from its expanded config and devices (pure: unit-tested)."""
+ROOT_MOUNT = "rootfs"  # in the container's LXC directory: the server's id-mapped mount of an unprivileged root
+CHECKPOINT_READY = "lxc.console.path = none"  # in the config a container started with: it can be checkpointed
+
+
+def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2: bool, apparmor: bool) -> str:
+    """The LXC configuration of one container, from its expanded config and devices (pure: unit-tested).
+    `apparmor`: the host enforces AppArmor (only then is a profile named)."""
     name = spec.runtime_name
     halt, reboot = HALT_SIGNALS.get(spec.config.get("image.os", ""), DEFAULT_SIGNALS)
-    lines = [
-        "lxc.include = /usr/share/lxc/config/common.conf",
-        f"lxc.uts.name = {spec.name}",
-        f"lxc.rootfs.path = dir:{spec.volume / 'rootfs'}",
-    ]
+    lines = ["lxc.include = /usr/share/lxc/config/common.conf", f"lxc.uts.name = {spec.name}"]
     if spec.idmap:
-        # Unprivileged: a user namespace, and the unshifted rootfs seen through an id-mapped mount.
-        lines += ["lxc.include = /usr/share/lxc/config/userns.conf", "lxc.rootfs.options = idmap=container"]
+        # Unprivileged: a user namespace, and the unshifted rootfs seen through the server's id-mapped mount.
+        lines += [f"lxc.rootfs.path = dir:{lxc_dir / ROOT_MOUNT}", "lxc.include = /usr/share/lxc/config/userns.conf"]
         lines += [f"lxc.idmap = {'u' if r.uid else 'g'} {r.inside} {r.host} {r.size}" for r in spec.idmap]
+    else:
+        lines.append(f"lxc.rootfs.path = dir:{spec.volume / 'rootfs'}")
     lines += _nic_lines(spec)
+    if apparmor:
+        lines.append("lxc.apparmor.profile = unconfined")
     lines += [
-        "lxc.apparmor.profile = unconfined",
         f"lxc.signal.halt = {halt}",
         f"lxc.signal.reboot = {reboot}",
         f"lxc.cgroup.dir.monitor = stapes-{server_id}.monitor.{name}",
@@ -102,7 +114,7 @@ def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2:
         f"lxc.mount.auto = proc:mixed sys:mixed cgroup:{'rw' if spec.idmap else 'mixed'}:force",
         f"lxc.log.file = {lxc_dir / 'lxc.log'}",
         "lxc.log.level = WARN",
-        f"lxc.console.logfile = {lxc_dir / 'console.log'}",
+        CHECKPOINT_READY,
         "lxc.tty.max = 0",
         "lxc.pty.max = 1024",
     ]
@@ -129,6 +141,13 @@ def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2:
     return "\n".join(lines) + "\n"
 
 
+def host_apparmor() -> bool:
+    try:
+        return Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
+    except OSError:
+        return False
+
+
 class LxcDriver(InstanceDriver):
     instance_type: ClassVar[str] = "container"
 
@@ -136,6 +155,12 @@ class LxcDriver(InstanceDriver):
         self.lxc_path = lxc_path
         self.server_id = server_id
         self._all_states = Coalesced(self._list_states)
+        self._apparmor = host_apparmor()
+        self.criu = CriuSupport(None, "", "CRIU was not probed yet")
+
+    def use_criu(self, support: CriuSupport) -> None:
+        """What the daemon's probe at start found."""
+        self.criu = support
 
     def _dir(self, spec: InstanceSpec) -> Path:
         return self.lxc_path / spec.runtime_name
@@ -145,13 +170,30 @@ class LxcDriver(InstanceDriver):
 
     async def define(self, spec: InstanceSpec) -> None:
         directory = self._dir(spec)
-        text = render_config(spec, lxc_dir=directory, server_id=self.server_id, cgroup2=cgroup_v2_only())
+        text = render_config(spec, lxc_dir=directory, server_id=self.server_id, cgroup2=cgroup_v2_only(),
+                             apparmor=self._apparmor)
         await asyncio.to_thread(_write_config, directory, text)
 
     async def undefine(self, spec: InstanceSpec) -> None:
         directory = self._dir(spec)
         if directory.exists():
-            await process.run(["rm", "-rf", "--", str(directory)])
+            if (await self.state(spec, detail=False)).status != StatusCode.STOPPED:  # a restore being undone
+                await process.run(self._tool("lxc-stop", spec, "-k"), check=False, timeout=60)
+            # The root mount first: removing the directory must never reach into the container's files.
+            await asyncio.to_thread(idmapped.unmount, directory / ROOT_MOUNT)
+            await process.run(["rm", "-rf", "--one-file-system", "--", str(directory)])
+
+    async def _mount_root(self, spec: InstanceSpec) -> None:
+        if spec.idmap:
+            await asyncio.to_thread(idmapped.mount, spec.volume / "rootfs", self._dir(spec) / ROOT_MOUNT, spec.idmap)
+
+    async def _unmount_root(self, spec: InstanceSpec) -> None:
+        await asyncio.to_thread(idmapped.unmount, self._dir(spec) / ROOT_MOUNT)
+
+    async def _mark_started(self, spec: InstanceSpec) -> None:
+        """Keep the configuration the container runs with: whether it can be checkpointed depends on it."""
+        directory = self._dir(spec)
+        await asyncio.to_thread(shutil.copyfile, directory / "config", directory / "config.running")
 
     async def start(self, spec: InstanceSpec) -> None:
         root = spec.volume / "rootfs"
@@ -159,16 +201,21 @@ class LxcDriver(InstanceDriver):
             raise InternalError(f"Failed to start {spec.name!r}: its rootfs is not a directory in its volume")
         if spec.idmap:
             await asyncio.to_thread(_check_reachable, spec)
+        await self._mount_root(spec)
+        await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
         result = await process.run(self._tool("lxc-start", spec), check=False, timeout=60)
         if result.returncode != 0:
             detail = _last_errors(self._dir(spec) / "lxc.log")
+            await self._unmount_root(spec)
             raise InternalError(f"Failed to start {spec.name!r}: {detail or result.error_text}")
+        await self._mark_started(spec)
 
     async def stop(self, spec: InstanceSpec, *, timeout: float, force: bool) -> None:
         args = ["-k"] if force else ["-t", str(int(timeout))]
         result = await process.run(self._tool("lxc-stop", spec, *args), check=False, timeout=timeout + 30)
         if result.returncode != 0 and (await self.state(spec, detail=False)).status != StatusCode.STOPPED:
             raise InternalError(f"Failed to stop {spec.name!r}: {result.error_text}")
+        await self._unmount_root(spec)
 
     async def freeze(self, spec: InstanceSpec) -> None:
         await process.run(self._tool("lxc-freeze", spec), timeout=30)
@@ -229,8 +276,115 @@ class LxcDriver(InstanceDriver):
                                    start_new_session=request.interactive)
 
     def log_files(self, spec: InstanceSpec) -> dict[str, Path]:
-        directory = self._dir(spec)
-        return {"lxc.log": directory / "lxc.log", "console.log": directory / "console.log"}
+        return {"lxc.log": self._dir(spec) / "lxc.log"}
+
+    # Live migration (CRIU through lxc-checkpoint)
+    async def live_refusal(self, spec: InstanceSpec) -> str | None:
+        if self.criu.refusal is not None:
+            return f"CRIU cannot checkpoint containers on this server ({self.criu.refusal}): move with --stateless"
+        if spec.idmap and spec.nics and not self.criu.patched:
+            return (f"{self.criu.binary} cannot restore an unprivileged container's network device (upstream CRIU "
+                    "4.2.1 fails on it): run 'make install' to build the CRIU Stapes patches, or move with "
+                    "--stateless")
+        try:
+            running = (self._dir(spec) / "config.running").read_text()
+        except OSError:
+            running = ""
+        if CHECKPOINT_READY not in running:
+            return (f"{spec.name!r} was started by an older Stapes, with a console CRIU cannot restore: restart it "
+                    "once, or move it with --stateless")
+        return None
+
+    async def accept_refusal(self, spec: InstanceSpec) -> str | None:
+        if self.criu.refusal is not None:
+            return f"CRIU cannot restore containers on this server ({self.criu.refusal}): move with --stateless"
+        if spec.idmap and spec.nics and not self.criu.patched:
+            return (f"{self.criu.binary} cannot restore an unprivileged container's network device (upstream CRIU "
+                    "4.2.1 fails on it): run 'make install' on the target to build the CRIU Stapes patches")
+        return None
+
+    async def _checkpoint_tool(self, spec: InstanceSpec, state: Path, *args: str) -> None:
+        """lxc-checkpoint, its output to a file: a restored container's monitor inherits the tool's stdout and
+        stderr, so pipes would never reach end-of-file."""
+        restoring = "-r" in args
+        await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
+        output = state / ("lxc-restore.out" if restoring else "lxc-dump.out")
+        env = self.criu.environment()
+        if restoring:
+            # liblxc maps the v1 controllers' cgroups to this server's names, not the unified hierarchy's: CRIU
+            # would put the processes back into the source server's cgroup path (on one host, a live one).
+            config = state / "criu-restore.conf"
+            config.write_text(f"{_read(self.criu.config_file) if self.criu.config_file else ''}"
+                              f"cgroup-root /stapes-{self.server_id}.payload.{spec.runtime_name}\n")
+            env["CRIU_CONFIG_FILE"] = str(config)
+        with output.open("wb") as sink:
+            proc = await process.spawn(self._tool("lxc-checkpoint", spec, "-D", str(state), *args),
+                                       stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink, env=env)
+        async with process.reaped(proc):
+            code = await asyncio.wait_for(proc.wait(), 600)
+        if not restoring:
+            await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
+        if code != 0:
+            detail = criu_errors(_read(state / ("restore.log" if restoring else "dump.log")))
+            raise InternalError(detail or _last_errors(self._dir(spec) / "lxc.log") or _read(output).strip()[-500:]
+                                or f"lxc-checkpoint exit status {code}")
+
+    async def checkpoint(self, spec: InstanceSpec, state: Path) -> None:
+        try:
+            await self._checkpoint_tool(spec, state, "-s")
+        except InternalError as err:
+            raise InternalError(f"CRIU could not checkpoint {spec.name!r} (it keeps running here): {err.message}") \
+                from None
+
+    async def finalize_source(self, spec: InstanceSpec, state: Path, *, resume: bool) -> None:
+        if not resume:
+            await self._unmount_root(spec)
+            return
+        await self._mount_root(spec)
+        try:
+            await self._checkpoint_tool(spec, state, "-r")
+        except InternalError as err:
+            raise InternalError(f"{spec.name!r} could not be restored on the source either: {err.message}; "
+                                f"'stapes start {spec.name}' boots it afresh") from None
+        await self._mark_started(spec)
+
+    async def restore(self, spec: InstanceSpec, state: Path) -> None:
+        await self._mount_root(spec)
+        try:
+            await self._checkpoint_tool(spec, state, "-r")
+        except InternalError as err:
+            raise InternalError(f"CRIU could not restore {spec.name!r} here: {err.message}") from None
+        await self._mark_started(spec)
+
+    async def finalize_target(self, spec: InstanceSpec, *, success: bool) -> None:
+        if success:
+            return
+        if (await self.state(spec, detail=False)).status != StatusCode.STOPPED:
+            await process.run(self._tool("lxc-stop", spec, "-k"), check=False, timeout=60)
+        await self._unmount_root(spec)
+
+
+_CRIU_NOISE = ("RLIMIT_NOFILE", "iptables", "ip6tables", "Address already assigned", "address already assigned")
+
+
+def criu_errors(log: str) -> str:
+    """What CRIU's log says went wrong: its first error (the cause) and, when different, its last (pure:
+    unit-tested). Lines about tools this host lacks and is not using (iptables) are noise."""
+    errors = []
+    for line in log.splitlines():
+        if "Error" not in line or any(noise in line for noise in _CRIU_NOISE):
+            continue
+        errors.append(line.split("): ", 1)[-1].strip() if "): " in line else line.strip())
+    if not errors:
+        return ""
+    return errors[0] if len(errors) == 1 or errors[0] == errors[-1] else f"{errors[0]} / {errors[-1]}"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-200_000:]
+    except OSError:
+        return ""
 
 
 def exec_environment(config: Mapping[str, str], request: ExecRequest) -> dict[str, str]:
@@ -258,6 +412,24 @@ def _int(value: str | None) -> int:
         return int((value or "0").split()[0])
     except ValueError:
         return 0
+
+
+def _remove_stale_cgroups(server_id: str, name: str) -> None:
+    """The empty cgroups a container left (LXC does not remove an unprivileged container's after a checkpoint
+    stopped it, nor a monitor's after a failed start); they would stop it from starting or restoring again.
+    Cgroups that still hold processes stay (rmdir refuses them)."""
+    roots = [Path("/sys/fs/cgroup")]
+    with contextlib.suppress(OSError):
+        roots += [p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() and not p.name.startswith("stapes-")]
+    for root in roots:
+        for kind in ("payload", "monitor"):
+            top = root / f"stapes-{server_id}.{kind}.{name}"
+            # LXC's monitor may be removing the same directories right now: whatever vanishes is fine.
+            with contextlib.suppress(OSError):
+                inner = [p for p in top.rglob("*") if p.is_dir()] if top.is_dir() else []
+                for directory in [*sorted(inner, key=lambda p: -len(p.parts)), top]:
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
 
 
 def _count_processes(server_id: str, name: str) -> int:

@@ -165,18 +165,44 @@ def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotR
 
 
 def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
-                 snapshots: Sequence[SnapshotRow] = ()) -> pb.MigrationHeader:
+                 snapshots: Sequence[SnapshotRow] = (), live: bool = False) -> pb.MigrationHeader:
     """`fs` says rsync: an Incus receiver reads only that field and would expect its own btrfs stream format
-    for BTRFS, which Stapes's btrfs transport is not; Stapes receivers read `stapesTransports`. No `criu`: to
-    Incus, CRIU type NONE means a running instance, whose volume follows a second time (a final sync)."""
+    for BTRFS, which Stapes's btrfs transport is not; Stapes receivers read `stapesTransports`. A stopped
+    instance says no `criu` (to Incus, CRIU type NONE means a running instance, whose volume follows a second
+    time); a live one says CRIU_RSYNC, Incus's type for a state sent on the criu websocket."""
     transports = offer(sendable, refresh=refresh)
-    return pb.MigrationHeader(
+    header = pb.MigrationHeader(
         fs=pb.RSYNC, snapshotNames=[s.name for s in snapshots],
         snapshots=[snapshot_message(s) for s in snapshots], refresh=refresh,
         rsyncFeatures=pb.rsyncFeatures(xattrs=True, delete=True, compress=False, bidirectional=False,
                                        stapesHardLinks=True),
         stapesTransports=transports, stapesTotalBytes=total_bytes, indexHeaderVersion=0,
     )
+    if live:
+        header.criu = pb.CRIU_RSYNC
+        header.predump = False
+    return header
+
+
+def live_offered(offer_: pb.MigrationHeader) -> bool:
+    """The sender moves a running instance live: its state follows the volume on the criu websocket. From a
+    Stapes sender only (an Incus sender's live protocol is not spoken yet: `check_live` refuses it)."""
+    return offer_.HasField("criu") and offer_.criu == pb.CRIU_RSYNC
+
+
+def check_live(offer_: pb.MigrationHeader, requested: bool) -> None:
+    """The client that created the target said whether the move is live; the source must agree."""
+    offered = live_offered(offer_)
+    if offered and not offer_.stapesTransports:
+        raise ProtocolError("Live migration from an Incus server is not supported yet: move the instance with "
+                            "--stateless")
+    if offered != requested:
+        raise ProtocolError(f"Protocol error: the source {'offers' if offered else 'does not offer'} a live move, "
+                            f"but the request {'asked' if requested else 'did not ask'} for one")
+
+
+def live_accepted(answer: pb.MigrationHeader) -> bool:
+    return answer.HasField("criu") and answer.criu == pb.CRIU_RSYNC
 
 
 def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_snapshots: Sequence[str] | None = None,
@@ -202,6 +228,8 @@ def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_
     )
     if final_sync(offer_):
         reply.criu = pb.NONE
+    elif live_offered(offer_):
+        reply.criu = pb.CRIU_RSYNC  # reached only once check_live and the driver accepted the live move
     return reply, chosen
 
 

@@ -5,6 +5,14 @@ target chose, then reports its own result and waits for the target's. Target: re
 the header, receives into a new volume, defines the instance, and confirms; on any failure or cancellation
 it removes everything it created. The source instance is never modified: deleting it after a move is the
 client's step, taken only once both sides reported success.
+
+A live move adds the instance's running state, through its driver's hooks only: once the volume is on the
+target, the source driver checkpoints the instance (a move stops it there); what changed in the volume
+meanwhile follows on the fs channel (rsync) while the state goes on the criu channel; the target driver
+restores it and the target confirms. If the target fails or the link breaks before it confirmed, the source
+driver runs the instance again from its own checkpoint. The one case this cannot settle: the link breaking
+after the target restored and confirmed but before the confirmation arrived; then both run it (nothing is
+lost), and the source's operation says so.
 """
 
 from __future__ import annotations
@@ -12,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +33,7 @@ from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.faults import pause_point
 from stapes.server.idmap import unshift
+from stapes.server.instances.driver import InstanceDriver, InstanceSpec
 from stapes.server.instances.service import InstanceService, check_volume_layout
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol, transports
@@ -35,6 +47,33 @@ from stapes.server.store.db import InstanceRow, SnapshotRow
 
 log = logging.getLogger(__name__)
 CHANNELS = ("control", "fs")
+LIVE_CHANNELS = ("control", "fs", "criu")
+
+
+def channel_names(live: bool) -> tuple[str, ...]:
+    """The websockets of a migration: a live one adds `criu` (Incus's name) for the running state."""
+    return LIVE_CHANNELS if live else CHANNELS
+
+
+async def _together(*work: Awaitable[None]) -> None:
+    """Run concurrently; the first failure cancels the rest and is raised as itself."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class _Live:
+    """One side's part of a live move: the driver that checkpoints or restores, and where the state lives."""
+
+    driver: InstanceDriver
+    spec: InstanceSpec
+    state: Path
+    keep_running: bool = False  # source: a copy, running here again once its state is sent
 CONNECT_TIMEOUT = 60.0
 FULL_MARGIN = 2**20  # less free than this after a failed receive: the pool filled up
 
@@ -110,19 +149,24 @@ class MigrationService:
         self._instances = instances
         self._paths = paths
 
+    async def remove_leftovers(self) -> None:
+        """Checkpoint images a crash left behind (at start, before any migration runs)."""
+        if self._paths.migrations.exists():
+            await asyncio.to_thread(shutil.rmtree, self._paths.migrations, True)
+
     @contextlib.asynccontextmanager
-    async def _channels(self, op: Operation, peer: MigrationTarget | InstanceSource | None, peer_name: str
-                        ) -> AsyncIterator[dict[str, Channel]]:
+    async def _channels(self, op: Operation, peer: MigrationTarget | InstanceSource | None, peer_name: str,
+                        names: Sequence[str] = CHANNELS) -> AsyncIterator[dict[str, Channel]]:
         """Dial the peer's operation (pull target, push source) or wait for the peer to dial ours; either
         way, a peer that goes silent for IDLE_TIMEOUT ends the migration."""
         if peer is not None:
-            async with dial(peer.operation, dict(peer.secrets or {}), CHANNELS, peer.certificate,
+            async with dial(peer.operation, dict(peer.secrets or {}), tuple(names), peer.certificate,
                             self._paths.server_cert, self._paths.server_key) as channels, \
                     idle_timeout(channels.values(), IDLE_TIMEOUT, peer_name):
                 yield channels
             return
         try:
-            sockets = {name: await op.channel(name, CONNECT_TIMEOUT) for name in CHANNELS}
+            sockets = {name: await op.channel(name, CONNECT_TIMEOUT) for name in names}
         except TimeoutError:
             raise InternalError(f"The {peer_name} never connected to the migration websockets (waited "
                                 f"{CONNECT_TIMEOUT:.0f}s)") from None
@@ -132,43 +176,57 @@ class MigrationService:
                 yield channels
         finally:
             await asyncio.gather(*(channel.close() for channel in channels.values()))
-            for name in CHANNELS:
+            for name in names:
                 op.release(name)
 
     # source
     async def check_source(self, project: str, name: str, live: bool) -> None:
         row = await self._instances.get(project, name)
-        if live:
-            raise BadRequest("Live migration is not supported yet: stop the instance, or move it with --stateless")
         status = await self._instances.status(row)
+        if live:
+            if status != StatusCode.RUNNING:
+                raise BadRequest(f"Instance {name!r} is {status.label.lower()}: only a running instance moves live; "
+                                 "move it without --live (a stopped one moves as it is)")
+            refusal = await self._instances.driver(row.type).live_refusal(await self._instances.spec(row))
+            if refusal is not None:
+                raise BadRequest(f"Instance {name!r} cannot move live: {refusal}")
+            return
         if status != StatusCode.STOPPED:
             raise BadRequest(
                 f"Instance {name!r} is running: stop it first, or use --stateless to stop it, move it and start it "
                 "on the target")
 
     async def run_source(self, op: Operation, project: str, name: str, target: MigrationTarget | None,
-                         transport: str | None = None, instance_only: bool = False) -> None:
-        """`transport` narrows what we offer (benchmarks, tests); rsync stays the fallback."""
+                         transport: str | None = None, instance_only: bool = False, live: bool = False,
+                         keep_running: bool = False) -> None:
+        """`transport` narrows what we offer (benchmarks, tests); rsync stays the fallback. `live`: the
+        running instance moves with its state; `keep_running`: it goes on running here too (a live copy)."""
         async with self._instances.locked(project, name):
-            await self.check_source(project, name, live=False)
+            await self.check_source(project, name, live=live)
             row = await self._instances.get(project, name)
             spec = await self._instances.spec(row)
             pool = await self._instances.pool_of(spec)
             snapshots = [] if instance_only else await self._instances.snapshots(project, name)
             sendable = tuple(t for t in pool.migration_transports if transport in (None, t))
-            async with self._channels(op, target, "target") as channels:
-                await self._send(op, channels["control"], channels["fs"], spec.volume, pool, sendable, snapshots)
+            state = _Live(self._instances.driver(row.type), spec, self._paths.migrations / op.id,
+                          keep_running=keep_running) if live else None
+            async with self._channels(op, target, "target", channel_names(live)) as channels:
+                await self._send(op, channels, spec.volume, pool, sendable, snapshots, state)
                 op.settle()
 
-    async def _send(self, op: Operation, control: Channel, fs: Channel, volume: Path, pool: PoolDriver,
-                    sendable: tuple[str, ...], snapshots: list[SnapshotRow]) -> None:
+    async def _send(self, op: Operation, channels: dict[str, Channel], volume: Path, pool: PoolDriver,
+                    sendable: tuple[str, ...], snapshots: list[SnapshotRow], live: _Live | None) -> None:
+        control, fs = channels["control"], channels["fs"]
         paths = {s.name: pool.snapshot_path("containers", s.project, s.instance, s.name) for s in snapshots}
         total = await _volume_bytes(volume) + sum([await _volume_bytes(p) for p in paths.values()])
-        header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots)
+        header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots,
+                                       live=live is not None)
         await pause_point("source-before-header", self._paths.root)
         await control.send(header.SerializeToString())
         answer = protocol.parse_header(await control.receive(), "target")
         transport = protocol.check_answer(answer, list(header.stapesTransports), list(paths))
+        if live is not None and not protocol.live_accepted(answer):
+            raise protocol.ProtocolError("Protocol error: the target answered without accepting the live move")
         op.update_metadata(transport=transport)
         progress = _progress(op, "fs", total)
         features = protocol.rsync_features(answer)
@@ -185,27 +243,123 @@ class MigrationService:
         finally:
             await asyncio.shield(sender.close())
         progress.finish()
+        if live is not None:
+            await self._send_state(op, channels, volume, features, live)
+            return
         await pause_point("source-before-commit", self._paths.root)
         await _send_control(control, True)
         result = await _receive_control(control)
         if not result.success:
             raise InternalError(f"The target failed: {result.message}")
 
+    async def _send_state(self, op: Operation, channels: dict[str, Channel], volume: Path, features: list[str],
+                          live: _Live) -> None:
+        """Checkpoint (the instance stops, so its files hold still), then what changed in the volume (fs) and
+        the state (criu) side by side, then the target's word. Until the target confirmed, any failure runs
+        the instance here again from the checkpoint; a copy runs here again as soon as its state is sent."""
+        control = channels["control"]
+        await asyncio.to_thread(live.state.mkdir, parents=True)
+        try:
+            await pause_point("source-before-checkpoint", self._paths.root)
+            op.update_metadata(live_stage="checkpoint")
+            started = time.monotonic()
+            try:
+                await live.driver.checkpoint(live.spec, live.state)
+            except StapesError as err:
+                with contextlib.suppress(Exception):
+                    await _send_control(control, False, err.message)
+                raise
+            figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3),
+                                       "state_bytes": await _volume_bytes(live.state)}
+            op.update_metadata(live_stage="transfer", live=figures)
+            resumed = False
+            try:
+                await pause_point("source-after-checkpoint", self._paths.root)
+                await _together(transports.rsync_send(volume, channels["fs"], None, [*features, "delete"]),
+                                transports.tar_send(live.state, channels["criu"], None))
+                figures["transfer_s"] = round(time.monotonic() - started - figures["checkpoint_s"], 3)
+                await _send_control(control, True)
+                if live.keep_running:
+                    resumed = True
+                    await _together(live.driver.finalize_source(live.spec, live.state, resume=True),
+                                    self._target_confirmed(control))
+                else:
+                    await self._target_confirmed(control)
+            except (StapesError, OSError) as err:
+                reason = err.message if isinstance(err, StapesError) else str(err)
+                if not reason.startswith("The target failed"):
+                    reason = f"Sending the running state failed: {await _peer_reason(control, err)}"
+                    with contextlib.suppress(Exception):
+                        await _send_control(control, False, reason)
+                if not resumed:
+                    await asyncio.shield(self._resume_source(live))
+                raise InternalError(f"{reason} ({live.spec.name!r} runs on the source again)") from None
+            except BaseException:
+                if not resumed:
+                    await asyncio.shield(self._resume_source(live))
+                raise
+            figures["frozen_s"] = round(time.monotonic() - started, 3)
+            op.update_metadata(live_stage="done", live=figures)
+            if not live.keep_running:
+                await live.driver.finalize_source(live.spec, live.state, resume=False)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, live.state, True)
+
+    @staticmethod
+    async def _target_confirmed(control: Channel) -> None:
+        result = await _receive_control(control)
+        if not result.success:
+            raise InternalError(f"The target failed: {result.message}")
+
+    async def _resume_source(self, live: _Live) -> None:
+        try:
+            await live.driver.finalize_source(live.spec, live.state, resume=True)
+        except StapesError as err:
+            log.error("live migration rollback of %s failed: %s", live.spec.name, err.message)
+            raise
+
     # target
     async def run_sink(self, op: Operation, row: InstanceRow, source: InstanceSource) -> None:
         """A new instance: everything it received is removed again if anything fails."""
-        async with self._sink_channels(op, source) as (control, fs):
+        async with self._sink_channels(op, source) as channels:
+            control = channels["control"]
+            live = _Live(self._instances.driver(row.type), await self._instances.spec(row),
+                         self._paths.migrations / op.id) if source.live else None
 
             async def fill(volume: Path) -> None:
-                await self._receive(op, control, fs, row, volume, refresh=False)
+                await self._receive(op, channels, row, volume, refresh=False, live=live)
 
             async def confirm() -> None:
+                if live is not None:
+                    await self._restore(op, control, row, live)
+                    return
                 await pause_point("target-before-commit", self._paths.root)
                 await _send_control(control, True)
 
-            await self._report_failure(control, self._instances.create_with(row, fill, confirm))
+            try:
+                await self._report_failure(control, self._instances.create_with(row, fill, confirm))
+            finally:
+                if live is not None:
+                    await asyncio.to_thread(shutil.rmtree, live.state, True)
             op.settle()
             await _source_finished(control)
+
+    async def _restore(self, op: Operation, control: Channel, row: InstanceRow, live: _Live) -> None:
+        """The instance is defined; run it from the source's state and confirm. Whatever fails after the
+        restore began stops it again (create_with then removes the rest)."""
+        spec = await self._instances.spec(row)
+        op.update_metadata(live_stage="restore")
+        started = time.monotonic()
+        try:
+            await live.driver.restore(spec, live.state)
+            row.config["volatile.last_state.power"] = "RUNNING"
+            await pause_point("target-before-commit", self._paths.root)
+            await _send_control(control, True)
+        except BaseException:
+            await asyncio.shield(live.driver.finalize_target(spec, success=False))
+            raise
+        await live.driver.finalize_target(spec, success=True)
+        op.update_metadata(live_stage="done", live={"restore_s": round(time.monotonic() - started, 3)})
 
     async def run_refresh(self, op: Operation, row: InstanceRow, source: InstanceSource) -> None:
         """An existing copy brought up to date: rsync sends only what changed, plus the snapshots the copy
@@ -216,10 +370,11 @@ class MigrationService:
             if await self._instances.status(current) != StatusCode.STOPPED:
                 raise BadRequest(f"Instance {row.name!r} is running on the target: stop it before refreshing it")
             spec = await self._instances.spec(current)
-            async with self._sink_channels(op, source) as (control, fs):
+            async with self._sink_channels(op, source) as channels:
+                control = channels["control"]
 
                 async def work() -> None:
-                    await self._receive(op, control, fs, row, spec.volume, refresh=True)
+                    await self._receive(op, channels, row, spec.volume, refresh=True)
                     await self._instances.update_unlocked(row)
                     await _send_control(control, True)
 
@@ -228,14 +383,14 @@ class MigrationService:
                 await _source_finished(control)
 
     @contextlib.asynccontextmanager
-    async def _sink_channels(self, op: Operation, source: InstanceSource) -> AsyncIterator[tuple[Channel, Channel]]:
+    async def _sink_channels(self, op: Operation, source: InstanceSource) -> AsyncIterator[dict[str, Channel]]:
         peer = source if source.mode == "pull" else None
-        async with self._channels(op, peer, "source") as channels:
-            yield channels["control"], channels["fs"]
+        async with self._channels(op, peer, "source", channel_names(source.live)) as channels:
+            yield channels
 
     async def _receive_volumes(self, row: InstanceRow, volume: Path, pool: PoolDriver,
                                receiver: transports.Transport, offer: pb.MigrationHeader, answer: pb.MigrationHeader,
-                               *, refresh: bool) -> None:
+                               *, refresh: bool, channels: dict[str, Channel], live: _Live | None) -> None:
         """Snapshots first, oldest first, then the volume (twice from a running Incus sender). What a refresh
         half-received is removed again; a new copy is removed whole by create_with."""
         messages = {s.name: s for s in offer.snapshots}
@@ -259,6 +414,12 @@ class MigrationService:
                 await self._instances.record_snapshot(protocol.snapshot_row(row.project, row.name, message))
             for _ in range(2 if protocol.final_sync(offer) else 1):
                 await receiver.receive(volume, snapshot=False)
+            if live is not None:
+                # What changed while the first pass ran (rsync, deletions too), and the running state.
+                await asyncio.to_thread(live.state.mkdir, parents=True)
+                features = [*protocol.rsync_features(answer), "delete"]
+                await _together(transports.rsync_receive(volume, channels["fs"], None, features),
+                                transports.tar_receive(live.state, channels["criu"], None))
             await asyncio.to_thread(check_volume_layout, volume)
             if shifted:
                 await asyncio.to_thread(unshift, volume, shifted)
@@ -289,11 +450,17 @@ class MigrationService:
                 raise InternalError(f"The source went away during the transfer: {err.message}") from None
             raise
 
-    async def _receive(self, op: Operation, control: Channel, fs: Channel, row: InstanceRow, volume: Path, *,
-                       refresh: bool) -> None:
+    async def _receive(self, op: Operation, channels: dict[str, Channel], row: InstanceRow, volume: Path, *,
+                       refresh: bool, live: _Live | None = None) -> None:
+        control, fs = channels["control"], channels["fs"]
         await pause_point("target-before-header", self._paths.root)
         offer = protocol.parse_header(await control.receive(), "source")
         protocol.check_offer(offer)
+        protocol.check_live(offer, live is not None)
+        if live is not None:
+            refusal = await live.driver.accept_refusal(live.spec)
+            if refusal is not None:
+                raise BadRequest(f"This server cannot take {row.name!r} live: {refusal}")
         for snap in offer.snapshots:  # a snapshot must stay restorable here: its profiles must exist
             protocol.check_snapshot_raw_keys(snap, row.config)
             for profile in snap.profiles:
@@ -316,7 +483,7 @@ class MigrationService:
         # The source's one control message: a failure at any time, or (Stapes) "all sent" at the end.
         said = asyncio.create_task(_receive_control(control))
         transfer = asyncio.create_task(self._receive_volumes(row, volume, pool, receiver, offer, answer,
-                                                                refresh=refresh))
+                                                                refresh=refresh, channels=channels, live=live))
         try:
             await asyncio.wait({said, transfer}, return_when=asyncio.FIRST_COMPLETED)
             if not transfer.done():  # the source spoke first: unless it says it sent everything, stop

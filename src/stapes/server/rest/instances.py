@@ -27,6 +27,7 @@ from stapes.api.requests import (
 from stapes.api.status import StatusCode
 from stapes.server.instances.driver import ExecRequest
 from stapes.server.migration.protocol import PREFERENCE as TRANSPORTS
+from stapes.server.migration.service import channel_names
 from stapes.server.operations import Operation
 from stapes.server.rest.common import (
     async_operation,
@@ -315,14 +316,12 @@ def routes(r: web.RouteTableDef) -> None:
         return web.Response(body=text, content_type="text/plain")
 
 
-MIGRATION_CHANNELS = ("control", "fs")
-
-
-def _migration_operation(request: web.Request, description: str, project: str, name: str, websockets: bool
-                         ) -> Operation:
+def _migration_operation(request: web.Request, description: str, project: str, name: str, websockets: bool,
+                         live: bool) -> Operation:
     op = daemon(request).operations.create(
         op_class="websocket" if websockets else "task", description=description, project=project,
-        resources={"instances": [instance_url(name, project)]}, channels=MIGRATION_CHANNELS if websockets else ())
+        resources={"instances": [instance_url(name, project)]},
+        channels=channel_names(live) if websockets else ())
     if websockets:
         op.metadata.update(op.secrets)  # Incus puts the secrets at the top of the metadata
     return op
@@ -351,14 +350,18 @@ async def _send_migration(request: web.Request, project_name: str, name: str, da
     d.instances.check_idle(project_name, name)
     target = data.target
     if target is not None:
-        check_peer(target.operation, target.secrets, target.certificate, "target")
+        check_peer(target.operation, target.secrets, target.certificate, "target", data.live)
     if data.transport is not None and data.transport not in TRANSPORTS:
         raise BadRequest(f"Unknown transport {data.transport!r}: use one of {', '.join(TRANSPORTS)}")
-    op = _migration_operation(request, "Migrating instance", project_name, name, websockets=target is None)
+    if data.keep_running and not data.live:
+        raise BadRequest("keep_running applies to a live copy only: add live=true, or leave it out")
+    op = _migration_operation(request, "Migrating instance", project_name, name, websockets=target is None,
+                              live=data.live)
     instance_only = data.instance_only or data.container_only
 
     async def work(op: Operation) -> None:
-        await d.migration.run_source(op, project_name, name, target, data.transport, instance_only)
+        await d.migration.run_source(op, project_name, name, target, data.transport, instance_only, live=data.live,
+                                     keep_running=data.keep_running)
 
     return _start_claimed(request, op, project_name, name, work)
 
@@ -368,7 +371,8 @@ def _receive_migration(request: web.Request, row: InstanceRow, source: InstanceS
     d = daemon(request)
     _check_migration_source(source)
     d.instances.check_idle(row.project, row.name)  # refused before an operation exists for it
-    op = _migration_operation(request, "Creating instance", row.project, row.name, websockets=source.mode == "push")
+    op = _migration_operation(request, "Creating instance", row.project, row.name, websockets=source.mode == "push",
+                              live=source.live)
 
     async def work(op: Operation) -> None:
         await d.migration.run_sink(op, row, source)
@@ -376,13 +380,14 @@ def _receive_migration(request: web.Request, row: InstanceRow, source: InstanceS
     return _start_claimed(request, op, row.project, row.name, work)
 
 
-def check_peer(operation: str, secrets: dict[str, str] | None, certificate: str, side: str) -> None:
+def check_peer(operation: str, secrets: dict[str, str] | None, certificate: str, side: str, live: bool) -> None:
     """The other server's operation, as a client handed it over: checked before anything starts."""
     if not operation.startswith("https://"):
         raise BadRequest(f"The {side}'s operation must be an https:// URL of its /1.0/operations/<id>")
-    missing = [n for n in MIGRATION_CHANNELS if not (secrets or {}).get(n)]
+    missing = [n for n in channel_names(live) if not (secrets or {}).get(n)]
     if missing:
-        raise BadRequest(f"No secret given for the {side}'s {', '.join(missing)} websocket(s)")
+        hint = " (a live move needs one for 'criu'; or move with --stateless)" if "criu" in missing else ""
+        raise BadRequest(f"No secret given for the {side}'s {', '.join(missing)} websocket(s){hint}")
     if "BEGIN CERTIFICATE" not in certificate:
         raise BadRequest(f"The {side}'s certificate (PEM) is required: it is pinned for the transfer")
 
@@ -390,11 +395,8 @@ def check_peer(operation: str, secrets: dict[str, str] | None, certificate: str,
 def _check_migration_source(source: InstanceSource) -> None:
     if source.mode not in ("pull", "push"):
         raise BadRequest(f"Unknown migration mode {source.mode!r}: use pull or push (relay is push on both ends)")
-    if source.live:
-        raise BadRequest("Live migration to Stapes is not supported yet: stop the instance first, or move it "
-                         "with --stateless")
     if source.mode == "pull":
-        check_peer(source.operation, source.secrets, source.certificate, "source")
+        check_peer(source.operation, source.secrets, source.certificate, "source", source.live)
 
 
 async def _exists(request: web.Request, project_name: str, name: str) -> bool:
@@ -409,12 +411,14 @@ async def _refresh_migration(request: web.Request, row: InstanceRow, source: Ins
     """copy --refresh onto an existing copy."""
     d = daemon(request)
     _check_migration_source(source)
+    if source.live:
+        raise BadRequest("A refresh copies a stopped instance's files: refresh without live")
     validate_instance_config(row.config)
     for profile in row.profiles:
         await d.store.profile(profile)
     d.instances.check_idle(row.project, row.name)
     op = _migration_operation(request, "Refreshing instance", row.project, row.name,
-                              websockets=source.mode == "push")
+                              websockets=source.mode == "push", live=False)
 
     async def work(op: Operation) -> None:
         await d.migration.run_refresh(op, row, source)

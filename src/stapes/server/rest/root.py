@@ -54,6 +54,7 @@ def routes(r: web.RouteTableDef) -> None:
                         {"name": name, "version": "1", "remote": False} for name in sorted(STORAGE_DRIVERS)],
                     "instance_types": ["container"],
                     "unprivileged": await d.instances.unprivileged_status(),
+                    "live_migration": {"container": d.lxc.criu.to_json()},
                 },
             })
         return sync(info)

@@ -1,0 +1,202 @@
+"""Live moves of running containers (CRIU): processes go on where they were, in every mode; an established TCP
+connection survives; and whatever fails (CRIU refusing, the restore failing, the target killed after the
+checkpoint), the container runs on the source again, its processes unchanged, and the target holds nothing.
+
+The witness is a shell loop that appends its counter and its PID to a file every 100 ms: after a move the
+numbers go on from where they were, without a reset or a gap, written by the same process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import STAPES, Cli, Cluster, Server, wait_for
+
+LOOP = "i=0; while true; do i=$((i+1)); echo $i $$ >> /root/counter; sleep 0.1; done"
+
+
+def _start_counter(cli: Cli, where: str) -> None:
+    # setsid: CRIU checkpoints a container's processes only when their session leader is inside it.
+    cli.run("exec", where, "--", "sh", "-c", f"setsid sh -c '{LOOP}' </dev/null >/dev/null 2>&1 &")
+    wait_for(lambda: len(_lines(cli, where)) >= 3, 15, "the counter to count")
+
+
+def _lines(cli: Cli, where: str) -> list[tuple[int, int]]:
+    out = cli.run("exec", where, "--", "cat", "/root/counter", check=False).stdout
+    return [(int(line.split()[0]), int(line.split()[1])) for line in out.splitlines() if len(line.split()) == 2]
+
+
+def _assert_counted_on(cli: Cli, where: str, seen: int, pid: int) -> int:
+    """The loop still runs on `where`: it went past `seen`, never restarted, skipped nothing, one process."""
+    wait_for(lambda: _lines(cli, where)[-1][0] > seen + 2, 15, f"the counter to go on on {where}")
+    lines = _lines(cli, where)
+    assert [n for n, _ in lines] == list(range(1, len(lines) + 1)), "the counter was reset or skipped"
+    assert {p for _, p in lines} == {pid}, "another process wrote the counter"
+    return lines[-1][0]
+
+
+def _assert_nothing_on(server: Server, cli: Cli, remote: str) -> None:
+    assert cli.json("list", f"{remote}:") == []
+    for leftover in (server.state_dir / "storage-pools/default/containers", server.state_dir / "containers"):
+        assert not leftover.exists() or not any(leftover.iterdir()), list(leftover.iterdir())
+    assert not list((server.state_dir / "migrations").glob("*")), "a checkpoint was left behind"
+
+
+def test_a_running_container_moves_live_in_every_mode(s1: Server, s2: Server, two: Cli) -> None:
+    support = s1.api("GET", "/1.0")["environment"]["live_migration"]["container"]
+    assert support["available"], support["reason"]
+    two.run("launch", "s1:busybox", "c1", "-q")  # unprivileged, with a nic on the server's bridge
+    mac = two.json("list", "s1:")[0]["config"]["volatile.eth0.hwaddr"]
+    _start_counter(two, "s1:c1")
+    seen, pid = _lines(two, "s1:c1")[-1]
+    for mode, source, target in (("pull", "s1", "s2"), ("push", "s2", "s1"), ("relay", "s1", "s2")):
+        out = two.run("move", f"{source}:c1", f"{target}:", "--mode", mode).stdout
+        assert "live: frozen" in out, out
+        assert two.json("list", f"{source}:") == []
+        moved = two.json("list", f"{target}:")[0]
+        assert moved["status"] == "Running" and moved["config"]["volatile.eth0.hwaddr"] == mac
+        seen = _assert_counted_on(two, f"{target}:c1", seen, pid)
+    # The source's leftovers are gone: its volume, its LXC directory, its checkpoint.
+    _assert_nothing_on(s1, two, "s1")
+    # A live copy: both run, each from the same state.
+    two.run("copy", "s2:c1", "s1:c1")
+    assert [i["status"] for i in two.json("list", "s1:")] == ["Running"]
+    seen = _assert_counted_on(two, "s1:c1", seen, pid)
+    _assert_counted_on(two, "s2:c1", seen, pid)
+
+
+@contextlib.contextmanager
+def _host_bridge() -> Iterator[tuple[str, str]]:
+    """A bridge both servers' containers can join (one host: the same network on both), with an address."""
+    name = f"stpt{secrets.token_hex(3)}"
+    subnet = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
+    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", f"{subnet}.1/24", "dev", name], check=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        yield name, subnet
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def _exchange(conn: socket.socket, text: bytes) -> bytes:
+    conn.sendall(text)
+    received = b""
+    while not received.endswith(b"\n"):
+        chunk = conn.recv(100)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def test_an_established_tcp_connection_survives_the_move(s1: Server, s2: Server, two: Cli) -> None:
+    with _host_bridge() as (bridge, subnet):
+        s1.run_op("POST", "/1.0/instances", {
+            "name": "web", "source": {"type": "image", "alias": "busybox"}, "profiles": [],
+            "devices": {"root": {"type": "disk", "path": "/", "pool": "default"},
+                        "eth0": {"type": "nic", "nictype": "bridged", "parent": bridge, "name": "eth0"}}})
+        two.run("start", "s1:web")
+        two.run("exec", "s1:web", "--", "ip", "addr", "add", f"{subnet}.2/24", "dev", "eth0")
+        two.run("exec", "s1:web", "--", "sh", "-c",
+                "setsid nc -l -p 5000 -e /bin/cat </dev/null >/dev/null 2>&1 &")
+        conn = None
+        for _ in range(50):
+            with contextlib.suppress(OSError):
+                conn = socket.create_connection((f"{subnet}.2", 5000), timeout=10)
+                break
+            subprocess.run(["sleep", "0.1"], check=False)
+        assert conn is not None, "the echo server in the container never answered"
+        with conn:
+            assert _exchange(conn, b"before the move\n") == b"before the move\n"
+            two.run("move", "s1:web", "s2:")
+            assert two.json("list", "s2:")[0]["status"] == "Running"
+            assert _exchange(conn, b"after the move\n") == b"after the move\n"
+
+
+def _servers(cluster: Cluster, s1_env: dict[str, str], s2_env: dict[str, str]) -> tuple[Server, Server, Cli]:
+    s1 = cluster.server("s1", "127.0.0.1", s1_env)
+    s2 = cluster.server("s2", "127.0.0.2", s2_env)
+    cli = cluster.cli()
+    cli.trust(s1, "s1")
+    cli.trust(s2, "s2")
+    return s1, s2, cli
+
+
+def _running_counter(cli: Cli) -> tuple[int, int, dict[str, str]]:
+    cli.run("launch", "s1:busybox", "c1", "-q")
+    _start_counter(cli, "s1:c1")
+    seen, pid = _lines(cli, "s1:c1")[-1]
+    return seen, pid, cli.json("list", "s1:")[0]["config"]
+
+
+def _assert_as_it_was(cli: Cli, seen: int, pid: int, config: dict[str, str]) -> None:
+    instance = cli.json("list", "s1:")[0]
+    assert instance["status"] == "Running" and instance["config"] == config
+    _assert_counted_on(cli, "s1:c1", seen, pid)
+
+
+def test_what_criu_cannot_checkpoint_keeps_running_on_the_source(cluster: Cluster) -> None:
+    s1, s2, cli = _servers(cluster, {}, {})
+    seen, pid, config = _running_counter(cli)
+    # A process whose session leader is outside the container (started by exec without setsid).
+    cli.run("exec", "s1:c1", "--", "sh", "-c", "sleep 1000 </dev/null >/dev/null 2>&1 &")
+    err = cli.fails("move", "s1:c1", "s2:")
+    assert "session leader" in err and "keeps running" in err, err
+    _assert_as_it_was(cli, seen, pid, config)
+    _assert_nothing_on(s2, cli, "s2")
+
+
+def test_a_failed_restore_leaves_it_running_on_the_source(cluster: Cluster) -> None:
+    s1, s2, cli = _servers(cluster, {}, {"STAPES_FAIL_AT": "target-before-commit"})
+    seen, pid, config = _running_counter(cli)
+    err = cli.fails("move", "s1:c1", "s2:", "--mode", "push")
+    assert "on purpose" in err and "runs on the source again" in err, err
+    _assert_as_it_was(cli, seen, pid, config)
+    _assert_nothing_on(s2, cli, "s2")
+    assert subprocess.run(["lxc-ls", "-P", str(s2.state_dir / "containers")], capture_output=True,
+                          text=True).stdout.strip() == ""
+
+
+@pytest.mark.parametrize("mode", ["pull", "relay"])
+def test_the_target_killed_after_the_checkpoint(cluster: Cluster, mode: str) -> None:
+    s1, s2, cli = _servers(cluster, {"STAPES_PAUSE_AT": "source-after-checkpoint"}, {})
+    seen, pid, config = _running_counter(cli)
+    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "--mode", mode], env=cli.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        marker = s1.state_dir / "paused-at-source-after-checkpoint"
+        wait_for(marker.exists, 30, "the source to checkpoint")
+        assert cli.json("list", "s1:")[0]["status"] == "Stopped"  # checkpointed: its processes ended here
+        s2.kill()
+        marker.unlink()
+        _, err = move.communicate(timeout=60)
+    finally:
+        if move.poll() is None:
+            move.kill()
+    assert move.returncode != 0 and "runs on the source again" in err, err
+    _assert_as_it_was(cli, seen, pid, config)
+    s2.start()
+    _assert_nothing_on(s2, cli, "s2")
+
+
+def test_what_the_target_cannot_restore_is_refused_before_anything_stops(cluster: Cluster, tmp_path: Path) -> None:
+    """A target without a working CRIU says so in its answer: the source never checkpoints."""
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\necho 'Version: 3.17'\n")
+    fake.chmod(0o755)
+    s1, s2, cli = _servers(cluster, {}, {"STAPES_CRIU": str(fake), "STAPES_CRIU_PREFIX": str(tmp_path / "none"),
+                                         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    assert not s2.api("GET", "/1.0")["environment"]["live_migration"]["container"]["available"]
+    seen, pid, config = _running_counter(cli)
+    err = cli.fails("move", "s1:c1", "s2:")
+    assert "older than 4.2" in err and "--stateless" in err, err
+    _assert_as_it_was(cli, seen, pid, config)
+    _assert_nothing_on(s2, cli, "s2")

@@ -1,0 +1,118 @@
+"""Live migration's pure parts: the move plan, the pre-copy rule on CRIU's own statistics, CRIU's errors and
+version, the live header exchange."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stapes.api.errors import BadRequest
+from stapes.client.move import Plan, Situation, plan
+from stapes.server.idmap import IdRange
+from stapes.server.instances.criu import DumpStats, parse_dump_stats, parse_version
+from stapes.server.instances.idmapped import map_lines
+from stapes.server.instances.lxc import criu_errors
+from stapes.server.migration import migrate_pb2 as pb
+from stapes.server.migration import protocol
+from stapes.server.migration.policy import PrecopySettings, another_precopy_round
+
+DATA = Path(__file__).parent.parent / "data" / "criu"
+
+
+def _situation(**changes: object) -> Situation:
+    base = {"move": True, "running": False, "stateless": False, "same_server": False, "same_place": False,
+            "same_name": True, "same_project": True}
+    base.update(changes)
+    return Situation(**base)  # type: ignore[arg-type]
+
+
+def test_the_move_plan() -> None:
+    assert plan(_situation()) == Plan(delete_source=True)
+    assert plan(_situation(move=False)) == Plan()
+    # A running container moves live; a copy keeps the source running.
+    assert plan(_situation(running=True)) == Plan(live=True, delete_source=True)
+    assert plan(_situation(running=True, move=False)) == Plan(live=True, keep_running=True)
+    # --stateless: stopped first, started after.
+    assert plan(_situation(running=True, stateless=True)) == Plan(stop_first=True, delete_source=True)
+    # A VM moves live only with migration.stateful; otherwise it is stopped first.
+    assert plan(_situation(running=True, instance_type="virtual-machine")) == Plan(stop_first=True,
+                                                                                   delete_source=True)
+    assert plan(_situation(running=True, instance_type="virtual-machine", stateful=True)).live
+    # Within one server: a rename, or another pool through a temporary name; never live.
+    assert plan(_situation(same_server=True, same_place=True, same_name=False)) == Plan(rename_only=True)
+    with pytest.raises(BadRequest, match="already there"):
+        plan(_situation(same_server=True, same_place=True))
+    assert plan(_situation(same_server=True)) == Plan(delete_source=True, through_landing=True)
+    with pytest.raises(BadRequest, match="--stateless"):
+        plan(_situation(same_server=True, running=True))
+    assert plan(_situation(same_server=True, running=True, stateless=True)) == Plan(
+        stop_first=True, delete_source=True, through_landing=True)
+
+
+def test_dump_statistics_recorded_from_criu() -> None:
+    stats = parse_dump_stats((DATA / "stats-dump-privileged").read_bytes())
+    assert stats.pages_written == 84 and stats.pages_skipped_parent == 0 and stats.pages_scanned == 119
+    assert 0 < stats.frozen_time < 10**6  # microseconds: a busybox container freezes for about 0.1 s
+    assert stats.synced_percent == 0.0  # a first (or only) dump: nothing was on the target before
+    unprivileged = parse_dump_stats((DATA / "stats-dump-unprivileged").read_bytes())
+    assert unprivileged.pages_written == 83
+    with pytest.raises(ValueError, match="not a CRIU stats image"):
+        parse_dump_stats(b"\x00" * 32)
+    with pytest.raises(ValueError):
+        parse_dump_stats((DATA / "stats-dump-privileged").read_bytes()[:20])
+
+
+def test_the_precopy_rule() -> None:
+    on = PrecopySettings.from_config({"migration.incremental.memory": "true"})
+    assert (on.goal, on.iterations) == (70, 10)
+    first = parse_dump_stats((DATA / "stats-dump-privileged").read_bytes())
+    assert another_precopy_round(on, 0, None)  # the first round always runs
+    assert another_precopy_round(on, 1, first.synced_percent)  # 0 % synced: go on
+    later = DumpStats(0, 0, 0, 119, pages_skipped_parent=90, pages_written=10)
+    assert later.synced_percent == 90.0
+    assert not another_precopy_round(on, 2, later.synced_percent)  # the goal is reached: final dump
+    assert not another_precopy_round(on, 10, 1.0)  # the round limit
+    strict = PrecopySettings.from_config({"migration.incremental.memory": "true",
+                                          "migration.incremental.memory.goal": "95",
+                                          "migration.incremental.memory.iterations": "3"})
+    assert another_precopy_round(strict, 2, later.synced_percent) and not another_precopy_round(strict, 3, 0.0)
+    assert not another_precopy_round(PrecopySettings.from_config({}), 0, None)  # off by default
+
+
+def test_criu_errors_and_version() -> None:
+    log = ("(00.039637) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
+           "Error (criu/util.c:642): execvp(\"iptables-restore\", ...) failed: No such file or directory\n"
+           "(00.090587) Error (criu/cr-dump.c:1528): A session leader of 17399(23) is outside of its pid namespace\n"
+           "(00.106986) Error (criu/cr-dump.c:1975): Dumping FAILED.\n")
+    assert criu_errors(log) == "A session leader of 17399(23) is outside of its pid namespace / Dumping FAILED."
+    assert criu_errors("(0.1) Info nothing wrong\n") == ""
+    assert parse_version("Version: 4.2.1\n") == (4, 2, 1)
+    assert parse_version("Version: 3.17\nGitID: x\n") == (3, 17)
+    assert parse_version("criu: unrecognized option") is None
+
+
+def test_idmap_lines_for_the_namespace() -> None:
+    ranges = [IdRange(uid=True, gid=False, host=1000000, inside=0, size=65536),
+              IdRange(uid=False, gid=True, host=2000000, inside=0, size=65536)]
+    assert map_lines(ranges, uid=True) == "0 1000000 65536\n"
+    assert map_lines(ranges, uid=False) == "0 2000000 65536\n"
+
+
+def test_the_live_header_exchange() -> None:
+    offer = protocol.offer_header(["tar-stream"], refresh=False, total_bytes=10, live=True)
+    assert protocol.live_offered(offer) and offer.criu == pb.CRIU_RSYNC
+    protocol.check_live(offer, requested=True)
+    with pytest.raises(protocol.ProtocolError, match="did not ask"):
+        protocol.check_live(offer, requested=False)
+    stopped = protocol.offer_header(["tar-stream"], refresh=False, total_bytes=10)
+    assert not protocol.live_offered(stopped) and not stopped.HasField("criu")
+    with pytest.raises(protocol.ProtocolError, match="asked"):
+        protocol.check_live(stopped, requested=True)
+    answer, transport = protocol.answer_header(offer, ["tar-stream"])
+    assert transport == "tar-stream" and protocol.live_accepted(answer)
+    assert not protocol.live_accepted(protocol.answer_header(stopped, ["tar-stream"])[0])
+    # An Incus sender's live protocol (CRIU_RSYNC without Stapes transports) is refused with what to do.
+    incus = pb.MigrationHeader(fs=pb.RSYNC, criu=pb.CRIU_RSYNC)
+    with pytest.raises(protocol.ProtocolError, match="--stateless"):
+        protocol.check_live(incus, requested=True)
