@@ -7,6 +7,7 @@ import hashlib
 import ipaddress
 import os
 import socket
+import ssl
 from pathlib import Path
 
 from cryptography import x509
@@ -73,3 +74,18 @@ def der_to_pem(der: bytes) -> str:
 
 def fingerprint_pem(pem: str) -> str:
     return fingerprint_der(pem_to_der(pem))
+
+
+def client_ssl_context(client_cert: Path, client_key: Path, server_cert_pem: str | None) -> ssl.SSLContext:
+    """Present our certificate; trust exactly the pinned server certificate (no CA, no hostname)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    if server_cert_pem is None:
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.load_verify_locations(cadata=server_cert_pem)
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if client_cert.exists():
+        context.load_cert_chain(client_cert, client_key)
+    return context

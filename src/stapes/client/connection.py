@@ -8,30 +8,15 @@ import json
 import math
 import ssl
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from stapes.api.errors import BadRequest, StapesError, Unavailable, error_for_status
+from stapes.certs import client_ssl_context
 from stapes.client.config import ClientConfig, Remote
 
 Json = Any
-
-
-def client_ssl_context(client_cert: Path, client_key: Path, server_cert_pem: str | None) -> ssl.SSLContext:
-    """Present our certificate; trust exactly the pinned server certificate (no CA, no hostname)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False
-    if server_cert_pem is None:
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context.load_verify_locations(cadata=server_cert_pem)
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    if client_cert.exists():
-        context.load_cert_chain(client_cert, client_key)
-    return context
 
 
 class Connection:

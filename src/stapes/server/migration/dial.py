@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from stapes.api.errors import BadRequest, Unavailable
-from stapes.client.connection import client_ssl_context
+from stapes.certs import client_ssl_context
 from stapes.server.migration.channel import CLOSE_TIMEOUT, MAX_MESSAGE, Channel
 
 
