@@ -96,8 +96,7 @@ say "Moving containers between the servers: pull, push and relay"
 run "$BIN/stapes" launch s1:busybox mover
 run "$BIN/stapes" exec s1:mover -- sh -c 'dd if=/dev/urandom of=/root/data.bin bs=1M count=64 2>/dev/null; md5sum /root/data.bin'
 run "$BIN/stapes" snapshot create s1:mover before-move
-run "$BIN/stapes" move s1:mover s2: || true   # refused: it is running
-run "$BIN/stapes" move s1:mover s2: --stateless           # pull (the default): s2 dials s1
+run "$BIN/stapes" move s1:mover s2: --stateless           # stop, move, start; pull (the default): s2 dials s1
 run "$BIN/stapes" exec s2:mover -- md5sum /root/data.bin
 run "$BIN/stapes" snapshot list s2:mover
 run "$BIN/stapes" stop s2:mover --force
@@ -112,6 +111,21 @@ run "$BIN/stapes" list s1:
 run "$BIN/stapes" list s2:
 run "$BIN/stapes" delete s1:backup
 run "$BIN/stapes" delete s2:mover3
+
+say "Live moves: a running container moves with its processes (CRIU), in pull, push and relay mode"
+run "$BIN/stapes" launch s1:busybox counter
+# A loop counting in a shell variable every 100 ms, with its PID (setsid: its session must be inside)
+run "$BIN/stapes" exec s1:counter -- sh -c "setsid sh -c 'i=0; while true; do i=\$((i+1)); echo \$i \$\$ >> /root/counter; sleep 0.1; done' </dev/null >/dev/null 2>&1 &"
+sleep 1
+run "$BIN/stapes" exec s1:counter -- tail -1 /root/counter
+run "$BIN/stapes" config set s1:counter migration.incremental.memory=true   # pre-copy, where the kernel can
+run "$BIN/stapes" move s1:counter s2:
+run "$BIN/stapes" exec s2:counter -- tail -1 /root/counter
+run "$BIN/stapes" move s2:counter s1: --mode push
+run "$BIN/stapes" move s1:counter s2: --mode relay
+# The same process (same PID inside) went on counting: no reset, no gap
+run "$BIN/stapes" exec s2:counter -- sh -c 'echo "$(wc -l < /root/counter) lines, the last: $(tail -1 /root/counter)"; awk "\$1 != NR { print \"gap at line \" NR; exit 1 }" /root/counter && echo "every number once, in order"'
+run "$BIN/stapes" delete --force s2:counter
 
 say "A networked, unprivileged container moves: owners inside, MAC address kept, an address on the target"
 run "$BIN/stapes" launch s1:busybox web1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import counter
 from tests.integration.harness import Cluster, Server
 
 pytestmark = pytest.mark.skipif(shutil.which("incus") is None, reason="incus-client is not installed")
@@ -76,4 +77,10 @@ def test_incus_client_moves_and_copies_between_stapes_servers(cluster: Cluster, 
     assert names == ["c1", "c1-copy"]
     incus(conf, "start", "b:c1")
     assert incus(conf, "exec", "b:c1", "--", "cat", "/etc/hostname").stdout == "c1\n"
-    incus(conf, "delete", "b:c1", "--force")
+    # A running container: the official client asks for a live move, and its processes go on.
+    seen, pid = counter.start(lambda command: incus(conf, "exec", "b:c1", "--", *command, check=False).stdout)
+    incus(conf, "move", "b:c1", "a:c1", "--mode", mode)
+    counter.assert_counting(lambda command: incus(conf, "exec", "a:c1", "--", *command, check=False).stdout,
+                            seen, pid)
+    assert json.loads(incus(conf, "list", "b:", "--format", "json").stdout)[0]["name"] == "c1-copy"
+    incus(conf, "delete", "a:c1", "--force")

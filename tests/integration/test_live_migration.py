@@ -1,10 +1,7 @@
 """Live moves of running containers (CRIU): processes go on where they were, in every mode; an established TCP
 connection survives; and whatever fails (CRIU refusing, the restore failing, the target killed after the
 checkpoint), the container runs on the source again, its processes unchanged, and the target holds nothing.
-
-The witness is a shell loop that appends its counter and its PID to a file every 100 ms: after a move the
-numbers go on from where they were, without a reset or a gap, written by the same process.
-"""
+The witness is a counting shell loop (tests/integration/counter.py)."""
 
 from __future__ import annotations
 
@@ -17,29 +14,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import counter
 from tests.integration.harness import STAPES, Cli, Cluster, Server, wait_for
 
-LOOP = "i=0; while true; do i=$((i+1)); echo $i $$ >> /root/counter; sleep 0.1; done"
+
+def _in(cli: Cli, where: str) -> counter.Exec:
+    return lambda command: cli.run("exec", where, "--", *command, check=False).stdout
 
 
-def _start_counter(cli: Cli, where: str) -> None:
-    # setsid: CRIU checkpoints a container's processes only when their session leader is inside it.
-    cli.run("exec", where, "--", "sh", "-c", f"setsid sh -c '{LOOP}' </dev/null >/dev/null 2>&1 &")
-    wait_for(lambda: len(_lines(cli, where)) >= 3, 15, "the counter to count")
-
-
-def _lines(cli: Cli, where: str) -> list[tuple[int, int]]:
-    out = cli.run("exec", where, "--", "cat", "/root/counter", check=False).stdout
-    return [(int(line.split()[0]), int(line.split()[1])) for line in out.splitlines() if len(line.split()) == 2]
+def _start_counter(cli: Cli, where: str) -> tuple[int, int]:
+    return counter.start(_in(cli, where))
 
 
 def _assert_counted_on(cli: Cli, where: str, seen: int, pid: int) -> int:
-    """The loop still runs on `where`: it went past `seen`, never restarted, skipped nothing, one process."""
-    wait_for(lambda: _lines(cli, where)[-1][0] > seen + 2, 15, f"the counter to go on on {where}")
-    lines = _lines(cli, where)
-    assert [n for n, _ in lines] == list(range(1, len(lines) + 1)), "the counter was reset or skipped"
-    assert {p for _, p in lines} == {pid}, "another process wrote the counter"
-    return lines[-1][0]
+    return counter.assert_counting(_in(cli, where), seen, pid)
 
 
 def _assert_nothing_on(server: Server, cli: Cli, remote: str) -> None:
@@ -54,11 +42,16 @@ def test_a_running_container_moves_live_in_every_mode(s1: Server, s2: Server, tw
     assert support["available"], support["reason"]
     two.run("launch", "s1:busybox", "c1", "-q")  # unprivileged, with a nic on the server's bridge
     mac = two.json("list", "s1:")[0]["config"]["volatile.eth0.hwaddr"]
-    _start_counter(two, "s1:c1")
-    seen, pid = _lines(two, "s1:c1")[-1]
+    seen, pid = _start_counter(two, "s1:c1")
+    two.run("config", "set", "s1:c1", "migration.incremental.memory=true")
     for mode, source, target in (("pull", "s1", "s2"), ("push", "s2", "s1"), ("relay", "s1", "s2")):
         out = two.run("move", f"{source}:c1", f"{target}:", "--mode", mode).stdout
         assert "live: frozen" in out, out
+        if support["incremental_memory"]:
+            assert "Pre-copy round 1:" in out, out
+        else:  # said in one line, then one final dump
+            assert f"Pre-copy: migration.incremental.memory is set, but {support['incremental_memory_reason']}" \
+                in out, out
         assert two.json("list", f"{source}:") == []
         moved = two.json("list", f"{target}:")[0]
         assert moved["status"] == "Running" and moved["config"]["volatile.eth0.hwaddr"] == mac
@@ -69,6 +62,20 @@ def test_a_running_container_moves_live_in_every_mode(s1: Server, s2: Server, tw
     two.run("copy", "s2:c1", "s1:c1")
     assert [i["status"] for i in two.json("list", "s1:")] == ["Running"]
     seen = _assert_counted_on(two, "s1:c1", seen, pid)
+    _assert_counted_on(two, "s2:c1", seen, pid)
+
+
+def test_incremental_memory_in_rounds(s1: Server, s2: Server, two: Cli) -> None:
+    """Pre-copy rounds until the goal (here: never reached, 3 rounds at most), then the final dump."""
+    support = s1.api("GET", "/1.0")["environment"]["live_migration"]["container"]
+    if not support["incremental_memory"]:
+        pytest.skip(f"no pre-copy on this host: {support['incremental_memory_reason']}")
+    two.run("launch", "s1:busybox", "c1", "-q", "-c", "migration.incremental.memory=true",
+            "-c", "migration.incremental.memory.goal=100", "-c", "migration.incremental.memory.iterations=3")
+    seen, pid = _start_counter(two, "s1:c1")
+    out = two.run("move", "s1:c1", "s2:").stdout
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("Pre-copy")] == [
+        "Pre-copy round 1", "Pre-copy round 2", "Pre-copy round 3"], out
     _assert_counted_on(two, "s2:c1", seen, pid)
 
 
@@ -132,8 +139,7 @@ def _servers(cluster: Cluster, s1_env: dict[str, str], s2_env: dict[str, str]) -
 
 def _running_counter(cli: Cli) -> tuple[int, int, dict[str, str]]:
     cli.run("launch", "s1:busybox", "c1", "-q")
-    _start_counter(cli, "s1:c1")
-    seen, pid = _lines(cli, "s1:c1")[-1]
+    seen, pid = _start_counter(cli, "s1:c1")
     return seen, pid, cli.json("list", "s1:")[0]["config"]
 
 

@@ -11,11 +11,11 @@ import pytest
 
 from stapes.api.errors import Conflict
 from stapes.api.requests import InstancesPost, decode
-from stapes.server import rootfs
+from stapes.server import rootfs, streams
 from stapes.server.events import EventHub
 from stapes.server.instances.service import InstanceService
 from stapes.server.migration import migrate_pb2 as pb
-from stapes.server.migration import protocol, transports
+from stapes.server.migration import protocol
 from stapes.server.operations import OperationRegistry
 
 
@@ -121,14 +121,14 @@ class _Sink:
 
 async def test_a_chatty_tool_never_deadlocks() -> None:
     """2 MiB on stderr before any stdout: the old code read stderr only after stdout closed, and hung."""
-    proc = await transports._spawn(["sh", "-c", "head -c 2000000 /dev/zero >&2; echo out; exit 3"],
+    proc = await streams.spawn_tool(["sh", "-c", "head -c 2000000 /dev/zero >&2; echo out; exit 3"],
                                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                                    stderr=asyncio.subprocess.PIPE)
     sink = _Sink()
     assert proc.stdout is not None
-    await asyncio.wait_for(transports._stdout_to_channel(proc.stdout, sink, None), 10)  # type: ignore[arg-type]
+    await asyncio.wait_for(streams.stdout_to_channel(proc.stdout, sink, None), 10)  # type: ignore[arg-type]
     with pytest.raises(Exception, match="failed"):
-        await asyncio.wait_for(transports._finish(proc, "chatty"), 10)
+        await asyncio.wait_for(streams.finish(proc, "chatty"), 10)
     assert bytes(sink.data) == b"out\n"
 
 
@@ -177,7 +177,7 @@ async def test_coalesced_queries_are_shared_and_never_stale() -> None:
 
 
 def test_a_malformed_timeout_in_the_environment_stops_with_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stapes.server.migration.channel import _seconds_from_env
+    from stapes.server.streams import _seconds_from_env
 
     monkeypatch.setenv("STAPES_TEST_SECONDS", "30")
     assert _seconds_from_env("STAPES_TEST_SECONDS", 120.0) == 30.0

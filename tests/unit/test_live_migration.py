@@ -3,19 +3,23 @@ version, the live header exchange."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from stapes.api.errors import BadRequest
-from stapes.client.move import Plan, Situation, plan
+from stapes.cli.instance import live_summary
+from stapes.client.move import Plan, Situation, plan, precopy_lines
 from stapes.server.idmap import IdRange
-from stapes.server.instances.criu import DumpStats, parse_dump_stats, parse_version
+from stapes.server.instances.criu import parse_dump_stats, parse_version
+from stapes.server.instances.driver import MemoryRound
 from stapes.server.instances.idmapped import map_lines
 from stapes.server.instances.lxc import criu_errors
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol
 from stapes.server.migration.policy import PrecopySettings, another_precopy_round
+from stapes.server.migration.service import check_state_links
 
 DATA = Path(__file__).parent.parent / "data" / "criu"
 
@@ -54,7 +58,8 @@ def test_dump_statistics_recorded_from_criu() -> None:
     stats = parse_dump_stats((DATA / "stats-dump-privileged").read_bytes())
     assert stats.pages_written == 84 and stats.pages_skipped_parent == 0 and stats.pages_scanned == 119
     assert 0 < stats.frozen_time < 10**6  # microseconds: a busybox container freezes for about 0.1 s
-    assert stats.synced_percent == 0.0  # a first (or only) dump: nothing was on the target before
+    first = MemoryRound(stats.pages_written, stats.pages_skipped_parent)
+    assert first.synced_percent == 0.0  # a first (or only) dump: nothing was on the target before
     unprivileged = parse_dump_stats((DATA / "stats-dump-unprivileged").read_bytes())
     assert unprivileged.pages_written == 83
     with pytest.raises(ValueError, match="not a CRIU stats image"):
@@ -66,10 +71,11 @@ def test_dump_statistics_recorded_from_criu() -> None:
 def test_the_precopy_rule() -> None:
     on = PrecopySettings.from_config({"migration.incremental.memory": "true"})
     assert (on.goal, on.iterations) == (70, 10)
-    first = parse_dump_stats((DATA / "stats-dump-privileged").read_bytes())
+    stats = parse_dump_stats((DATA / "stats-dump-privileged").read_bytes())
+    first = MemoryRound(stats.pages_written, stats.pages_skipped_parent)
     assert another_precopy_round(on, 0, None)  # the first round always runs
     assert another_precopy_round(on, 1, first.synced_percent)  # 0 % synced: go on
-    later = DumpStats(0, 0, 0, 119, pages_skipped_parent=90, pages_written=10)
+    later = MemoryRound(pages_written=10, pages_skipped=90)
     assert later.synced_percent == 90.0
     assert not another_precopy_round(on, 2, later.synced_percent)  # the goal is reached: final dump
     assert not another_precopy_round(on, 10, 1.0)  # the round limit
@@ -116,3 +122,39 @@ def test_the_live_header_exchange() -> None:
     incus = pb.MigrationHeader(fs=pb.RSYNC, criu=pb.CRIU_RSYNC)
     with pytest.raises(protocol.ProtocolError, match="--stateless"):
         protocol.check_live(incus, requested=True)
+
+
+def test_a_received_state_may_link_only_to_earlier_rounds(tmp_path: Path) -> None:
+    for name in ("predump-1", "predump-2", "final"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "predump-2" / "parent").symlink_to("../predump-1")
+    (tmp_path / "final" / "parent").symlink_to("../predump-2")
+    check_state_links(tmp_path)  # CRIU's own layout
+    for where, target in (("final/parent", "/etc"), ("predump-1/parent", "../predump-2"),
+                          ("final/pages-1.img", "/etc/shadow"), ("final/parent", "../final")):
+        link = tmp_path / where
+        saved = os.readlink(link) if link.is_symlink() else None
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        with pytest.raises(protocol.ProtocolError, match="link"):
+            check_state_links(tmp_path)
+        link.unlink()
+        if saved is not None:
+            link.symlink_to(saved)
+
+
+def test_what_the_cli_says_of_pre_copy() -> None:
+    assert precopy_lines({}) == []
+    assert precopy_lines({"precopy": "migration.incremental.memory is set, but no"}) == [
+        "Pre-copy: migration.incremental.memory is set, but no"]
+    rounds = [{"round": 1, "pages_written": 100, "pages_skipped": 0, "synced_percent": 0.0, "bytes": 2**20,
+               "seconds": 0.5}]
+    assert precopy_lines({"precopy_rounds": rounds}) == [
+        "Pre-copy round 1: 100 pages written, 0 unchanged (0.0% in sync), 1.0 MiB in 0.50s"]
+
+
+def test_the_server_info_line() -> None:
+    assert live_summary({}) == "-"
+    assert live_summary({"available": False, "reason": "CRIU is not installed"}) == "no: CRIU is not installed"
+    assert live_summary({"available": True, "version": "4.2.1", "incremental_memory": False}) == (
+        "yes (CRIU 4.2.1, no pre-copy (no soft-dirty tracking))")

@@ -98,7 +98,7 @@ def test_exec_environment_precedence() -> None:
 
 
 def test_root_cause_of_a_tool_failure() -> None:
-    from stapes.server.migration.transports import root_cause
+    from stapes.server.streams import root_cause
 
     tar = ("tar: ./rootfs/random.bin: Cannot write: No space left on device\n"
            "tar: Exiting with failure status due to previous errors\n")
@@ -109,7 +109,7 @@ def test_root_cause_of_a_tool_failure() -> None:
 
 
 def test_progress_says_100_percent_only_when_the_transfer_is_complete() -> None:
-    from stapes.server.migration.progress import figures, human
+    from stapes.server.progress import figures, human
 
     # rsync sent a small share of the total (the rest was already there): not yet done, then done.
     running = figures(25_000, 6_000_000, 0.5)

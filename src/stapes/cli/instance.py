@@ -50,11 +50,22 @@ def _server_info(name: str | None) -> None:
         ("Storage drivers", ", ".join(d["name"] for d in env.get("storage_supported_drivers") or [])),
         ("Instance types", ", ".join(env.get("instance_types") or [])),
         ("Unprivileged containers", env.get("unprivileged", "")),
+        ("Live container moves", live_summary((env.get("live_migration") or {}).get("container") or {})),
         ("Networks", ", ".join(f"{n['name']} ({n['config'].get('ipv4.address', '')})" for n in networks) or "-"),
         ("API extensions", str(len(info.get("api_extensions") or []))),
     ]
     for key, value in lines:
         click.echo(f"{key}: {value}")
+
+
+def live_summary(support: dict[str, Any]) -> str:
+    """One line of `GET /1.0`'s environment.live_migration.container (pure: unit-tested)."""
+    if not support:
+        return "-"
+    if not support.get("available"):
+        return f"no: {support.get('reason', '')}"
+    precopy = "pre-copy" if support.get("incremental_memory") else "no pre-copy (no soft-dirty tracking)"
+    return f"yes (CRIU {support.get('version', '')}, {precopy})"
 
 
 def _addresses(instance: dict[str, Any], family: str) -> str:

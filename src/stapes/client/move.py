@@ -116,4 +116,14 @@ async def transfer(source: AsyncClient, name: str, target: AsyncClient, new_name
         else:
             await source.change_state(name, "start")
     how = f"{mode}, {result.transport}" + (f", live: frozen {result.frozen_s:.2f}s" if steps.live else "")
-    return TransferResult(f"{'Moved' if move else 'Copied'} {where} ({how})", result)
+    lines = [f"{'Moved' if move else 'Copied'} {where} ({how})", *precopy_lines(result.source)]
+    return TransferResult("\n".join(lines), result)
+
+
+def precopy_lines(source_metadata: Json) -> list[str]:
+    """What the source's pre-copy did, round by round, or why it did none (pure: unit-tested)."""
+    if note := source_metadata.get("precopy"):
+        return [f"Pre-copy: {note}"]
+    return [f"Pre-copy round {r['round']}: {r['pages_written']} pages written, {r['pages_skipped']} unchanged "
+            f"({r['synced_percent']}% in sync), {r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.2f}s"
+            for r in source_metadata.get("precopy_rounds") or []]

@@ -119,12 +119,6 @@ class DumpStats:
     pages_skipped_parent: int
     pages_written: int
 
-    @property
-    def synced_percent(self) -> float:
-        """The share of memory already on the target before this round: CRIU skipped it because the parent
-        round had it unchanged (BRIEF §4's rule)."""
-        total = self.pages_written + self.pages_skipped_parent
-        return 100.0 if total == 0 else 100.0 - 100.0 * self.pages_written / total
 
 
 SERVICE_MAGIC = 0x55105940

@@ -49,6 +49,19 @@ class RuntimeState:
 
 
 @dataclass(frozen=True)
+class MemoryRound:
+    """What one pre-copy round of a live move wrote, from the hypervisor's own figures."""
+
+    pages_written: int
+    pages_skipped: int  # unchanged since the previous round: already on the target
+
+    @property
+    def synced_percent(self) -> float:
+        total = self.pages_written + self.pages_skipped
+        return 100.0 if total == 0 else 100.0 - 100.0 * self.pages_written / total
+
+
+@dataclass(frozen=True)
 class ExecRequest:
     command: list[str]
     environment: dict[str, str]
@@ -108,9 +121,19 @@ class InstanceDriver(ABC):
         """Target: None when an instance checkpointed elsewhere can be restored here; otherwise why not."""
         return f"{self.instance_type}s cannot move live to this server: move with --stateless"
 
-    async def checkpoint(self, spec: InstanceSpec, state: Path) -> None:
-        """Source: write the running state into the empty directory `state`; the instance stops with it (its
-        files then hold still for the last sync). A failed checkpoint leaves it running."""
+    def precopy_refusal(self) -> str | None:
+        """None when memory can be copied in rounds while the instance runs (pre-copy); otherwise why not."""
+        return "this driver copies no memory in rounds"
+
+    async def predump(self, spec: InstanceSpec, state: Path, parent: Path | None) -> MemoryRound:
+        """Source: one pre-copy round into the empty directory `state`, only what changed since `parent`'s
+        round; the instance keeps running."""
+        raise NotImplementedError
+
+    async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None) -> None:
+        """Source: write the running state into the empty directory `state` (only what changed since the
+        pre-copy round in `parent`); the instance stops with it (its files then hold still for the last sync).
+        A failed checkpoint leaves it running."""
         raise NotImplementedError
 
     async def finalize_source(self, spec: InstanceSpec, state: Path, *, resume: bool) -> None:

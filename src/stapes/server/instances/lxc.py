@@ -25,8 +25,8 @@ from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.coalesce import Coalesced
 from stapes.server.instances import idmapped
-from stapes.server.instances.criu import CriuSupport
-from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
+from stapes.server.instances.criu import CriuSupport, parse_dump_stats
+from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, MemoryRound, RuntimeState
 from stapes.server.networks.netns import interfaces_in
 
 _STATES = {
@@ -306,7 +306,7 @@ class LxcDriver(InstanceDriver):
     async def _checkpoint_tool(self, spec: InstanceSpec, state: Path, *args: str) -> None:
         """lxc-checkpoint, its output to a file: a restored container's monitor inherits the tool's stdout and
         stderr, so pipes would never reach end-of-file."""
-        restoring = "-r" in args
+        restoring, stopping = "-r" in args, "-s" in args
         await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
         output = state / ("lxc-restore.out" if restoring else "lxc-dump.out")
         env = self.criu.environment()
@@ -322,16 +322,31 @@ class LxcDriver(InstanceDriver):
                                        stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink, env=env)
         async with process.reaped(proc):
             code = await asyncio.wait_for(proc.wait(), 600)
-        if not restoring:
+        if stopping:
             await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
         if code != 0:
             detail = criu_errors(_read(state / ("restore.log" if restoring else "dump.log")))
             raise InternalError(detail or _last_errors(self._dir(spec) / "lxc.log") or _read(output).strip()[-500:]
                                 or f"lxc-checkpoint exit status {code}")
 
-    async def checkpoint(self, spec: InstanceSpec, state: Path) -> None:
+    def precopy_refusal(self) -> str | None:
+        return self.criu.refusal or self.criu.dirty_tracking_refusal
+
+    async def predump(self, spec: InstanceSpec, state: Path, parent: Path | None) -> MemoryRound:
+        previous = [f"--predump-dir=../{parent.name}"] if parent is not None else []
         try:
-            await self._checkpoint_tool(spec, state, "-s")
+            await self._checkpoint_tool(spec, state, "-p", *previous)
+            stats = parse_dump_stats(await asyncio.to_thread((state / "stats-dump").read_bytes))
+        except (InternalError, OSError, ValueError) as err:
+            reason = err.message if isinstance(err, InternalError) else str(err)
+            raise InternalError(f"CRIU could not pre-copy {spec.name!r} (it keeps running here): {reason}") \
+                from None
+        return MemoryRound(stats.pages_written, stats.pages_skipped_parent)
+
+    async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None) -> None:
+        previous = [f"--predump-dir=../{parent.name}"] if parent is not None else []
+        try:
+            await self._checkpoint_tool(spec, state, "-s", *previous)
         except InternalError as err:
             raise InternalError(f"CRIU could not checkpoint {spec.name!r} (it keeps running here): {err.message}") \
                 from None

@@ -27,12 +27,11 @@ from stapes.server.instances.exec_session import run_exec
 from stapes.server.instances.volatile import kept_from_peer, missing_volatile
 from stapes.server.networks.service import NetworkService
 from stapes.server.operations import Operation
-from stapes.server.storage.base import PoolDriver
+from stapes.server.storage.base import PoolDriver, Volume
 from stapes.server.storage.service import StorageService
 from stapes.server.store.db import InstanceRow, ProfileRow, SnapshotRow, Store
 
 log = logging.getLogger(__name__)
-VOLUME_KIND = "containers"
 INCOMPLETE = "volatile.incomplete"  # Stapes's own crash marker: never shown, never taken from a client or peer
 DEFAULT_STOP_TIMEOUT = 30.0
 
@@ -95,8 +94,8 @@ class InstanceService:
         nics = {name: dev.get("parent") or self._networks.interface(dev.get("network", ""))
                 for name, dev in nic_devices(devices).items()}
         idmap = () if is_true(config.get("security.privileged")) else tuple(await self._container_map())
-        return InstanceSpec(row.project, row.name, config, devices, pool.volume_path(VOLUME_KIND, row.project,
-                                                                                     row.name), nics, idmap)
+        volume = pool.volume_path(Volume.of(row.type, row.project, row.name))
+        return InstanceSpec(row.project, row.name, config, devices, volume, nics, idmap)
 
     async def _container_map(self) -> list[IdRange]:
         """Root's subordinate ids, read once (a change to /etc/subuid takes a daemon restart, as for Incus)."""
@@ -305,7 +304,7 @@ class InstanceService:
         try:
             spec = await self.spec(row)
             pool = await self.pool_of(spec)
-            volume = await pool.create_volume(VOLUME_KIND, row.project, row.name)
+            volume = await pool.create_volume(Volume.of(row.type, row.project, row.name))
             volume_created = True
             await fill(volume)
             await asyncio.to_thread(check_volume_layout, volume)
@@ -326,7 +325,7 @@ class InstanceService:
             if spec is not None:
                 await self.driver(row.type).undefine(spec)
                 if volume_created:
-                    await (await self.pool_of(spec)).delete_volume(VOLUME_KIND, row.project, row.name)
+                    await (await self.pool_of(spec)).delete_volume(Volume.of(row.type, row.project, row.name))
         except Exception:
             log.exception("could not remove the volume of failed instance %s/%s", row.project, row.name)
         await self._store.delete_instance(row.project, row.name)
@@ -365,13 +364,13 @@ class InstanceService:
             if snapshot in existing:
                 raise Conflict(f"Snapshot {snapshot!r} of {name!r} already exists")
             pool = await self.pool_of(await self.spec(row))
-            await pool.create_snapshot(VOLUME_KIND, project, name, snapshot)
+            await pool.create_snapshot(Volume.of(row.type, project, name), snapshot)
             try:
                 await self._store.create_snapshot(SnapshotRow(
                     project, name, snapshot, description, dict(row.config), dict(row.devices), list(row.profiles),
                     time.time()))
             except BaseException:
-                await pool.delete_snapshot(VOLUME_KIND, project, name, snapshot)
+                await pool.delete_snapshot(Volume.of(row.type, project, name), snapshot)
                 raise
         self._events.lifecycle("instance-snapshot-created", f"/1.0/instances/{name}/snapshots/{snapshot}", project)
         return snapshot
@@ -387,19 +386,21 @@ class InstanceService:
     async def delete_snapshot_unlocked(self, project: str, name: str, snapshot: str) -> None:
         """For callers that already hold the instance's lock."""
         await self.snapshot(project, name, snapshot)
-        pool = await self.pool_of(await self.spec(await self._store.instance(project, name)))
+        row = await self._store.instance(project, name)
+        pool = await self.pool_of(await self.spec(row))
         await self._store.delete_snapshot(project, name, snapshot)
-        await pool.delete_snapshot(VOLUME_KIND, project, name, snapshot)
+        await pool.delete_snapshot(Volume.of(row.type, project, name), snapshot)
         self._events.lifecycle("instance-snapshot-deleted", f"/1.0/instances/{name}/snapshots/{snapshot}", project)
 
     async def rename_snapshot(self, project: str, name: str, snapshot: str, new: str) -> None:
         validate_entity_name("snapshot", new)
         async with self.changing(project, name):
             await self.snapshot(project, name, snapshot)
-            pool = await self.pool_of(await self.spec(await self._store.instance(project, name)))
+            row = await self._store.instance(project, name)
+            pool = await self.pool_of(await self.spec(row))
             await self._store.rename_snapshot(project, name, snapshot, new)
             try:
-                await pool.rename_snapshot(VOLUME_KIND, project, name, snapshot, new)
+                await pool.rename_snapshot(Volume.of(row.type, project, name), snapshot, new)
             except BaseException:
                 await self._store.rename_snapshot(project, name, new, snapshot)
                 raise
@@ -422,7 +423,7 @@ class InstanceService:
                 raise BadRequest(f"Snapshot {snapshot!r} cannot be restored: {err.message}") from None
             if new_spec.volume != spec.volume:
                 raise BadRequest(f"Snapshot {snapshot!r} cannot be restored: its root disk is on another pool")
-            await (await self.pool_of(spec)).restore_snapshot(VOLUME_KIND, project, name, snapshot)
+            await (await self.pool_of(spec)).restore_snapshot(Volume.of(row.type, project, name), snapshot)
             await self._store.update_instance(restored)
             await self.driver(row.type).define(new_spec)
         self._events.lifecycle("instance-restored", f"/1.0/instances/{name}", project, {"snapshot": snapshot})
@@ -520,11 +521,11 @@ class InstanceService:
                 await self._store.instance(project, new_name)
                 raise Conflict(f"Instance {new_name!r} already exists in project {project!r}")
             pool = await self.pool_of(spec)
-            await pool.rename_volume(VOLUME_KIND, project, name, new_name)
+            await pool.rename_volume(Volume.of(row.type, project, name), new_name)
             try:
                 await self._store.rename_instance(project, name, new_name)
             except BaseException:
-                await pool.rename_volume(VOLUME_KIND, project, new_name, name)
+                await pool.rename_volume(Volume.of(row.type, project, new_name), name)
                 raise
             await driver.undefine(spec)
             row.name = new_name
@@ -546,7 +547,7 @@ class InstanceService:
                     raise BadRequest(f"Instance {name!r} is running: stop it first, or delete it with --force")
                 pool = await self.pool_of(spec)
                 await driver.undefine(spec)
-                await pool.delete_volume(VOLUME_KIND, project, name)
+                await pool.delete_volume(Volume.of(row.type, project, name))
                 await self._store.delete_instance(project, name)
         self._events.lifecycle("instance-deleted", f"/1.0/instances/{name}", project)
 
@@ -559,8 +560,8 @@ class InstanceService:
         for pool_row in await self._store.pools():
             with contextlib.suppress(StapesError):
                 pool = await self._storage.driver(pool_row.name)
-                if pool.volume_path(VOLUME_KIND, row.project, row.name).exists():
-                    await pool.delete_volume(VOLUME_KIND, row.project, row.name)
+                if pool.volume_path(Volume.of(row.type, row.project, row.name)).exists():
+                    await pool.delete_volume(Volume.of(row.type, row.project, row.name))
         with contextlib.suppress(StapesError):
             await self.driver(row.type).undefine(bare)
         await self._store.delete_instance(row.project, row.name)

@@ -12,7 +12,7 @@ import aiohttp
 
 from stapes.api.errors import BadRequest, Unavailable
 from stapes.certs import client_ssl_context
-from stapes.server.migration.channel import CLOSE_TIMEOUT, MAX_MESSAGE, Channel
+from stapes.server.streams import CLOSE_TIMEOUT, MAX_MESSAGE, Channel
 
 
 @contextlib.asynccontextmanager

@@ -29,8 +29,9 @@ class PrecopySettings:
 
 def another_precopy_round(settings: PrecopySettings, rounds_done: int, synced_percent: float | None) -> bool:
     """Run one more pre-dump round while the container runs? The first round always runs (nothing is on the
-    target yet); after that, stop once the share of memory the last round found unchanged reached the goal,
-    or once `iterations` rounds ran. The final dump follows either way."""
+    target yet); after that, stop once the share of memory the last round found unchanged since the round
+    before (`100 - 100 * written / (written + skipped)`) reached the goal, or once `iterations` rounds ran.
+    The final dump follows either way."""
     if not settings.enabled:
         return False
     if rounds_done >= settings.iterations:

@@ -61,6 +61,19 @@ def parse_control(data: bytes | None, sender: str) -> pb.MigrationControl:
     return message
 
 
+def parse_sync(data: bytes | None, sender: str) -> pb.MigrationSync:
+    """The MigrationSync that follows each pre-copy round on the criu channel."""
+    if data is None or len(data) > MAX_CONTROL_MESSAGE:
+        raise ProtocolError(f"Protocol error: the {sender} sent an empty or oversized pre-copy sync message")
+    try:
+        message: pb.MigrationSync = pb.MigrationSync.FromString(data)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ProtocolError(f"Protocol error: the {sender} sent an invalid pre-copy sync message ({err})") from None
+    if not message.IsInitialized():
+        raise ProtocolError(f"Protocol error: the {sender}'s pre-copy sync message lacks required fields")
+    return message
+
+
 def check_offer(offer_: pb.MigrationHeader) -> None:
     """What a source may offer, checked with the REST API's own rules before a byte is written: snapshot
     names that are valid entity names (no '/', no '..'), each offered once and described at most once;
@@ -165,11 +178,13 @@ def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotR
 
 
 def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
-                 snapshots: Sequence[SnapshotRow] = (), live: bool = False) -> pb.MigrationHeader:
+                 snapshots: Sequence[SnapshotRow] = (), live: bool = False, predump: bool = False
+                 ) -> pb.MigrationHeader:
     """`fs` says rsync: an Incus receiver reads only that field and would expect its own btrfs stream format
     for BTRFS, which Stapes's btrfs transport is not; Stapes receivers read `stapesTransports`. A stopped
     instance says no `criu` (to Incus, CRIU type NONE means a running instance, whose volume follows a second
-    time); a live one says CRIU_RSYNC, Incus's type for a state sent on the criu websocket."""
+    time); a live one says CRIU_RSYNC, Incus's type for a state sent on the criu websocket, and `predump` when
+    pre-copy rounds come before the final checkpoint."""
     transports = offer(sendable, refresh=refresh)
     header = pb.MigrationHeader(
         fs=pb.RSYNC, snapshotNames=[s.name for s in snapshots],
@@ -180,7 +195,7 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
     )
     if live:
         header.criu = pb.CRIU_RSYNC
-        header.predump = False
+        header.predump = predump
     return header
 
 
@@ -230,6 +245,7 @@ def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_
         reply.criu = pb.NONE
     elif live_offered(offer_):
         reply.criu = pb.CRIU_RSYNC  # reached only once check_live and the driver accepted the live move
+        reply.predump = offer_.predump
     return reply, chosen
 
 

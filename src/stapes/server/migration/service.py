@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -36,14 +37,17 @@ from stapes.server.idmap import unshift
 from stapes.server.instances.driver import InstanceDriver, InstanceSpec
 from stapes.server.instances.service import InstanceService, check_volume_layout
 from stapes.server.migration import migrate_pb2 as pb
-from stapes.server.migration import protocol, transports
-from stapes.server.migration.channel import IDLE_TIMEOUT, Channel, ChannelClosed, idle_timeout
+from stapes.server.migration import protocol
 from stapes.server.migration.dial import dial
-from stapes.server.migration.progress import Progress
+from stapes.server.migration.policy import PrecopySettings, another_precopy_round
 from stapes.server.operations import Operation
 from stapes.server.paths import StatePaths
-from stapes.server.storage.base import PoolDriver
+from stapes.server.progress import Progress
+from stapes.server.storage.base import PoolDriver, Volume
+from stapes.server.storage.service import open_transport
+from stapes.server.storage.transfer import Transport, rsync_receive, rsync_send, tar_receive, tar_send
 from stapes.server.store.db import InstanceRow, SnapshotRow
+from stapes.server.streams import IDLE_TIMEOUT, Channel, ChannelClosed, idle_timeout
 
 log = logging.getLogger(__name__)
 CHANNELS = ("control", "fs")
@@ -72,8 +76,13 @@ class _Live:
 
     driver: InstanceDriver
     spec: InstanceSpec
-    state: Path
+    state: Path  # the working directory: predump-<n>/ for each pre-copy round, final/ for the checkpoint
     keep_running: bool = False  # source: a copy, running here again once its state is sent
+    precopy: PrecopySettings = PrecopySettings(enabled=False, goal=0, iterations=0)
+
+    @property
+    def final(self) -> Path:
+        return self.state / "final"
 CONNECT_TIMEOUT = 60.0
 FULL_MARGIN = 2**20  # less free than this after a failed receive: the pool filled up
 
@@ -108,6 +117,36 @@ async def _peer_reason(control: Channel, fallback: StapesError | BaseException) 
         return await _reason_from(said, fallback)
     finally:
         said.cancel()
+
+
+MAX_PRECOPY_ROUNDS = 999  # the configuration's own limit
+
+
+async def _receive_precopy(criu: Channel, state: Path) -> None:
+    """The source's pre-copy rounds, each into predump-<n>, until one is marked the last."""
+    for number in range(1, MAX_PRECOPY_ROUNDS + 1):
+        directory = state / f"predump-{number}"
+        await asyncio.to_thread(directory.mkdir)
+        await tar_receive(directory, criu, None)
+        if protocol.parse_sync(await criu.receive(), "source").finalPreDump:
+            return
+    raise protocol.ProtocolError(f"Protocol error: the source sent more than {MAX_PRECOPY_ROUNDS} pre-copy rounds")
+
+
+def check_state_links(state: Path) -> None:
+    """The only links in a received state are each round's `parent`, naming an earlier round beside it (CRIU
+    reads the memory it skipped from there): a link anywhere else would have the restore read host files."""
+    rounds = sorted(int(p.name.split("-")[1]) for p in state.glob("predump-*"))
+    links = [Path(top) / name for top, dirs, files in os.walk(state) for name in [*dirs, *files]
+             if (Path(top) / name).is_symlink()]  # os.walk follows no links
+    for path in links:
+        where = path.parent.name
+        current = int(where.split("-")[1]) if where.startswith("predump-") else len(rounds) + 1
+        target = os.readlink(path)
+        allowed = {f"../predump-{n}" for n in rounds if n < current}
+        if path.name != "parent" or path.parent.parent != state or target not in allowed:
+            raise protocol.ProtocolError(f"Protocol error: the source's state holds a link {path.name} -> "
+                                         f"{target!r}, which is not a pre-copy round's parent")
 
 
 class PoolFull(InternalError):
@@ -209,18 +248,32 @@ class MigrationService:
             snapshots = [] if instance_only else await self._instances.snapshots(project, name)
             sendable = tuple(t for t in pool.migration_transports if transport in (None, t))
             state = _Live(self._instances.driver(row.type), spec, self._paths.migrations / op.id,
-                          keep_running=keep_running) if live else None
+                          keep_running=keep_running, precopy=self._precopy_settings(op, row, spec)) if live else None
             async with self._channels(op, target, "target", channel_names(live)) as channels:
-                await self._send(op, channels, spec.volume, pool, sendable, snapshots, state)
+                await self._send(op, channels, Volume.of(row.type, project, name), pool, sendable, snapshots, state)
                 op.settle()
 
-    async def _send(self, op: Operation, channels: dict[str, Channel], volume: Path, pool: PoolDriver,
+    def _precopy_settings(self, op: Operation, row: InstanceRow, spec: InstanceSpec) -> PrecopySettings:
+        """The instance's pre-copy settings, off (and said so in one line) where its driver cannot do it."""
+        settings = PrecopySettings.from_config(spec.config)
+        if not settings.enabled:
+            return settings
+        refusal = self._instances.driver(row.type).precopy_refusal()
+        if refusal is None:
+            return settings
+        note = f"migration.incremental.memory is set, but {refusal}"
+        log.info("%s: %s", row.name, note)
+        op.update_metadata(precopy=note)
+        return PrecopySettings(enabled=False, goal=settings.goal, iterations=settings.iterations)
+
+    async def _send(self, op: Operation, channels: dict[str, Channel], instance_volume: Volume, pool: PoolDriver,
                     sendable: tuple[str, ...], snapshots: list[SnapshotRow], live: _Live | None) -> None:
         control, fs = channels["control"], channels["fs"]
-        paths = {s.name: pool.snapshot_path("containers", s.project, s.instance, s.name) for s in snapshots}
+        volume = pool.volume_path(instance_volume)
+        paths = {s.name: pool.snapshot_path(instance_volume, s.name) for s in snapshots}
         total = await _volume_bytes(volume) + sum([await _volume_bytes(p) for p in paths.values()])
         header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots,
-                                       live=live is not None)
+                                       live=live is not None, predump=live is not None and live.precopy.enabled)
         await pause_point("source-before-header", self._paths.root)
         await control.send(header.SerializeToString())
         answer = protocol.parse_header(await control.receive(), "target")
@@ -230,7 +283,7 @@ class MigrationService:
         op.update_metadata(transport=transport)
         progress = _progress(op, "fs", total)
         features = protocol.rsync_features(answer)
-        sender = transports.open_transport(transport, fs, progress, features, pool.config.get("rsync.bwlimit"))
+        sender = open_transport(transport, fs, progress, features, pool.config.get("rsync.bwlimit"))
         try:
             for snapshot in answer.snapshotNames:
                 await sender.send(paths[snapshot])
@@ -258,30 +311,31 @@ class MigrationService:
         the state (criu) side by side, then the target's word. Until the target confirmed, any failure runs
         the instance here again from the checkpoint; a copy runs here again as soon as its state is sent."""
         control = channels["control"]
-        await asyncio.to_thread(live.state.mkdir, parents=True)
+        await asyncio.to_thread(live.final.mkdir, parents=True)
         try:
-            await pause_point("source-before-checkpoint", self._paths.root)
-            op.update_metadata(live_stage="checkpoint")
-            started = time.monotonic()
             try:
-                await live.driver.checkpoint(live.spec, live.state)
+                parent = await self._precopy(op, channels["criu"], live) if live.precopy.enabled else None
+                await pause_point("source-before-checkpoint", self._paths.root)
+                op.update_metadata(live_stage="checkpoint")
+                started = time.monotonic()
+                await live.driver.checkpoint(live.spec, live.final, parent)
             except StapesError as err:
                 with contextlib.suppress(Exception):
                     await _send_control(control, False, err.message)
                 raise
             figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3),
-                                       "state_bytes": await _volume_bytes(live.state)}
+                                       "state_bytes": await _volume_bytes(live.final)}
             op.update_metadata(live_stage="transfer", live=figures)
             resumed = False
             try:
                 await pause_point("source-after-checkpoint", self._paths.root)
-                await _together(transports.rsync_send(volume, channels["fs"], None, [*features, "delete"]),
-                                transports.tar_send(live.state, channels["criu"], None))
+                await _together(rsync_send(volume, channels["fs"], None, [*features, "delete"]),
+                                tar_send(live.final, channels["criu"], None))
                 figures["transfer_s"] = round(time.monotonic() - started - figures["checkpoint_s"], 3)
                 await _send_control(control, True)
                 if live.keep_running:
                     resumed = True
-                    await _together(live.driver.finalize_source(live.spec, live.state, resume=True),
+                    await _together(live.driver.finalize_source(live.spec, live.final, resume=True),
                                     self._target_confirmed(control))
                 else:
                     await self._target_confirmed(control)
@@ -301,7 +355,7 @@ class MigrationService:
             figures["frozen_s"] = round(time.monotonic() - started, 3)
             op.update_metadata(live_stage="done", live=figures)
             if not live.keep_running:
-                await live.driver.finalize_source(live.spec, live.state, resume=False)
+                await live.driver.finalize_source(live.spec, live.final, resume=False)
         finally:
             await asyncio.to_thread(shutil.rmtree, live.state, True)
 
@@ -311,9 +365,32 @@ class MigrationService:
         if not result.success:
             raise InternalError(f"The target failed: {result.message}")
 
+    async def _precopy(self, op: Operation, criu: Channel, live: _Live) -> Path | None:
+        """Pre-copy rounds while the instance runs, each sent at once and followed by a MigrationSync saying
+        whether it was the last; returns the last round's directory (the final checkpoint's parent)."""
+        rounds: list[dict[str, Any]] = []
+        parent: Path | None = None
+        synced: float | None = None
+        while another_precopy_round(live.precopy, len(rounds), synced):
+            op.update_metadata(live_stage=f"pre-copy round {len(rounds) + 1}")
+            started = time.monotonic()
+            directory = live.state / f"predump-{len(rounds) + 1}"
+            await asyncio.to_thread(directory.mkdir)
+            memory = await live.driver.predump(live.spec, directory, parent)
+            synced = memory.synced_percent
+            await tar_send(directory, criu, None)
+            last = not another_precopy_round(live.precopy, len(rounds) + 1, synced)
+            await criu.send(pb.MigrationSync(finalPreDump=last).SerializeToString())
+            rounds.append({"round": len(rounds) + 1, "pages_written": memory.pages_written,
+                           "pages_skipped": memory.pages_skipped, "synced_percent": round(synced, 1),
+                           "bytes": await _volume_bytes(directory), "seconds": round(time.monotonic() - started, 3)})
+            op.update_metadata(precopy_rounds=rounds)
+            parent = directory
+        return parent
+
     async def _resume_source(self, live: _Live) -> None:
         try:
-            await live.driver.finalize_source(live.spec, live.state, resume=True)
+            await live.driver.finalize_source(live.spec, live.final, resume=True)
         except StapesError as err:
             log.error("live migration rollback of %s failed: %s", live.spec.name, err.message)
             raise
@@ -351,7 +428,7 @@ class MigrationService:
         op.update_metadata(live_stage="restore")
         started = time.monotonic()
         try:
-            await live.driver.restore(spec, live.state)
+            await live.driver.restore(spec, live.final)
             row.config["volatile.last_state.power"] = "RUNNING"
             await pause_point("target-before-commit", self._paths.root)
             await _send_control(control, True)
@@ -389,21 +466,22 @@ class MigrationService:
             yield channels
 
     async def _receive_volumes(self, row: InstanceRow, volume: Path, pool: PoolDriver,
-                               receiver: transports.Transport, offer: pb.MigrationHeader, answer: pb.MigrationHeader,
+                               receiver: Transport, offer: pb.MigrationHeader, answer: pb.MigrationHeader,
                                *, refresh: bool, channels: dict[str, Channel], live: _Live | None) -> None:
         """Snapshots first, oldest first, then the volume (twice from a running Incus sender). What a refresh
         half-received is removed again; a new copy is removed whole by create_with."""
         messages = {s.name: s for s in offer.snapshots}
         shifted = protocol.source_idmap(offer)
+        volume_of_row = Volume.of(row.type, row.project, row.name)
         received: list[str] = []
         try:
             for name in answer.snapshotNames:
                 if refresh:
                     # Seed the new snapshot with the copy we already have: rsync then sends only the difference.
-                    await pool.create_snapshot("containers", row.project, row.name, name, writable=True)
-                    target = pool.snapshot_path("containers", row.project, row.name, name)
+                    await pool.create_snapshot(volume_of_row, name, writable=True)
+                    target = pool.snapshot_path(volume_of_row, name)
                 else:
-                    target = await pool.prepare_snapshot_target("containers", row.project, row.name, name)
+                    target = await pool.prepare_snapshot_target(volume_of_row, name)
                 received.append(name)
                 await receiver.receive(target, snapshot=True)
                 await asyncio.to_thread(check_volume_layout, target)
@@ -415,11 +493,15 @@ class MigrationService:
             for _ in range(2 if protocol.final_sync(offer) else 1):
                 await receiver.receive(volume, snapshot=False)
             if live is not None:
-                # What changed while the first pass ran (rsync, deletions too), and the running state.
-                await asyncio.to_thread(live.state.mkdir, parents=True)
+                # The pre-copy rounds, then what changed while the first pass ran (rsync, deletions too) beside
+                # the final checkpoint.
+                await asyncio.to_thread(live.final.mkdir, parents=True)
+                if offer.predump:
+                    await _receive_precopy(channels["criu"], live.state)
                 features = [*protocol.rsync_features(answer), "delete"]
-                await _together(transports.rsync_receive(volume, channels["fs"], None, features),
-                                transports.tar_receive(live.state, channels["criu"], None))
+                await _together(rsync_receive(volume, channels["fs"], None, features),
+                                tar_receive(live.final, channels["criu"], None))
+                await asyncio.to_thread(check_state_links, live.state)
             await asyncio.to_thread(check_volume_layout, volume)
             if shifted:
                 await asyncio.to_thread(unshift, volume, shifted)
@@ -429,7 +511,7 @@ class MigrationService:
                     try:
                         await self._instances.delete_snapshot_unlocked(row.project, row.name, name)
                     except NotFound:
-                        await pool.delete_snapshot("containers", row.project, row.name, name)
+                        await pool.delete_snapshot(volume_of_row, name)
             usage = await pool.usage()
             if usage["total"] - usage["used"] < FULL_MARGIN:
                 raise PoolFull(
@@ -479,7 +561,7 @@ class MigrationService:
             for gone in existing - set(offer.snapshotNames):
                 await self._instances.delete_snapshot_unlocked(row.project, row.name, gone)
         progress = _progress(op, "fs", offer.stapesTotalBytes)
-        receiver = transports.open_transport(transport, fs, progress, protocol.rsync_features(answer))
+        receiver = open_transport(transport, fs, progress, protocol.rsync_features(answer))
         # The source's one control message: a failure at any time, or (Stapes) "all sent" at the end.
         said = asyncio.create_task(_receive_control(control))
         transfer = asyncio.create_task(self._receive_volumes(row, volume, pool, receiver, offer, answer,

@@ -8,8 +8,8 @@ import contextlib
 from aiohttp import WSMsgType, web
 
 from stapes.api.errors import BadRequest, Forbidden
-from stapes.server.migration.channel import CLOSE_TIMEOUT, MAX_MESSAGE
 from stapes.server.rest.common import caller, daemon, recursion, sync
+from stapes.server.streams import CLOSE_TIMEOUT, MAX_MESSAGE
 
 
 def routes(r: web.RouteTableDef) -> None:

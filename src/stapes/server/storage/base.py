@@ -1,7 +1,8 @@
 """What a storage pool driver must offer.
 
-A driver owns volumes (one per instance, later also snapshots) and declares the migration transports it
-can send and receive; the migration code negotiates from those declarations only.
+A driver owns volumes (one per instance, with its snapshots) and declares the transfer types it can send and
+receive, best first (as Incus's drivers declare their MigrationTypes); the migration code negotiates from
+those declarations only, and opens the chosen one from the registry the drivers' declarations make.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from stapes.api.config_keys import parse_size
 from stapes.api.errors import BadRequest, Conflict
+from stapes.server.storage.transfer import Transport
 
 TUNABLE_KEYS = ("rsync.bwlimit",)  # keys any pool takes and that may change after creation
 
@@ -32,9 +35,37 @@ def volume_name(project: str, name: str) -> str:
     return name if project == "default" else f"{project}_{name}"
 
 
+VOLUME_KINDS = {"container": "containers", "virtual-machine": "virtual-machines"}
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One instance's volume in a pool: its kind (Incus's directory name: containers, virtual-machines),
+    project and instance name."""
+
+    kind: str
+    project: str
+    name: str
+
+    @classmethod
+    def of(cls, instance_type: str, project: str, name: str) -> Volume:
+        return cls(VOLUME_KINDS[instance_type], project, name)
+
+    @property
+    def directory(self) -> str:
+        return volume_name(self.project, self.name)
+
+    def renamed(self, name: str) -> Volume:
+        return Volume(self.kind, self.project, name)
+
+
 class PoolDriver(ABC):
     name: ClassVar[str]
-    migration_transports: ClassVar[tuple[str, ...]]
+    transports: ClassVar[tuple[type[Transport], ...]]  # what it can send and receive, best first
+
+    @property
+    def migration_transports(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.transports)
 
     def __init__(self, pool: str, config: dict[str, str]) -> None:
         self.pool = pool
@@ -63,46 +94,47 @@ class PoolDriver(ABC):
     @abstractmethod
     async def delete_pool(self) -> None: ...
 
-    def volume_path(self, kind: str, project: str, name: str) -> Path:
-        return self.root / kind / volume_name(project, name)
+    def volume_path(self, volume: Volume) -> Path:
+        return self.root / volume.kind / volume.directory
 
     @abstractmethod
-    async def create_volume(self, kind: str, project: str, name: str) -> Path: ...
+    async def create_volume(self, volume: Volume) -> Path: ...
 
     @abstractmethod
-    async def delete_volume(self, kind: str, project: str, name: str) -> None: ...
+    async def delete_volume(self, volume: Volume) -> None: ...
 
-    async def rename_volume(self, kind: str, project: str, old: str, new: str) -> None:
+    async def rename_volume(self, volume: Volume, new: str) -> None:
         """Volumes and snapshot directories are renamed in place (subvolumes included)."""
-        src, dst = self.volume_path(kind, project, old), self.volume_path(kind, project, new)
+        target = volume.renamed(new)
+        src, dst = self.volume_path(volume), self.volume_path(target)
         if dst.exists():
             raise Conflict(f"A volume for {new!r} already exists in pool {self.pool!r}")
         await asyncio.to_thread(os.rename, src, dst)
-        snaps = self.snapshot_path(kind, project, old, "x").parent
+        snaps = self.snapshot_path(volume, "x").parent
         if snaps.exists():
-            await asyncio.to_thread(os.rename, snaps, self.snapshot_path(kind, project, new, "x").parent)
+            await asyncio.to_thread(os.rename, snaps, self.snapshot_path(target, "x").parent)
 
-    def snapshot_path(self, kind: str, project: str, name: str, snapshot: str) -> Path:
+    def snapshot_path(self, volume: Volume, snapshot: str) -> Path:
         """Incus's layout: <pool>/<kind>-snapshots/<volume>/<snapshot>."""
-        return self.root / f"{kind}-snapshots" / volume_name(project, name) / snapshot
+        return self.root / f"{volume.kind}-snapshots" / volume.directory / snapshot
 
     @abstractmethod
-    async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str, *,
+    async def create_snapshot(self, volume: Volume, snapshot: str, *,
                               writable: bool = False) -> None:
         """`writable` for a snapshot that is about to receive files (a refresh seeds it from the volume)."""
 
     @abstractmethod
-    async def delete_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None: ...
+    async def delete_snapshot(self, volume: Volume, snapshot: str) -> None: ...
 
     @abstractmethod
-    async def restore_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None: ...
+    async def restore_snapshot(self, volume: Volume, snapshot: str) -> None: ...
 
-    async def rename_snapshot(self, kind: str, project: str, name: str, old: str, new: str) -> None:
-        await asyncio.to_thread(os.rename, self.snapshot_path(kind, project, name, old),
-                                self.snapshot_path(kind, project, name, new))
+    async def rename_snapshot(self, volume: Volume, old: str, new: str) -> None:
+        await asyncio.to_thread(os.rename, self.snapshot_path(volume, old),
+                                self.snapshot_path(volume, new))
 
     @abstractmethod
-    async def prepare_snapshot_target(self, kind: str, project: str, name: str, snapshot: str) -> Path:
+    async def prepare_snapshot_target(self, volume: Volume, snapshot: str) -> Path:
         """An empty place to receive a snapshot's files into (migration)."""
 
     async def usage(self) -> dict[str, int]:

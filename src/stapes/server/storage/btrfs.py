@@ -1,5 +1,6 @@
 """The `btrfs` pool: volumes are subvolumes, snapshots are read-only subvolume snapshots, and moves between
-two btrfs pools use `btrfs send | btrfs receive` (incremental from one snapshot to the next).
+two btrfs pools use `btrfs send | btrfs receive` (incremental from one snapshot to the next), a transfer
+type this driver declares beside the shared ones.
 
 The pool lives on a loop file the server creates (`size=`, default 5GiB, sparse) or on an existing btrfs
 directory (`source=/path/on/btrfs`); a loop-file pool is mounted again when the server starts.
@@ -8,15 +9,22 @@ directory (`source=/path/on/btrfs`); a loop-file pool is mounted again when the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import shutil
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 from stapes.api.config_keys import parse_size
-from stapes.api.errors import BadRequest, Conflict
+from stapes.api.errors import BadRequest, Conflict, InternalError
 from stapes.server import process
-from stapes.server.storage.base import TUNABLE_KEYS, PoolDriver, check_tunables
+from stapes.server.progress import Progress
+from stapes.server.storage.base import TUNABLE_KEYS, PoolDriver, Volume, check_tunables
+from stapes.server.storage.transfer import Rsync, TarStream, Transport
+from stapes.server.streams import Channel, channel_to_stdin, finish, kill, spawn_tool, stdout_to_channel
 
 DEFAULT_SIZE = "5GiB"
 
@@ -32,9 +40,80 @@ async def delete_subvolume(path: Path) -> None:
         await process.run(["btrfs", "subvolume", "delete", str(path)])
 
 
+_SENT_NAME = re.compile(r"^\.stapes-send-[0-9a-f]{12}$")
+
+
+class BtrfsSendReceive(Transport):
+    """btrfs send | btrfs receive. Each stream is sent from a read-only snapshot taken for the purpose, with
+    the previous one as its parent, so a snapshot series costs only its differences. The receiver keeps
+    received snapshots as they arrive (their received UUID makes them parents for the next stream) and turns
+    the last stream, the instance's volume, into a writable subvolume."""
+
+    name: ClassVar[str] = "btrfs"
+
+    def __init__(self, channel: Channel, progress: Progress | None, features: Sequence[str],
+                 bwlimit: str | None = None) -> None:
+        super().__init__(channel, progress, features, bwlimit)
+        self._sent: list[Path] = []
+
+    async def send(self, path: Path) -> None:
+        frozen = path.parent / f".stapes-send-{uuid.uuid4().hex[:12]}"
+        await process.run(["btrfs", "subvolume", "snapshot", "-r", str(path), str(frozen)])
+        self._sent.append(frozen)
+        # `send -p` finds the parent through the UUID tree, which a new snapshot joins only at commit.
+        await process.run(["btrfs", "filesystem", "sync", str(path.parent)])
+        parent = ["-p", str(self._sent[-2])] if len(self._sent) > 1 else []
+        proc = await spawn_tool(["btrfs", "send", "-q", *parent, str(frozen)], stdin=asyncio.subprocess.DEVNULL,
+                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            await stdout_to_channel(proc.stdout, self.channel, self.progress)
+            await finish(proc, "Sending the files (btrfs send)")
+        finally:
+            await kill(proc)
+
+    async def receive(self, path: Path, *, snapshot: bool) -> None:
+        # Received into the final directory: a read-only subvolume cannot move to another directory later.
+        # --chroot: whatever paths the stream names, it writes below this directory only.
+        before = set(path.parent.iterdir())
+        try:
+            proc = await spawn_tool(["btrfs", "receive", "-q", "--chroot", str(path.parent)],
+                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                                stderr=asyncio.subprocess.PIPE)
+            try:
+                assert proc.stdin is not None
+                await channel_to_stdin(self.channel, proc.stdin, self.progress)
+                await finish(proc, "Receiving the files (btrfs receive)")
+            finally:
+                await kill(proc)
+            new = set(path.parent.iterdir()) - before
+            if len(new) != 1 or not _SENT_NAME.match(next(iter(new)).name) or not next(iter(new)).is_dir():
+                raise InternalError("Protocol error: the btrfs stream did not hold exactly one subvolume as "
+                                    f"Stapes sends it (got {sorted(p.name for p in new)[:3]})")
+        except BaseException:
+            for partial in set(path.parent.iterdir()) - before:
+                with contextlib.suppress(Exception):
+                    await delete_subvolume(partial)
+            raise
+        received = new.pop()
+        # The next stream's `receive` looks this one up as its parent in the UUID tree: commit it first.
+        await process.run(["btrfs", "filesystem", "sync", str(path.parent)])
+        await delete_subvolume(path)  # the empty subvolume made for us
+        if snapshot:
+            received.rename(path)
+        else:
+            await process.run(["btrfs", "subvolume", "snapshot", str(received), str(path)])
+            self._sent.append(received)  # removed at close: nothing follows the volume itself
+
+    async def close(self) -> None:
+        for frozen in self._sent:
+            with contextlib.suppress(Exception):
+                await delete_subvolume(frozen)
+
+
 class BtrfsPool(PoolDriver):
     name: ClassVar[str] = "btrfs"
-    migration_transports: ClassVar[tuple[str, ...]] = ("btrfs", "tar-stream", "rsync")
+    transports: ClassVar[tuple[type[Transport], ...]] = (BtrfsSendReceive, TarStream, Rsync)
 
     @classmethod
     def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
@@ -104,46 +183,46 @@ class BtrfsPool(PoolDriver):
             for kind in ("containers", "containers-snapshots"):
                 await asyncio.to_thread(shutil.rmtree, self.root / kind, True)
 
-    async def create_volume(self, kind: str, project: str, name: str) -> Path:
-        path = self.volume_path(kind, project, name)
+    async def create_volume(self, volume: Volume) -> Path:
+        path = self.volume_path(volume)
         if path.exists():
-            raise Conflict(f"A volume for {name!r} already exists in pool {self.pool!r} ({path})")
+            raise Conflict(f"A volume for {volume.name!r} already exists in pool {self.pool!r} ({path})")
         await process.run(["btrfs", "subvolume", "create", str(path)])
         return path
 
-    async def delete_volume(self, kind: str, project: str, name: str) -> None:
-        snapshots = self.snapshot_path(kind, project, name, "x").parent
+    async def delete_volume(self, volume: Volume) -> None:
+        snapshots = self.snapshot_path(volume, "x").parent
         if snapshots.exists():
             for snap in sorted(snapshots.iterdir()):
                 await delete_subvolume(snap)
             await asyncio.to_thread(shutil.rmtree, snapshots, True)
-        await delete_subvolume(self.volume_path(kind, project, name))
+        await delete_subvolume(self.volume_path(volume))
 
-    async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str, *,
+    async def create_snapshot(self, volume: Volume, snapshot: str, *,
                               writable: bool = False) -> None:
-        target = self.snapshot_path(kind, project, name, snapshot)
+        target = self.snapshot_path(volume, snapshot)
         if target.exists():
-            raise Conflict(f"Snapshot {snapshot!r} of {name!r} already exists in pool {self.pool!r}")
+            raise Conflict(f"Snapshot {snapshot!r} of {volume.name!r} already exists in pool {self.pool!r}")
         await asyncio.to_thread(target.parent.mkdir, 0o711, True, True)
         readonly = [] if writable else ["-r"]
-        await process.run(["btrfs", "subvolume", "snapshot", *readonly, str(self.volume_path(kind, project, name)),
+        await process.run(["btrfs", "subvolume", "snapshot", *readonly, str(self.volume_path(volume)),
                            str(target)])
 
-    async def delete_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None:
-        await delete_subvolume(self.snapshot_path(kind, project, name, snapshot))
+    async def delete_snapshot(self, volume: Volume, snapshot: str) -> None:
+        await delete_subvolume(self.snapshot_path(volume, snapshot))
 
-    async def restore_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None:
-        volume = self.volume_path(kind, project, name)
-        staged = volume.with_name(volume.name + ".restoring")
-        await process.run(["btrfs", "subvolume", "snapshot", str(self.snapshot_path(kind, project, name, snapshot)),
+    async def restore_snapshot(self, volume: Volume, snapshot: str) -> None:
+        path = self.volume_path(volume)
+        staged = path.with_name(path.name + ".restoring")
+        await process.run(["btrfs", "subvolume", "snapshot", str(self.snapshot_path(volume, snapshot)),
                            str(staged)])
-        await delete_subvolume(volume)
-        await asyncio.to_thread(os.rename, staged, volume)
+        await delete_subvolume(path)
+        await asyncio.to_thread(os.rename, staged, path)
 
-    async def prepare_snapshot_target(self, kind: str, project: str, name: str, snapshot: str) -> Path:
-        path = self.snapshot_path(kind, project, name, snapshot)
+    async def prepare_snapshot_target(self, volume: Volume, snapshot: str) -> Path:
+        path = self.snapshot_path(volume, snapshot)
         if path.exists():
-            raise Conflict(f"Snapshot {snapshot!r} of {name!r} already exists in pool {self.pool!r}")
+            raise Conflict(f"Snapshot {snapshot!r} of {volume.name!r} already exists in pool {self.pool!r}")
         await asyncio.to_thread(path.parent.mkdir, 0o711, True, True)
         await process.run(["btrfs", "subvolume", "create", str(path)])
         return path

@@ -9,12 +9,13 @@ from typing import ClassVar
 
 from stapes.api.errors import BadRequest, Conflict
 from stapes.server import process
-from stapes.server.storage.base import TUNABLE_KEYS, PoolDriver, check_tunables
+from stapes.server.storage.base import TUNABLE_KEYS, PoolDriver, Volume, check_tunables
+from stapes.server.storage.transfer import Rsync, TarStream, Transport
 
 
 class DirPool(PoolDriver):
     name: ClassVar[str] = "dir"
-    migration_transports: ClassVar[tuple[str, ...]] = ("tar-stream", "rsync")
+    transports: ClassVar[tuple[type[Transport], ...]] = (TarStream, Rsync)
 
     @classmethod
     def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
@@ -38,40 +39,40 @@ class DirPool(PoolDriver):
     async def delete_pool(self) -> None:
         await asyncio.to_thread(shutil.rmtree, self.source, True)
 
-    async def create_volume(self, kind: str, project: str, name: str) -> Path:
-        path = self.volume_path(kind, project, name)
+    async def create_volume(self, volume: Volume) -> Path:
+        path = self.volume_path(volume)
         if path.exists():
-            raise Conflict(f"A volume for {name!r} already exists in pool {self.pool!r} ({path})")
+            raise Conflict(f"A volume for {volume.name!r} already exists in pool {self.pool!r} ({path})")
         await asyncio.to_thread(path.mkdir, 0o711, True)
         return path
 
-    async def delete_volume(self, kind: str, project: str, name: str) -> None:
+    async def delete_volume(self, volume: Volume) -> None:
         """The volume and all its snapshots."""
-        for path in (self.volume_path(kind, project, name), self.snapshot_path(kind, project, name, "x").parent):
+        for path in (self.volume_path(volume), self.snapshot_path(volume, "x").parent):
             if path.exists():
                 await process.run(["rm", "-rf", "--one-file-system", "--", str(path)])
 
-    async def create_snapshot(self, kind: str, project: str, name: str, snapshot: str, *,
+    async def create_snapshot(self, volume: Volume, snapshot: str, *,
                               writable: bool = False) -> None:
-        target = await self.prepare_snapshot_target(kind, project, name, snapshot)
+        target = await self.prepare_snapshot_target(volume, snapshot)
         target.rmdir()
         # cp -a keeps owners, modes, xattrs, hard links and sparse files; reflinks where the fs has them.
-        await process.run(["cp", "-a", "--reflink=auto", "--", str(self.volume_path(kind, project, name)),
+        await process.run(["cp", "-a", "--reflink=auto", "--", str(self.volume_path(volume)),
                            str(target)])
 
-    async def delete_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None:
-        path = self.snapshot_path(kind, project, name, snapshot)
+    async def delete_snapshot(self, volume: Volume, snapshot: str) -> None:
+        path = self.snapshot_path(volume, snapshot)
         if path.exists():
             await process.run(["rm", "-rf", "--one-file-system", "--", str(path)])
 
-    async def restore_snapshot(self, kind: str, project: str, name: str, snapshot: str) -> None:
+    async def restore_snapshot(self, volume: Volume, snapshot: str) -> None:
         await process.run(["rsync", "-aHAX", "--delete", "--numeric-ids", "--sparse",
-                           f"{self.snapshot_path(kind, project, name, snapshot)}/",
-                           f"{self.volume_path(kind, project, name)}/"])
+                           f"{self.snapshot_path(volume, snapshot)}/",
+                           f"{self.volume_path(volume)}/"])
 
-    async def prepare_snapshot_target(self, kind: str, project: str, name: str, snapshot: str) -> Path:
-        path = self.snapshot_path(kind, project, name, snapshot)
+    async def prepare_snapshot_target(self, volume: Volume, snapshot: str) -> Path:
+        path = self.snapshot_path(volume, snapshot)
         if path.exists():
-            raise Conflict(f"Snapshot {snapshot!r} of {name!r} already exists in pool {self.pool!r}")
+            raise Conflict(f"Snapshot {snapshot!r} of {volume.name!r} already exists in pool {self.pool!r}")
         await asyncio.to_thread(path.mkdir, 0o711, True)
         return path

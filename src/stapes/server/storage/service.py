@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from stapes.api.errors import BadRequest, Conflict
 from stapes.api.names import validate_entity_name
 from stapes.server.paths import StatePaths
+from stapes.server.progress import Progress
 from stapes.server.storage.base import PoolDriver
 from stapes.server.storage.btrfs import BtrfsPool
 from stapes.server.storage.dir import DirPool
+from stapes.server.storage.transfer import Transport
 from stapes.server.store.db import PoolRow, Store
+from stapes.server.streams import Channel
 
 DRIVERS: dict[str, type[PoolDriver]] = {DirPool.name: DirPool, BtrfsPool.name: BtrfsPool}
+# Every transfer type some driver declares, by the name the two ends of a migration negotiate.
+TRANSFER_TYPES: dict[str, type[Transport]] = {t.name: t for d in DRIVERS.values() for t in d.transports}
+
+
+def open_transport(name: str, channel: Channel, progress: Progress | None, features: Sequence[str],
+                   bwlimit: str | None = None) -> Transport:
+    return TRANSFER_TYPES[name](channel, progress, features, bwlimit)
 
 
 class StorageService:

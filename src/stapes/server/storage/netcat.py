@@ -2,7 +2,7 @@
 from the daemon (one end of a socketpair), which the daemon forwards onto the migration websocket. Kept tiny:
 it runs once per rsync transfer.
 
-    python -m stapes.server.migration.netcat FD [ignored rsync arguments...]
+    python -m stapes.server.storage.netcat FD [ignored rsync arguments...]
 """
 
 from __future__ import annotations
