@@ -76,10 +76,15 @@ def incus_pair(root: Path, criu_config: Path) -> Iterator[tuple[IncusServer, Inc
         image = root / "busybox.tar.xz"
         asyncio.run(build_busybox_image(image))
         for server in servers:
+            logs = server.state.parent / f"incus-{server.name}-logs"
+            logs.mkdir(mode=0o700)
             script = (f"mount --make-rprivate / && mount --bind {server.state} /var/lib/incus && "
+                      f"mkdir -p /var/log/incus && mount --bind {logs} /var/log/incus && "
                       f"mkdir -p /run/incus && mount -t tmpfs tmpfs /run/incus && exec {INCUSD} --group root")
             log = (root / f"incusd-{server.name}.log").open("ab")
-            server.proc = subprocess.Popen(["ip", "netns", "exec", server.netns, "unshare", "-m", "sh", "-c", script],
+            # nsenter, not `ip netns exec`: that one mounts a fresh /sys, without the cgroup mounts LXC needs.
+            server.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{server.netns}", "unshare", "-m", "sh",
+                                            "-c", script],
                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -119,7 +124,8 @@ def incus_pair(root: Path, criu_config: Path) -> Iterator[tuple[IncusServer, Inc
 def client(conf: Path, server: IncusServer, *args: str) -> subprocess.CompletedProcess[str]:
     """The incus client, in `server`'s network namespace (it reaches the other through the veth)."""
     env = {**os.environ, "INCUS_CONF": str(conf), "HOME": str(conf)}
-    result = subprocess.run(["ip", "netns", "exec", server.netns, "incus", *args], env=env, capture_output=True,
+    result = subprocess.run(["nsenter", f"--net=/run/netns/{server.netns}", "incus", *args], env=env,
+                            capture_output=True,
                             text=True, timeout=600, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"incus {' '.join(args)}: {result.stderr}")

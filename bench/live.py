@@ -7,14 +7,15 @@ For each size: a container runs a static helper that fills that much memory with
 sleeps, beside a shell loop. The floor is `lxc-checkpoint -s` then `lxc-checkpoint -r` of that container on
 its own server, with the same CRIU, configuration and image directory as the daemon uses (frozen = dump +
 restore). Then `stapes move` runs back and forth between the servers, timed as a user runs it (the whole
-command, start-up included). The frozen time is measured from inside: a loop in the container appends the
-host's uptime (`/proc/uptime`, 10 ms resolution) every 10 ms, and the longest gap between two lines around
-the move is how long the container did not run; the source's own figure (from the checkpoint until the target
-confirmed) is printed beside it. Everything on the real disk.
+command, start-up included). The frozen time is measured from inside: the helper wakes every 5 ms and records
+each pause longer than 50 ms by the wall clock (CRIU's time namespace hides a freeze from the monotonic and
+boot clocks), and the longest one during the move is how long the container did not run; the source's own
+figure (from the checkpoint until the target confirmed) is printed beside it. Everything on the real disk.
 
---incus adds the anchor: the same containers (privileged: Incus cannot restore an id-mapped root) moved live
-by `incus move` between two real Incus 6.0 servers on this host (bench/incus_pair.py), with the same CRIU,
-timed and measured the same way.
+--incus adds the anchor: the same containers moved live by `incus move` between two real Incus 6.0 servers on
+this host (bench/incus_pair.py), with the same CRIU, timed and measured the same way. Incus's containers are
+privileged (it cannot restore an id-mapped root) and carry `raw.lxc` lines without which its restore fails
+here (no console pty, no AppArmor profile); use --privileged to compare like with like.
 """
 
 from __future__ import annotations
@@ -36,10 +37,19 @@ from bench.incus_pair import client as incus_client  # noqa: E402
 from bench.incus_pair import incus_pair  # noqa: E402
 from tests.integration.harness import STAPES, Cli, Cluster, Server  # noqa: E402
 
+# Fills its memory, then wakes every 5 ms and records each pause longer than 50 ms by the wall clock
+# (CLOCK_REALTIME: CRIU's time namespace hides a freeze from the monotonic and boot clocks, not from this one).
 HOLD_C = r"""
+#include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 #include <fcntl.h>
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return (double)t.tv_sec + t.tv_nsec / 1e9;
+}
 int main(int argc, char **argv) {
     size_t size = (size_t)atol(argv[1]) << 20;
     char *memory = malloc(size);
@@ -50,7 +60,17 @@ int main(int argc, char **argv) {
         done += (size_t)got;
     }
     close(fd);
-    for (;;) pause();
+    double previous = now();
+    for (;;) {
+        struct timespec tick = {0, 5000000};
+        nanosleep(&tick, NULL);
+        double current = now();
+        if (current - previous > 0.05) {
+            FILE *gaps = fopen("/root/gaps", "a");
+            if (gaps) { fprintf(gaps, "%.6f %.6f\n", current, current - previous); fclose(gaps); }
+        }
+        previous = current;
+    }
 }
 """
 
@@ -66,9 +86,7 @@ def rootfs(server: Server, name: str) -> Path:
     return server.state_dir / "storage-pools/default/containers" / name / "rootfs"
 
 
-WORKLOAD = ("setsid /usr/local/bin/hold {size} </dev/null >/dev/null 2>&1 & "
-            "setsid sh -c 'while true; do read up rest < /proc/uptime; echo $up >> /root/ticks; usleep 10000; "
-            "done' </dev/null >/dev/null 2>&1 &")
+WORKLOAD = "setsid /usr/local/bin/hold {size} </dev/null >/dev/null 2>&1 &"
 
 
 def wait_filled(run: Callable[[str], str], size: int) -> None:
@@ -112,28 +130,27 @@ def criu_floor(server: Server, name: str, scratch: Path) -> tuple[float, float, 
     return dumped - start, restored - dumped, size
 
 
-def longest_gap(ticks: str, since: float) -> float:
-    """The longest pause between two consecutive uptime lines after `since` (pure)."""
-    values = [float(v) for v in ticks.split() if v.replace(".", "", 1).isdigit()]
-    values = [v for v in values if v >= since]
-    return max((b - a for a, b in zip(values, values[1:], strict=False)), default=0.0)
+def longest_gap(gaps: str, since: float) -> float:
+    """The longest pause the helper recorded (lines 'when gap') that ended after `since` (pure)."""
+    found = [line.split() for line in gaps.splitlines()]
+    return max((float(gap) for when, gap in (f for f in found if len(f) == 2) if float(when) >= since), default=0.0)
 
 
-def uptime() -> float:
-    return float(Path("/proc/uptime").read_text().split()[0])
+def wall() -> float:
+    return time.time()
 
 
 def live_move(cli: Cli, name: str, source: str, target: str) -> tuple[float, float, float]:
     """(total seconds of the command, frozen seconds seen from inside, frozen as the source reported)."""
-    before = uptime()
+    before = wall()
     start = time.perf_counter()
     result = subprocess.run([STAPES, "move", f"{source}:{name}", f"{target}:"], env=cli.env(),
                             capture_output=True, text=True, check=True)
     total = time.perf_counter() - start
     reported = float(result.stdout.split("frozen ")[1].split("s")[0])
-    time.sleep(0.3)  # a few ticks after the restore
-    ticks = cli.run("exec", f"{target}:{name}", "--", "cat", "/root/ticks").stdout
-    return total, longest_gap(ticks, before), reported
+    time.sleep(0.3)  # the helper records its pause at its first wake-up after the restore
+    gaps = cli.run("exec", f"{target}:{name}", "--", "cat", "/root/gaps", check=False).stdout
+    return total, longest_gap(gaps, before), reported
 
 
 def incus_moves(scratch: Path, helper: Path, sizes: list[int], repeat: int) -> dict[int, tuple[float, float]]:
@@ -144,7 +161,10 @@ def incus_moves(scratch: Path, helper: Path, sizes: list[int], repeat: int) -> d
     with incus_pair(scratch, config) as (a, b, conf):
         for size in sizes:
             name = f"live{size}"
-            incus_client(conf, a, "launch", "a:busybox", f"a:{name}", "-c", "security.privileged=true")
+            # What Incus needs here to restore a container (BRIEF §5): no console pty on either side, no
+            # AppArmor profile named on a host without AppArmor; privileged (its id-mapped root is not restored).
+            incus_client(conf, a, "launch", "a:busybox", f"a:{name}", "-c", "security.privileged=true",
+                         "-c", "raw.lxc=lxc.console.path = none\nlxc.apparmor.profile =")
             incus_client(conf, a, "file", "push", str(helper), f"a:{name}/usr/local/bin/hold", "--mode", "0755",
                          "--create-dirs")
             incus_client(conf, a, "exec", f"a:{name}", "--", "sh", "-c", WORKLOAD.format(size=size))
@@ -152,13 +172,14 @@ def incus_moves(scratch: Path, helper: Path, sizes: list[int], repeat: int) -> d
                                                              command).stdout, size)
             runs, where = [], ("a", "b")
             for _ in range(repeat):
-                before = uptime()
+                before = wall()
                 start = time.perf_counter()
                 incus_client(conf, a, "move", f"{where[0]}:{name}", f"{where[1]}:")
                 total = time.perf_counter() - start
                 time.sleep(0.3)
-                ticks = incus_client(conf, a, "exec", f"{where[1]}:{name}", "--", "cat", "/root/ticks").stdout
-                runs.append((total, longest_gap(ticks, before)))
+                gaps = incus_client(conf, a, "exec", f"{where[1]}:{name}", "--", "sh", "-c",
+                                    "cat /root/gaps 2>/dev/null; true").stdout
+                runs.append((total, longest_gap(gaps, before)))
                 where = (where[1], where[0])
             found[size] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
             print(json.dumps({"incus_memory_mib": size, "incus_total_s": round(found[size][0], 3),

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +31,7 @@ from stapes.server.instances.criu import CriuSupport, parse_dump_stats
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, MemoryRound, RuntimeState
 from stapes.server.networks.netns import interfaces_in
 
+log = logging.getLogger(__name__)
 _STATES = {
     "RUNNING": StatusCode.RUNNING, "STOPPED": StatusCode.STOPPED, "FROZEN": StatusCode.FROZEN,
     "STARTING": StatusCode.STARTING, "STOPPING": StatusCode.STOPPING, "FREEZING": StatusCode.FREEZING,
@@ -185,7 +188,9 @@ class LxcDriver(InstanceDriver):
 
     async def _mount_root(self, spec: InstanceSpec) -> None:
         if spec.idmap:
+            started = time.monotonic()
             await asyncio.to_thread(idmapped.mount, spec.volume / "rootfs", self._dir(spec) / ROOT_MOUNT, spec.idmap)
+            log.info("id-mapped root of %s mounted in %.3fs", spec.name, time.monotonic() - started)
 
     async def _unmount_root(self, spec: InstanceSpec) -> None:
         await asyncio.to_thread(idmapped.unmount, self._dir(spec) / ROOT_MOUNT)
@@ -317,11 +322,14 @@ class LxcDriver(InstanceDriver):
             config.write_text(f"{_read(self.criu.config_file) if self.criu.config_file else ''}"
                               f"cgroup-root /stapes-{self.server_id}.payload.{spec.runtime_name}\n")
             env["CRIU_CONFIG_FILE"] = str(config)
+        started = time.monotonic()
         with output.open("wb") as sink:
             proc = await process.spawn(self._tool("lxc-checkpoint", spec, "-D", str(state), *args),
                                        stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink, env=env)
         async with process.reaped(proc):
             code = await asyncio.wait_for(proc.wait(), 600)
+        log.info("lxc-checkpoint %s of %s: exit status %d in %.3fs", " ".join(args), spec.name, code,
+                 time.monotonic() - started)
         if stopping:
             await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
         if code != 0:
