@@ -206,3 +206,21 @@ def test_what_the_target_cannot_restore_is_refused_before_anything_stops(cluster
     assert "older than 4.2" in err and "--stateless" in err, err
     _assert_as_it_was(cli, seen, pid, config)
     _assert_nothing_on(s2, cli, "s2")
+
+
+def test_a_move_cancelled_after_the_checkpoint(cluster: Cluster) -> None:
+    s1, s2, cli = _servers(cluster, {"STAPES_PAUSE_AT": "source-after-checkpoint"}, {})
+    seen, pid, config = _running_counter(cli)
+    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "--mode", "push"], env=cli.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for((s1.state_dir / "paused-at-source-after-checkpoint").exists, 30, "the source to checkpoint")
+        source_op = next(op for op in s1.running_operations() if op["description"] == "Migrating instance")
+        s1.api("DELETE", f"/1.0/operations/{source_op['id']}")
+        _, err = move.communicate(timeout=60)
+    finally:
+        if move.poll() is None:
+            move.kill()
+    assert move.returncode != 0, err
+    _assert_as_it_was(cli, seen, pid, config)
+    _assert_nothing_on(s2, cli, "s2")

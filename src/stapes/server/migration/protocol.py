@@ -8,6 +8,7 @@ the one transport that updates an existing copy in place, sending only what chan
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -49,29 +50,29 @@ def parse_header(data: bytes | None, sender: str) -> pb.MigrationHeader:
     return header
 
 
-def parse_control(data: bytes | None, sender: str) -> pb.MigrationControl:
+_Message = TypeVar("_Message", pb.MigrationControl, pb.MigrationSync)
+
+
+def _parse_small(kind: type[_Message], data: bytes | None, sender: str, what: str) -> _Message:
+    """One small protobuf message from the peer, or a ProtocolError saying what was wrong with it."""
     if data is None or len(data) > MAX_CONTROL_MESSAGE:
-        raise ProtocolError(f"Protocol error: the {sender} sent an empty or oversized control message")
+        raise ProtocolError(f"Protocol error: the {sender} sent an empty or oversized {what}")
     try:
-        message: pb.MigrationControl = pb.MigrationControl.FromString(data)
+        message: _Message = kind.FromString(data)
     except (DecodeError, ValueError, RuntimeError) as err:
-        raise ProtocolError(f"Protocol error: the {sender} sent an invalid control message ({err})") from None
+        raise ProtocolError(f"Protocol error: the {sender} sent an invalid {what} ({err})") from None
     if not message.IsInitialized():
-        raise ProtocolError(f"Protocol error: the {sender}'s control message lacks required fields")
+        raise ProtocolError(f"Protocol error: the {sender}'s {what} lacks required fields")
     return message
+
+
+def parse_control(data: bytes | None, sender: str) -> pb.MigrationControl:
+    return _parse_small(pb.MigrationControl, data, sender, "control message")
 
 
 def parse_sync(data: bytes | None, sender: str) -> pb.MigrationSync:
     """The MigrationSync that follows each pre-copy round on the criu channel."""
-    if data is None or len(data) > MAX_CONTROL_MESSAGE:
-        raise ProtocolError(f"Protocol error: the {sender} sent an empty or oversized pre-copy sync message")
-    try:
-        message: pb.MigrationSync = pb.MigrationSync.FromString(data)
-    except (DecodeError, ValueError, RuntimeError) as err:
-        raise ProtocolError(f"Protocol error: the {sender} sent an invalid pre-copy sync message ({err})") from None
-    if not message.IsInitialized():
-        raise ProtocolError(f"Protocol error: the {sender}'s pre-copy sync message lacks required fields")
-    return message
+    return _parse_small(pb.MigrationSync, data, sender, "pre-copy sync message")
 
 
 def check_offer(offer_: pb.MigrationHeader) -> None:

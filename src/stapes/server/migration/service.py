@@ -70,6 +70,19 @@ async def _together(*work: Awaitable[None]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _to_the_end(task: asyncio.Future[Any]) -> bool:
+    """Wait until `task` ended even if we are cancelled meanwhile: CRIU killed in the middle of a dump could
+    leave the container frozen. Returns whether a cancellation arrived (the caller raises it once it has put
+    things back)."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
 @dataclass
 class _Live:
     """One side's part of a live move: the driver that checkpoints or restores, and where the state lives."""
@@ -318,7 +331,12 @@ class MigrationService:
                 await pause_point("source-before-checkpoint", self._paths.root)
                 op.update_metadata(live_stage="checkpoint")
                 started = time.monotonic()
-                await live.driver.checkpoint(live.spec, live.final, parent)
+                checkpoint = asyncio.ensure_future(live.driver.checkpoint(live.spec, live.final, parent))
+                if await _to_the_end(checkpoint):
+                    if checkpoint.exception() is None:
+                        await asyncio.shield(self._resume_source(live))
+                    raise asyncio.CancelledError
+                checkpoint.result()
             except StapesError as err:
                 with contextlib.suppress(Exception):
                     await _send_control(control, False, err.message)
@@ -333,20 +351,22 @@ class MigrationService:
                                 tar_send(live.final, channels["criu"], None))
                 figures["transfer_s"] = round(time.monotonic() - started - figures["checkpoint_s"], 3)
                 await _send_control(control, True)
-                if live.keep_running:
+                if live.keep_running:  # a copy runs here again at once (the target restores meanwhile)
                     resumed = True
-                    await _together(live.driver.finalize_source(live.spec, live.final, resume=True),
-                                    self._target_confirmed(control))
-                else:
-                    await self._target_confirmed(control)
+                    await asyncio.shield(live.driver.finalize_source(live.spec, live.final, resume=True))
+                await self._target_confirmed(control)
             except (StapesError, OSError) as err:
                 reason = err.message if isinstance(err, StapesError) else str(err)
-                if not reason.startswith("The target failed"):
+                if not reason.startswith("The target failed") and not resumed:
                     reason = f"Sending the running state failed: {await _peer_reason(control, err)}"
                     with contextlib.suppress(Exception):
                         await _send_control(control, False, reason)
-                if not resumed:
+                if resumed:  # a copy: it already runs here again (or its own restore failed: that is the error)
+                    raise InternalError(reason) from None
+                try:
                     await asyncio.shield(self._resume_source(live))
+                except StapesError as resume_error:
+                    raise InternalError(f"{reason}; and {resume_error.message}") from None
                 raise InternalError(f"{reason} ({live.spec.name!r} runs on the source again)") from None
             except BaseException:
                 if not resumed:
@@ -376,7 +396,10 @@ class MigrationService:
             started = time.monotonic()
             directory = live.state / f"predump-{len(rounds) + 1}"
             await asyncio.to_thread(directory.mkdir)
-            memory = await live.driver.predump(live.spec, directory, parent)
+            predump = asyncio.ensure_future(live.driver.predump(live.spec, directory, parent))
+            if await _to_the_end(predump):
+                raise asyncio.CancelledError
+            memory = predump.result()
             synced = memory.synced_percent
             await tar_send(directory, criu, None)
             last = not another_precopy_round(live.precopy, len(rounds) + 1, synced)

@@ -64,7 +64,7 @@ class BtrfsSendReceive(Transport):
         await process.run(["btrfs", "filesystem", "sync", str(path.parent)])
         parent = ["-p", str(self._sent[-2])] if len(self._sent) > 1 else []
         proc = await spawn_tool(["btrfs", "send", "-q", *parent, str(frozen)], stdin=asyncio.subprocess.DEVNULL,
-                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
             assert proc.stdout is not None
             await stdout_to_channel(proc.stdout, self.channel, self.progress)
@@ -78,8 +78,8 @@ class BtrfsSendReceive(Transport):
         before = set(path.parent.iterdir())
         try:
             proc = await spawn_tool(["btrfs", "receive", "-q", "--chroot", str(path.parent)],
-                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-                                stderr=asyncio.subprocess.PIPE)
+                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                                    stderr=asyncio.subprocess.PIPE)
             try:
                 assert proc.stdin is not None
                 await channel_to_stdin(self.channel, proc.stdin, self.progress)

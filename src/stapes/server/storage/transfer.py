@@ -27,8 +27,8 @@ TAR_COMMON = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse"]
 
 async def tar_send(path: Path, channel: Channel, progress: Progress | None) -> None:
     proc = await spawn_tool(["tar", "-C", str(path), "-cf", "-", *TAR_COMMON, "--one-file-system", "."],
-                               stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                               stderr=asyncio.subprocess.PIPE)
+                            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                            stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
         await stdout_to_channel(proc.stdout, channel, progress)
@@ -39,9 +39,9 @@ async def tar_send(path: Path, channel: Channel, progress: Progress | None) -> N
 
 async def tar_receive(path: Path, channel: Channel, progress: Progress | None) -> None:
     proc = await spawn_tool(["tar", "-C", str(path), "-xf", "-", *TAR_COMMON, "--same-permissions",
-                                "--same-owner"],
-                               stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-                               stderr=asyncio.subprocess.PIPE)
+                            "--same-owner"],
+                            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdin is not None
         await channel_to_stdin(channel, proc.stdin, progress)
@@ -74,7 +74,7 @@ async def rsync_send(path: Path, channel: Channel, progress: Progress | None, fe
             *_rsync_feature_args(features), f"{path}/", "localhost:/tmp/foo", "-e", shell]
     try:
         proc = await spawn_tool(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                            stderr=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),))
+                                stderr=asyncio.subprocess.PIPE, pass_fds=(theirs.fileno(),))
     finally:
         theirs.close()
     try:
@@ -106,7 +106,7 @@ async def rsync_receive(path: Path, channel: Channel, progress: Progress | None,
     argv = ["rsync", "--server", "-vlogDtpre.iLsfx", "--numeric-ids", "--devices", "--partial", "--sparse",
             "--modify-window=-1", *_rsync_feature_args(features), ".", str(path)]
     proc = await spawn_tool(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                               stderr=asyncio.subprocess.PIPE)
+                            stderr=asyncio.subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     sending = asyncio.create_task(stdout_to_channel(proc.stdout, channel, None))
     try:
