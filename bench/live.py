@@ -99,8 +99,9 @@ def wait_filled(run: Callable[[str], str], size: int) -> None:
     raise RuntimeError("the memory helper never filled its memory")
 
 
-def prepare(cli: Cli, server: Server, remote: str, name: str, size: int, helper: Path, privileged: bool) -> None:
-    args = ["-c", "security.privileged=true"] if privileged else []
+def prepare(cli: Cli, server: Server, remote: str, name: str, size: int, helper: Path, privileged: bool,
+            lazy: bool = False) -> None:
+    args = (["-c", "security.privileged=true"] if privileged else []) + (["-c", "migration.lazy=true"] if lazy else [])
     cli.run("launch", f"{remote}:busybox", name, "-q", *args)
     target = rootfs(server, name) / "usr/local/bin/hold"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="64,256")
     parser.add_argument("--privileged", action="store_true", help="privileged containers (default: unprivileged)")
     parser.add_argument("--incus", action="store_true", help="also move the same containers between two Incus servers")
+    parser.add_argument("--lazy", action="store_true", help="the moved containers use lazy pages (post-copy)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="stapes-bench-live-", dir="/var/tmp"))
     helper = build_helper(scratch)
@@ -208,7 +210,7 @@ def main() -> None:
         for size in sizes:
             floor_name, moved = f"floor{size}", f"live{size}"
             prepare(cli, s1, "s1", floor_name, size, helper, args.privileged)
-            prepare(cli, s1, "s1", moved, size, helper, args.privileged)
+            prepare(cli, s1, "s1", moved, size, helper, args.privileged, args.lazy)
             floors, moves = [], []
             where = ("s1", "s2")
             for _ in range(args.repeat):  # interleaved: the floor, then a move, on the same machine state

@@ -28,6 +28,13 @@ version_ok() {  # version_ok BINARY: at least 4.2 and `criu check` passes
     "$bin" check >/dev/null 2>&1
 }
 
+# Lazy pages (post-copy moves) splice memory through pipes of 4 MiB; the kernel's default cap is 1 MiB.
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
+    echo "fs.pipe-max-size = 4194304" > /etc/sysctl.d/60-stapes-criu.conf
+    sysctl -q -w fs.pipe-max-size=4194304
+    echo "setup-criu: raised fs.pipe-max-size to 4 MiB for CRIU's lazy pages (/etc/sysctl.d/60-stapes-criu.conf)"
+fi
+
 if [ -x "$PREFIX/sbin/criu" ] && [ "$(cat "$PREFIX/BUILD" 2>/dev/null)" = "$STAMP" ] && version_ok "$PREFIX/sbin/criu"
 then
     echo "setup-criu: CRIU $STAMP ready in $PREFIX/sbin/criu"

@@ -137,8 +137,8 @@ def _servers(cluster: Cluster, s1_env: dict[str, str], s2_env: dict[str, str]) -
     return s1, s2, cli
 
 
-def _running_counter(cli: Cli) -> tuple[int, int, dict[str, str]]:
-    cli.run("launch", "s1:busybox", "c1", "-q")
+def _running_counter(cli: Cli, *config: str) -> tuple[int, int, dict[str, str]]:
+    cli.run("launch", "s1:busybox", "c1", "-q", *(arg for key in config for arg in ("-c", key)))
     seen, pid = _start_counter(cli, "s1:c1")
     return seen, pid, cli.json("list", "s1:")[0]["config"]
 
@@ -160,9 +160,12 @@ def test_what_criu_cannot_checkpoint_keeps_running_on_the_source(cluster: Cluste
     _assert_nothing_on(s2, cli, "s2")
 
 
-def test_a_failed_restore_leaves_it_running_on_the_source(cluster: Cluster) -> None:
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_failed_restore_leaves_it_running_on_the_source(cluster: Cluster, lazy: bool) -> None:
+    """Lazy: the target fails after its restore, before it confirmed: the source stops CRIU, which lets the
+    container go on with its memory untouched (no restore needed)."""
     s1, s2, cli = _servers(cluster, {}, {"STAPES_FAIL_AT": "target-before-commit"})
-    seen, pid, config = _running_counter(cli)
+    seen, pid, config = _running_counter(cli, *(["migration.lazy=true", "security.privileged=true"] if lazy else []))
     err = cli.fails("move", "s1:c1", "s2:", "--mode", "push")
     assert "on purpose" in err and "runs on the source again" in err, err
     _assert_as_it_was(cli, seen, pid, config)
@@ -224,3 +227,24 @@ def test_a_move_cancelled_after_the_checkpoint(cluster: Cluster) -> None:
     assert move.returncode != 0, err
     _assert_as_it_was(cli, seen, pid, config)
     _assert_nothing_on(s2, cli, "s2")
+
+
+def test_lazy_pages_restore_first_and_bring_the_memory_after(s1: Server, s2: Server, two: Cli) -> None:
+    """migration.lazy: the target restores the container before its memory arrives (post-copy); the loop
+    goes on, its pages fetched on demand, and the source ends once all of them were taken."""
+    support = s1.api("GET", "/1.0")["environment"]["live_migration"]["container"]
+    assert support["lazy_pages"], support["lazy_pages_reason"]
+    # Unprivileged, it needs userfaultfd in its user namespace, which this host does not allow: refused first.
+    two.run("launch", "s1:busybox", "u1", "-q", "-c", "migration.lazy=true")
+    err = two.fails("move", "s1:u1", "s2:")
+    assert "vm.unprivileged_userfaultfd" in err, err
+    assert [i["status"] for i in two.json("list", "s1:")] == ["Running"]
+    two.run("delete", "s1:u1", "--force")
+    two.run("launch", "s1:busybox", "c1", "-q", "-c", "migration.lazy=true", "-c", "security.privileged=true")
+    seen, pid = _start_counter(two, "s1:c1")
+    for mode, source, target in (("pull", "s1", "s2"), ("relay", "s2", "s1")):
+        out = two.run("move", f"{source}:c1", f"{target}:", "--mode", mode).stdout
+        assert "live: frozen" in out, out
+        assert two.json("list", f"{source}:") == []
+        seen = _assert_counted_on(two, f"{target}:c1", seen, pid)
+    _assert_nothing_on(s2, two, "s2")

@@ -158,3 +158,9 @@ def test_the_server_info_line() -> None:
     assert live_summary({"available": False, "reason": "CRIU is not installed"}) == "no: CRIU is not installed"
     assert live_summary({"available": True, "version": "4.2.1", "incremental_memory": False}) == (
         "yes (CRIU 4.2.1, no pre-copy (no soft-dirty tracking))")
+
+
+def test_a_lazy_offer_says_so() -> None:
+    offer = protocol.offer_header(["tar-stream"], refresh=False, total_bytes=1, live=True, lazy=True)
+    assert offer.stapesLazy and protocol.live_offered(offer)
+    assert not protocol.offer_header(["tar-stream"], refresh=False, total_bytes=1, live=True).stapesLazy

@@ -102,6 +102,8 @@ INSTANCE_KEYS: dict[str, Key] = {
     "migration.incremental.memory": Key(check_bool, "Use CRIU memory pre-copy for live moves", "false"),
     "migration.incremental.memory.goal": Key(check_int(1, 100), "Pre-copy goal, in percent synced", "70"),
     "migration.incremental.memory.iterations": Key(check_int(1, 999), "Pre-copy rounds at most", "10"),
+    "migration.lazy": Key(check_bool, "Live moves: restore at once, memory on demand after (CRIU lazy pages; a "
+                          "link lost before all memory arrived loses the instance)", "false"),
 }
 # Incus keys that only tune what Stapes does not do (snapshot schedules, boot ordering, first-boot data):
 # kept as they are, without effect here, so an instance moved from Incus and back keeps them. Keys that

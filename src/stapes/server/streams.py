@@ -16,7 +16,7 @@ import contextlib
 import fcntl
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,3 +245,47 @@ async def kill(tool: Tool) -> None:
     if tool.stderr is not None:
         tool.stderr.cancel()
     process.forget(tool.proc)
+
+
+async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: Channel, *,
+                 before_peer_end: Callable[[], Awaitable[None]] | None = None) -> None:
+    """A TCP connection carried over a migration channel, both ways; each direction ends with a barrier.
+    `before_peer_end` runs when the far side has ended, before our socket is told."""
+
+    async def outgoing() -> None:
+        while chunk := await reader.read(CHUNK):
+            await channel.send(chunk)
+        await channel.barrier()
+
+    async def incoming() -> None:
+        try:
+            async for chunk in channel.stream():
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            if before_peer_end is not None:
+                await asyncio.shield(before_peer_end())
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write_eof()
+
+    try:
+        await asyncio.gather(outgoing(), incoming())
+    finally:
+        writer.close()
+
+
+def listening(port: int) -> bool:
+    """Something listens on 127.0.0.1:`port` (read from /proc/net/tcp: connecting would take the one
+    connection the listener accepts)."""
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        return any(line.split()[1] == wanted and line.split()[3] == "0A" for line in list(table)[1:])
+
+
+async def wait_listening(port: int, task: asyncio.Future[Any], what: str) -> None:
+    """Until a listener on `port` appears, or `task` (the tool that is to open it) ends first."""
+    while not await asyncio.to_thread(listening, port):
+        if task.done():
+            task.result()
+            raise InternalError(f"{what} ended without opening its port")
+        await asyncio.sleep(0.01)

@@ -130,10 +130,16 @@ class InstanceDriver(ABC):
         round; the instance keeps running."""
         raise NotImplementedError
 
-    async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None) -> None:
+    def lazy_refusal(self, spec: InstanceSpec) -> str | None:
+        """None when the memory can follow the restore on demand (post-copy); otherwise why not."""
+        return "this driver cannot send memory after the restore"
+
+    async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None,
+                         lazy_port: int | None = None) -> None:
         """Source: write the running state into the empty directory `state` (only what changed since the
         pre-copy round in `parent`); the instance stops with it (its files then hold still for the last sync).
-        A failed checkpoint leaves it running."""
+        A failed checkpoint leaves it running. `lazy_port`: everything but the memory, which is then served on
+        127.0.0.1:lazy_port until the target has all of it; only then does this return."""
         raise NotImplementedError
 
     async def finalize_source(self, spec: InstanceSpec, state: Path, *, resume: bool) -> None:
@@ -141,8 +147,17 @@ class InstanceDriver(ABC):
         or a copy); otherwise it moved, and what it left here is cleaned up."""
         raise NotImplementedError
 
-    async def restore(self, spec: InstanceSpec, state: Path) -> None:
-        """Target: run the defined instance from the state the source checkpointed."""
+    async def restore(self, spec: InstanceSpec, state: Path, lazy_port: int | None = None) -> None:
+        """Target: run the defined instance from the state the source checkpointed. `lazy_port`: its memory
+        comes from the page server on 127.0.0.1:lazy_port, on demand."""
+        raise NotImplementedError
+
+    async def abort_checkpoint(self, spec: InstanceSpec) -> None:
+        """Source: stop a lazy checkpoint whose target never took the memory; the instance runs on here."""
+        raise NotImplementedError
+
+    async def memory_arrived(self, spec: InstanceSpec) -> None:
+        """Target, after a lazy restore: returns once all the memory is here."""
         raise NotImplementedError
 
     async def finalize_target(self, spec: InstanceSpec, *, success: bool) -> None:

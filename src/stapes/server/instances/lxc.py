@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -160,6 +161,8 @@ class LxcDriver(InstanceDriver):
         self._all_states = Coalesced(self._list_states)
         self._apparmor = host_apparmor()
         self.criu = CriuSupport(None, "", "CRIU was not probed yet")
+        self._lazy: dict[str, asyncio.subprocess.Process] = {}  # lazy-pages daemons feeding restored containers
+        self._dumping: dict[str, asyncio.subprocess.Process] = {}  # checkpoints in progress
 
     def use_criu(self, support: CriuSupport) -> None:
         """What the daemon's probe at start found."""
@@ -308,9 +311,9 @@ class LxcDriver(InstanceDriver):
                     "4.2.1 fails on it): run 'make install' on the target to build the CRIU Stapes patches")
         return None
 
-    async def _checkpoint_tool(self, spec: InstanceSpec, state: Path, *args: str) -> None:
+    async def _checkpoint_tool(self, spec: InstanceSpec, state: Path, *args: str, config: str = "") -> None:
         """lxc-checkpoint, its output to a file: a restored container's monitor inherits the tool's stdout and
-        stderr, so pipes would never reach end-of-file."""
+        stderr, so pipes would never reach end-of-file. `config`: CRIU options for this run only."""
         restoring, stopping = "-r" in args, "-s" in args
         await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
         output = state / ("lxc-restore.out" if restoring else "lxc-dump.out")
@@ -318,16 +321,24 @@ class LxcDriver(InstanceDriver):
         if restoring:
             # liblxc maps the v1 controllers' cgroups to this server's names, not the unified hierarchy's: CRIU
             # would put the processes back into the source server's cgroup path (on one host, a live one).
-            config = state / "criu-restore.conf"
-            config.write_text(f"{_read(self.criu.config_file) if self.criu.config_file else ''}"
-                              f"cgroup-root /stapes-{self.server_id}.payload.{spec.runtime_name}\n")
-            env["CRIU_CONFIG_FILE"] = str(config)
+            config += f"cgroup-root /stapes-{self.server_id}.payload.{spec.runtime_name}\n"
+        if config:
+            path = state / f"criu-{'restore' if restoring else 'dump'}.conf"
+            path.write_text(f"{_read(self.criu.config_file) if self.criu.config_file else ''}{config}")
+            env["CRIU_CONFIG_FILE"] = str(path)
         started = time.monotonic()
         with output.open("wb") as sink:
+            # A process group of its own: abort_checkpoint() reaches CRIU, liblxc's child, with it.
             proc = await process.spawn(self._tool("lxc-checkpoint", spec, "-D", str(state), *args),
-                                       stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink, env=env)
-        async with process.reaped(proc):
-            code = await asyncio.wait_for(proc.wait(), 600)
+                                       stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
+                                       start_new_session=True)
+        if stopping:
+            self._dumping[spec.runtime_name] = proc
+        try:
+            async with process.reaped(proc):
+                code = await asyncio.wait_for(proc.wait(), 3600)
+        finally:
+            self._dumping.pop(spec.runtime_name, None)
         log.info("lxc-checkpoint %s of %s: exit status %d in %.3fs", " ".join(args), spec.name, code,
                  time.monotonic() - started)
         if stopping:
@@ -340,6 +351,15 @@ class LxcDriver(InstanceDriver):
     def precopy_refusal(self) -> str | None:
         return self.criu.refusal or self.criu.dirty_tracking_refusal
 
+    def lazy_refusal(self, spec: InstanceSpec) -> str | None:
+        refusal = self.criu.refusal or self.criu.lazy_refusal
+        if refusal is None and spec.idmap and _read(Path("/proc/sys/vm/unprivileged_userfaultfd")).strip() != "1":
+            # CRIU's restorer opens the userfaultfd inside the container's user namespace.
+            refusal = ("an unprivileged container's restore needs userfaultfd inside its user namespace, which this "
+                       "host allows only with vm.unprivileged_userfaultfd=1 (for every user of the host: a choice "
+                       "for its administrator); or run it privileged (security.privileged=true)")
+        return refusal
+
     async def predump(self, spec: InstanceSpec, state: Path, parent: Path | None) -> MemoryRound:
         previous = [f"--predump-dir=../{parent.name}"] if parent is not None else []
         try:
@@ -351,10 +371,14 @@ class LxcDriver(InstanceDriver):
                 from None
         return MemoryRound(stats.pages_written, stats.pages_skipped_parent)
 
-    async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None) -> None:
+    async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None,
+                         lazy_port: int | None = None) -> None:
         previous = [f"--predump-dir=../{parent.name}"] if parent is not None else []
+        # Lazy: CRIU writes everything but the memory, then serves the memory on 127.0.0.1:lazy_port until the
+        # target took all of it, and only then ends (and the container with it).
+        lazy = f"lazy-pages\naddress 127.0.0.1\nport {lazy_port}\n" if lazy_port is not None else ""
         try:
-            await self._checkpoint_tool(spec, state, "-s", *previous)
+            await self._checkpoint_tool(spec, state, "-s", *previous, config=lazy)
         except InternalError as err:
             raise InternalError(f"CRIU could not checkpoint {spec.name!r} (it keeps running here): {err.message}") \
                 from None
@@ -371,17 +395,59 @@ class LxcDriver(InstanceDriver):
                                 f"'stapes start {spec.name}' boots it afresh") from None
         await self._mark_started(spec)
 
-    async def restore(self, spec: InstanceSpec, state: Path) -> None:
+    async def restore(self, spec: InstanceSpec, state: Path, lazy_port: int | None = None) -> None:
         await self._mount_root(spec)
         try:
-            await self._checkpoint_tool(spec, state, "-r")
+            if lazy_port is not None:
+                await self._start_lazy_pages(spec, state, lazy_port)
+            await self._checkpoint_tool(spec, state, "-r", config="lazy-pages\n" if lazy_port is not None else "")
         except InternalError as err:
             raise InternalError(f"CRIU could not restore {spec.name!r} here: {err.message}") from None
         await self._mark_started(spec)
 
+    async def _start_lazy_pages(self, spec: InstanceSpec, state: Path, port: int) -> None:
+        """CRIU's lazy-pages daemon: it feeds the restored container's memory from the page server it reaches
+        on 127.0.0.1:port (the migration's tunnel to the source), on demand and then in the background."""
+        assert self.criu.binary is not None
+        log_file = (state / "lazy-pages.out").open("wb")
+        try:
+            proc = await process.spawn(
+                [str(self.criu.binary), "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
+                 "-D", str(state), "-o", "lazy-pages.log"], stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                stderr=log_file, env=self.criu.environment())
+        finally:
+            log_file.close()
+        self._lazy[spec.runtime_name] = proc
+
+    async def abort_checkpoint(self, spec: InstanceSpec) -> None:
+        """SIGTERM to CRIU while its lazy dump waits for the target: the dump fails and CRIU lets the
+        container run on (it still holds all its memory)."""
+        proc = self._dumping.get(spec.runtime_name)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+
+    async def memory_arrived(self, spec: InstanceSpec) -> None:
+        proc = self._lazy.get(spec.runtime_name)
+        if proc is None:
+            return
+        try:
+            code = await proc.wait()
+        finally:
+            self._lazy.pop(spec.runtime_name, None)
+            process.forget(proc)
+        if code != 0:
+            raise InternalError(f"The memory of {spec.name!r} did not all arrive (CRIU lazy-pages exit status {code})")
+
     async def finalize_target(self, spec: InstanceSpec, *, success: bool) -> None:
         if success:
             return
+        lazy = self._lazy.pop(spec.runtime_name, None)
+        if lazy is not None and lazy.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                lazy.kill()
+            await lazy.wait()
+            process.forget(lazy)
         if (await self.state(spec, detail=False)).status != StatusCode.STOPPED:
             await process.run(self._tool("lxc-stop", spec, "-k"), check=False, timeout=60)
         await self._unmount_root(spec)

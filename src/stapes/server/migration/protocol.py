@@ -179,8 +179,8 @@ def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotR
 
 
 def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
-                 snapshots: Sequence[SnapshotRow] = (), live: bool = False, predump: bool = False
-                 ) -> pb.MigrationHeader:
+                 snapshots: Sequence[SnapshotRow] = (), live: bool = False, predump: bool = False,
+                 lazy: bool = False) -> pb.MigrationHeader:
     """`fs` says rsync: an Incus receiver reads only that field and would expect its own btrfs stream format
     for BTRFS, which Stapes's btrfs transport is not; Stapes receivers read `stapesTransports`. A stopped
     instance says no `criu` (to Incus, CRIU type NONE means a running instance, whose volume follows a second
@@ -197,6 +197,7 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
     if live:
         header.criu = pb.CRIU_RSYNC
         header.predump = predump
+        header.stapesLazy = lazy
     return header
 
 

@@ -22,12 +22,14 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stapes.api.config_keys import is_true
 from stapes.api.errors import BadRequest, InternalError, NotFound, StapesError
 from stapes.api.requests import InstanceSource, MigrationTarget
 from stapes.api.status import StatusCode
@@ -47,7 +49,7 @@ from stapes.server.storage.base import PoolDriver, Volume
 from stapes.server.storage.service import open_transport
 from stapes.server.storage.transfer import Transport, rsync_receive, rsync_send, tar_receive, tar_send
 from stapes.server.store.db import InstanceRow, SnapshotRow
-from stapes.server.streams import IDLE_TIMEOUT, Channel, ChannelClosed, idle_timeout
+from stapes.server.streams import IDLE_TIMEOUT, Channel, ChannelClosed, idle_timeout, tunnel, wait_listening
 
 log = logging.getLogger(__name__)
 CHANNELS = ("control", "fs")
@@ -92,6 +94,7 @@ class _Live:
     state: Path  # the working directory: predump-<n>/ for each pre-copy round, final/ for the checkpoint
     keep_running: bool = False  # source: a copy, running here again once its state is sent
     precopy: PrecopySettings = PrecopySettings(enabled=False, goal=0, iterations=0)
+    lazy: bool = False  # post-copy: the memory follows the restore, on demand (CRIU lazy pages)
 
     @property
     def final(self) -> Path:
@@ -260,8 +263,13 @@ class MigrationService:
             pool = await self._instances.pool_of(spec)
             snapshots = [] if instance_only else await self._instances.snapshots(project, name)
             sendable = tuple(t for t in pool.migration_transports if transport in (None, t))
-            state = _Live(self._instances.driver(row.type), spec, self._paths.migrations / op.id,
-                          keep_running=keep_running, precopy=self._precopy_settings(op, row, spec)) if live else None
+            driver = self._instances.driver(row.type)
+            lazy = live and not keep_running and is_true(spec.config.get("migration.lazy"))
+            if lazy and (refusal := driver.lazy_refusal(spec)) is not None:
+                raise BadRequest(f"Instance {name!r} has migration.lazy=true, but {refusal}: unset it to move it "
+                                 "with its memory")
+            state = _Live(driver, spec, self._paths.migrations / op.id, keep_running=keep_running,
+                          precopy=self._precopy_settings(op, row, spec), lazy=lazy) if live else None
             async with self._channels(op, target, "target", channel_names(live)) as channels:
                 await self._send(op, channels, Volume.of(row.type, project, name), pool, sendable, snapshots, state)
                 op.settle()
@@ -286,7 +294,8 @@ class MigrationService:
         paths = {s.name: pool.snapshot_path(instance_volume, s.name) for s in snapshots}
         total = await _volume_bytes(volume) + sum([await _volume_bytes(p) for p in paths.values()])
         header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots,
-                                       live=live is not None, predump=live is not None and live.precopy.enabled)
+                                       live=live is not None, predump=live is not None and live.precopy.enabled,
+                                       lazy=live is not None and live.lazy)
         await pause_point("source-before-header", self._paths.root)
         await control.send(header.SerializeToString())
         answer = protocol.parse_header(await control.receive(), "target")
@@ -309,6 +318,9 @@ class MigrationService:
         finally:
             await asyncio.shield(sender.close())
         progress.finish()
+        if live is not None and live.lazy:
+            await self._send_lazy_state(op, channels, volume, features, live)
+            return
         if live is not None:
             await self._send_state(op, channels, volume, features, live)
             return
@@ -379,6 +391,73 @@ class MigrationService:
         finally:
             await asyncio.to_thread(shutil.rmtree, live.state, True)
 
+    async def _send_lazy_state(self, op: Operation, channels: dict[str, Channel], volume: Path,
+                               features: list[str], live: _Live) -> None:
+        """Post-copy: CRIU dumps everything but the memory and serves the memory on a local port; that state and
+        what changed in the volume go to the target, which restores at once; then the memory flows through the
+        `criu` channel (a tunnel to CRIU's port) as the target asks for it. Until the target confirmed, a
+        failure stops CRIU and the container runs on here, its memory untouched; after, a broken link loses
+        it (the documented risk of migration.lazy)."""
+        control, criu = channels["control"], channels["criu"]
+        await asyncio.to_thread(live.final.mkdir, parents=True)
+        port = free_local_port()
+        started = time.monotonic()
+        op.update_metadata(live_stage="checkpoint")
+        checkpoint = asyncio.ensure_future(live.driver.checkpoint(live.spec, live.final, None, lazy_port=port))
+        confirmed = False
+
+        async def abort() -> None:
+            await live.driver.abort_checkpoint(live.spec)
+            await asyncio.gather(checkpoint, return_exceptions=True)
+
+        async def before_target_gone() -> None:
+            if not confirmed:  # the target went away before it restored: CRIU must not take that for "all sent"
+                await abort()
+
+        try:
+            try:
+                await wait_listening(port, checkpoint, "CRIU's lazy dump")
+            except StapesError as err:
+                with contextlib.suppress(Exception):
+                    await _send_control(control, False, err.message)
+                raise
+            figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3),
+                                       "state_bytes": await _volume_bytes(live.final), "lazy": True}
+            op.update_metadata(live_stage="transfer", live=figures)
+            await pause_point("source-after-checkpoint", self._paths.root)
+            await _together(rsync_send(volume, channels["fs"], None, [*features, "delete"]),
+                            tar_send(live.final, criu, None))
+            await _send_control(control, True)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            pages = asyncio.ensure_future(tunnel(reader, writer, criu, before_peer_end=before_target_gone))
+            try:
+                await self._target_confirmed(control)
+            except BaseException:
+                pages.cancel()
+                raise
+            confirmed = True
+            figures["frozen_s"] = round(time.monotonic() - started, 3)
+            op.update_metadata(live_stage="memory", live=figures)
+        except (StapesError, OSError) as err:
+            await asyncio.shield(abort())
+            reason = err.message if isinstance(err, StapesError) else str(err)
+            raise InternalError(f"{reason} ({live.spec.name!r} runs on the source again: CRIU let it go on)") \
+                from None
+        except BaseException:
+            await asyncio.shield(abort())
+            raise
+        try:
+            await _together(pages, checkpoint)
+        except (StapesError, OSError) as err:
+            reason = err.message if isinstance(err, StapesError) else str(err)
+            raise InternalError(f"The link broke while the memory of {live.spec.name!r} was moving (lazy pages): "
+                                f"{reason}; the container is lost") from None
+        finally:
+            await asyncio.to_thread(shutil.rmtree, live.state, True)
+        figures["memory_s"] = round(time.monotonic() - started - figures["frozen_s"], 3)
+        op.update_metadata(live_stage="done", live=figures)
+        await live.driver.finalize_source(live.spec, live.final, resume=False)
+
     @staticmethod
     async def _target_confirmed(control: Channel) -> None:
         result = await _receive_control(control)
@@ -424,14 +503,14 @@ class MigrationService:
         async with self._sink_channels(op, source) as channels:
             control = channels["control"]
             live = _Live(self._instances.driver(row.type), await self._instances.spec(row),
-                         self._paths.migrations / op.id) if source.live else None
+                         self._paths.migrations / op.id) if source.live else None  # lazy: from the offer
 
             async def fill(volume: Path) -> None:
                 await self._receive(op, channels, row, volume, refresh=False, live=live)
 
             async def confirm() -> None:
                 if live is not None:
-                    await self._restore(op, control, row, live)
+                    await self._restore(op, channels, row, live)
                     return
                 await pause_point("target-before-commit", self._paths.root)
                 await _send_control(control, True)
@@ -444,20 +523,45 @@ class MigrationService:
             op.settle()
             await _source_finished(control)
 
-    async def _restore(self, op: Operation, control: Channel, row: InstanceRow, live: _Live) -> None:
+    async def _restore(self, op: Operation, channels: dict[str, Channel], row: InstanceRow, live: _Live) -> None:
         """The instance is defined; run it from the source's state and confirm. Whatever fails after the
         restore began stops it again (create_with then removes the rest)."""
+        control = channels["control"]
         spec = await self._instances.spec(row)
         op.update_metadata(live_stage="restore")
         started = time.monotonic()
+        pages: list[asyncio.Future[None]] = []
+        server: asyncio.Server | None = None
         try:
-            await live.driver.restore(spec, live.final)
+            port = None
+            if live.lazy:  # CRIU's lazy-pages daemon reaches the source's CRIU through this port and the tunnel
+
+                async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                    if pages:  # one connection only
+                        writer.close()
+                        return
+                    pages.append(asyncio.ensure_future(tunnel(reader, writer, channels_criu)))
+
+                channels_criu = channels["criu"]
+                server = await asyncio.start_server(connected, "127.0.0.1", 0)
+                port = server.sockets[0].getsockname()[1]
+            await live.driver.restore(spec, live.final, lazy_port=port)
             row.config["volatile.last_state.power"] = "RUNNING"
             await pause_point("target-before-commit", self._paths.root)
             await _send_control(control, True)
+            if live.lazy:
+                op.update_metadata(live_stage="memory")
+                if not pages:
+                    raise InternalError("CRIU's lazy-pages daemon never reached the source")
+                await _together(pages[0], live.driver.memory_arrived(spec))
         except BaseException:
+            for task in pages:
+                task.cancel()
             await asyncio.shield(live.driver.finalize_target(spec, success=False))
             raise
+        finally:
+            if server is not None:
+                server.close()
         await live.driver.finalize_target(spec, success=True)
         op.update_metadata(live_stage="done", live={"restore_s": round(time.monotonic() - started, 3)})
 
@@ -564,8 +668,11 @@ class MigrationService:
         protocol.check_live(offer, live is not None)
         if live is not None:
             refusal = await live.driver.accept_refusal(live.spec)
+            if refusal is None and offer.stapesLazy:
+                refusal = live.driver.lazy_refusal(live.spec)
             if refusal is not None:
                 raise BadRequest(f"This server cannot take {row.name!r} live: {refusal}")
+            live.lazy = offer.stapesLazy
         for snap in offer.snapshots:  # a snapshot must stay restorable here: its profiles must exist
             protocol.check_snapshot_raw_keys(snap, row.config)
             for profile in snap.profiles:
@@ -611,3 +718,10 @@ class MigrationService:
             await asyncio.gather(said, transfer, return_exceptions=True)
             await asyncio.shield(receiver.close())
         progress.finish()
+
+
+def free_local_port() -> int:
+    """A free TCP port on 127.0.0.1 for a tool of ours to listen on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
