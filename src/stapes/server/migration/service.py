@@ -398,6 +398,13 @@ class MigrationService:
         `criu` channel (a tunnel to CRIU's port) as the target asks for it. Until the target confirmed, a
         failure stops CRIU and the container runs on here, its memory untouched; after, a broken link loses
         it (the documented risk of migration.lazy)."""
+        try:
+            await self._send_lazy_state_in(op, channels, volume, features, live)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, live.state, True)
+
+    async def _send_lazy_state_in(self, op: Operation, channels: dict[str, Channel], volume: Path,
+                                  features: list[str], live: _Live) -> None:
         control, criu = channels["control"], channels["criu"]
         await asyncio.to_thread(live.final.mkdir, parents=True)
         port = free_local_port()
@@ -452,8 +459,6 @@ class MigrationService:
             reason = err.message if isinstance(err, StapesError) else str(err)
             raise InternalError(f"The link broke while the memory of {live.spec.name!r} was moving (lazy pages): "
                                 f"{reason}; the container is lost") from None
-        finally:
-            await asyncio.to_thread(shutil.rmtree, live.state, True)
         figures["memory_s"] = round(time.monotonic() - started - figures["frozen_s"], 3)
         op.update_metadata(live_stage="done", live=figures)
         await live.driver.finalize_source(live.spec, live.final, resume=False)
