@@ -173,6 +173,45 @@ async def channel_to_stdin(channel: Channel, stdin: asyncio.StreamWriter, progre
             stdin.close()
 
 
+async def channel_to_socket(channel: Channel, writer: asyncio.StreamWriter, *,
+                            before_end: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Messages up to the next barrier written to a socket, whose sending half is then closed; `before_end`
+    runs first (shielded) once the stream has ended, however it ended."""
+    try:
+        async for chunk in channel.stream():
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        if before_end is not None:
+            await asyncio.shield(before_end())
+        with contextlib.suppress(Exception):
+            writer.write_eof()
+
+
+async def tool_to_channel(argv: list[str], channel: Channel, progress: Progress | None, what: str) -> None:
+    """A tool's output sent as one stream; the tool is killed and reaped whatever happens."""
+    proc = await spawn_tool(argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                            stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        await stdout_to_channel(proc.stdout, channel, progress)
+        await finish(proc, what)
+    finally:
+        await kill(proc)
+
+
+async def channel_to_tool(argv: list[str], channel: Channel, progress: Progress | None, what: str) -> None:
+    """One stream fed to a tool's input; the tool is killed and reaped whatever happens."""
+    proc = await spawn_tool(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+                            stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdin is not None
+        await channel_to_stdin(channel, proc.stdin, progress)
+        await finish(proc, what)
+    finally:
+        await kill(proc)
+
+
 STDERR_KEEP = 64 * 1024
 
 
@@ -252,24 +291,9 @@ async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cha
     """A TCP connection carried over a migration channel, both ways; each direction ends with a barrier.
     `before_peer_end` runs when the far side has ended, before our socket is told."""
 
-    async def outgoing() -> None:
-        while chunk := await reader.read(CHUNK):
-            await channel.send(chunk)
-        await channel.barrier()
-
-    async def incoming() -> None:
-        try:
-            async for chunk in channel.stream():
-                writer.write(chunk)
-                await writer.drain()
-        finally:
-            if before_peer_end is not None:
-                await asyncio.shield(before_peer_end())
-        with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof()
-
     try:
-        await asyncio.gather(outgoing(), incoming())
+        await asyncio.gather(stdout_to_channel(reader, channel, None),
+                             channel_to_socket(channel, writer, before_end=before_peer_end))
     finally:
         writer.close()
 

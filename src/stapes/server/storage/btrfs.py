@@ -24,7 +24,7 @@ from stapes.server import process
 from stapes.server.progress import Progress
 from stapes.server.storage.base import TUNABLE_KEYS, PoolDriver, Volume, check_tunables
 from stapes.server.storage.transfer import Rsync, TarStream, Transport
-from stapes.server.streams import Channel, channel_to_stdin, finish, kill, spawn_tool, stdout_to_channel
+from stapes.server.streams import Channel, channel_to_tool, tool_to_channel
 
 DEFAULT_SIZE = "5GiB"
 
@@ -63,29 +63,16 @@ class BtrfsSendReceive(Transport):
         # `send -p` finds the parent through the UUID tree, which a new snapshot joins only at commit.
         await process.run(["btrfs", "filesystem", "sync", str(path.parent)])
         parent = ["-p", str(self._sent[-2])] if len(self._sent) > 1 else []
-        proc = await spawn_tool(["btrfs", "send", "-q", *parent, str(frozen)], stdin=asyncio.subprocess.DEVNULL,
-                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            assert proc.stdout is not None
-            await stdout_to_channel(proc.stdout, self.channel, self.progress)
-            await finish(proc, "Sending the files (btrfs send)")
-        finally:
-            await kill(proc)
+        await tool_to_channel(["btrfs", "send", "-q", *parent, str(frozen)], self.channel, self.progress,
+                              "Sending the files (btrfs send)")
 
     async def receive(self, path: Path, *, snapshot: bool) -> None:
         # Received into the final directory: a read-only subvolume cannot move to another directory later.
         # --chroot: whatever paths the stream names, it writes below this directory only.
         before = set(path.parent.iterdir())
         try:
-            proc = await spawn_tool(["btrfs", "receive", "-q", "--chroot", str(path.parent)],
-                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-                                    stderr=asyncio.subprocess.PIPE)
-            try:
-                assert proc.stdin is not None
-                await channel_to_stdin(self.channel, proc.stdin, self.progress)
-                await finish(proc, "Receiving the files (btrfs receive)")
-            finally:
-                await kill(proc)
+            await channel_to_tool(["btrfs", "receive", "-q", "--chroot", str(path.parent)], self.channel,
+                                  self.progress, "Receiving the files (btrfs receive)")
             new = set(path.parent.iterdir()) - before
             if len(new) != 1 or not _SENT_NAME.match(next(iter(new)).name) or not next(iter(new)).is_dir():
                 raise InternalError("Protocol error: the btrfs stream did not hold exactly one subvolume as "

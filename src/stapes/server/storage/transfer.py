@@ -20,34 +20,29 @@ from typing import ClassVar
 
 from stapes.api.config_keys import parse_size
 from stapes.server.progress import Progress
-from stapes.server.streams import Channel, channel_to_stdin, finish, kill, spawn_tool, stdout_to_channel
+from stapes.server.streams import (
+    Channel,
+    channel_to_socket,
+    channel_to_stdin,
+    channel_to_tool,
+    finish,
+    kill,
+    spawn_tool,
+    stdout_to_channel,
+    tool_to_channel,
+)
 
 TAR_COMMON = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse"]
 
 
 async def tar_send(path: Path, channel: Channel, progress: Progress | None) -> None:
-    proc = await spawn_tool(["tar", "-C", str(path), "-cf", "-", *TAR_COMMON, "--one-file-system", "."],
-                            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                            stderr=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        await stdout_to_channel(proc.stdout, channel, progress)
-        await finish(proc, "Sending the files (tar)")
-    finally:
-        await kill(proc)
+    await tool_to_channel(["tar", "-C", str(path), "-cf", "-", *TAR_COMMON, "--one-file-system", "."], channel,
+                          progress, "Sending the files (tar)")
 
 
 async def tar_receive(path: Path, channel: Channel, progress: Progress | None) -> None:
-    proc = await spawn_tool(["tar", "-C", str(path), "-xf", "-", *TAR_COMMON, "--same-permissions",
-                            "--same-owner"],
-                            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-                            stderr=asyncio.subprocess.PIPE)
-    try:
-        assert proc.stdin is not None
-        await channel_to_stdin(channel, proc.stdin, progress)
-        await finish(proc, "Receiving the files (tar)")
-    finally:
-        await kill(proc)
+    await channel_to_tool(["tar", "-C", str(path), "-xf", "-", *TAR_COMMON, "--same-permissions", "--same-owner"],
+                          channel, progress, "Receiving the files (tar)")
 
 
 def _rsync_feature_args(features: Sequence[str]) -> list[str]:
@@ -79,17 +74,7 @@ async def rsync_send(path: Path, channel: Channel, progress: Progress | None, fe
         theirs.close()
     try:
         reader, writer = await asyncio.open_unix_connection(sock=ours)
-
-        async def to_socket() -> None:
-            try:
-                async for chunk in channel.stream():
-                    writer.write(chunk)
-                    await writer.drain()
-            finally:
-                with contextlib.suppress(Exception):
-                    writer.write_eof()
-
-        receiving = asyncio.create_task(to_socket())
+        receiving = asyncio.create_task(channel_to_socket(channel, writer))
         try:
             await stdout_to_channel(reader, channel, progress)
             await finish(proc, "Sending the files (rsync)")
