@@ -196,6 +196,60 @@ def test_the_target_killed_after_the_checkpoint(cluster: Cluster, mode: str) -> 
     _assert_nothing_on(s2, cli, "s2")
 
 
+def test_the_link_cut_after_the_checkpoint(cluster: Cluster) -> None:
+    """Relay: the client carries every byte; killing it cuts the link between the servers at once."""
+    s1, s2, cli = _servers(cluster, {"STAPES_PAUSE_AT": "source-after-checkpoint"}, {})
+    seen, pid, config = _running_counter(cli)
+    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "--mode", "relay"], env=cli.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        marker = s1.state_dir / "paused-at-source-after-checkpoint"
+        wait_for(marker.exists, 30, "the source to checkpoint")
+        move.kill()
+        move.wait(timeout=10)
+        marker.unlink()
+    finally:
+        if move.poll() is None:
+            move.kill()
+    wait_for(lambda: not s1.running_operations() and not s2.running_operations(), 60, "both sides to give up")
+    _assert_as_it_was(cli, seen, pid, config)
+    _assert_nothing_on(s2, cli, "s2")
+
+
+def test_the_target_killed_while_the_memory_streams(cluster: Cluster) -> None:
+    """The pages travel while CRIU writes them; a target that stops reading and dies leaves the source
+    blocked in the middle of them: it must put the container back from its own, complete checkpoint."""
+    s1, s2, cli = _servers(cluster, {}, {"STAPES_PAUSE_AT": "target-before-state"})
+    seen, pid, config = _running_counter(cli)
+    # 32 MB of memory written by a process: more than the sockets between the servers hold.
+    cli.run("exec", "s1:c1", "--", "sh", "-c",
+            "setsid sh -c 'x=$(head -c 32000000 /dev/zero | tr \"\\\\0\" a); echo held > /root/held; "
+            "sleep 100000' </dev/null >/dev/null 2>&1 &")
+    wait_for(lambda: cli.run("exec", "s1:c1", "--", "cat", "/root/held", check=False).stdout == "held\n", 30,
+             "the memory to be filled")
+    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:"], env=cli.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for((s2.state_dir / "paused-at-target-before-state").exists, 30, "the target to wait")
+
+        def stage() -> str:
+            ops = [op for op in s1.running_operations() if op["description"] == "Migrating instance"]
+            return str(ops[0]["metadata"].get("live_stage")) if ops else "gone"
+
+        wait_for(lambda: stage() == "transfer", 30, "the source to have checkpointed")
+        assert cli.json("list", "s1:")[0]["status"] == "Stopped"
+        assert not list((s2.state_dir / "migrations").glob("*/final/pages-*.img"))  # nothing read yet
+        s2.kill()
+        _, err = move.communicate(timeout=60)
+    finally:
+        if move.poll() is None:
+            move.kill()
+    assert move.returncode != 0 and "runs on the source again" in err, err
+    _assert_as_it_was(cli, seen, pid, config)
+    s2.start()
+    _assert_nothing_on(s2, cli, "s2")
+
+
 def test_what_the_target_cannot_restore_is_refused_before_anything_stops(cluster: Cluster, tmp_path: Path) -> None:
     """A target without a working CRIU says so in its answer: the source never checkpoints."""
     fake = tmp_path / "criu"

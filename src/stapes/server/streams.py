@@ -62,7 +62,7 @@ class Channel:
         self.ws = ws
         self.on_activity: Callable[[], None] = lambda: None
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
         try:
             await self.ws.send_bytes(data)
         except (ConnectionError, RuntimeError) as err:

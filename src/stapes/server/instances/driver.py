@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,6 +72,15 @@ class ExecRequest:
     interactive: bool
 
 
+@dataclass(frozen=True)
+class GrowingFiles:
+    """State files a checkpoint writes front to back and never rewrites, and the mode it gives them (the
+    target creates them itself; a restore may read them from inside a user namespace)."""
+
+    pattern: re.Pattern[str]
+    mode: int
+
+
 class InstanceDriver(ABC):
     """Lifecycle, and live migration as a fixed set of hooks on both sides (as Ganeti's hypervisors have
     them): the source says whether an instance can move live and checkpoints it; the target says whether it
@@ -78,6 +88,9 @@ class InstanceDriver(ABC):
     migration service calls these hooks only, whatever the instance type."""
 
     instance_type: ClassVar[str]
+    # Files a checkpoint writes front to back and never rewrites (the memory pages): a live move may send them
+    # while the checkpoint still writes them, so the transfer overlaps the dump. None: the state goes after it.
+    growing_state_files: ClassVar[GrowingFiles | None] = None
 
     @abstractmethod
     async def define(self, spec: InstanceSpec) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -29,7 +30,14 @@ from stapes.server import process
 from stapes.server.coalesce import Coalesced
 from stapes.server.instances import idmapped
 from stapes.server.instances.criu import CriuSupport, parse_dump_stats
-from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, MemoryRound, RuntimeState
+from stapes.server.instances.driver import (
+    ExecRequest,
+    GrowingFiles,
+    InstanceDriver,
+    InstanceSpec,
+    MemoryRound,
+    RuntimeState,
+)
 from stapes.server.networks.netns import interfaces_in
 
 log = logging.getLogger(__name__)
@@ -154,6 +162,9 @@ def host_apparmor() -> bool:
 
 class LxcDriver(InstanceDriver):
     instance_type: ClassVar[str] = "container"
+    # CRIU's memory pages: each written once, front to back (pagemap-*.img, which says where they go, is not);
+    # CRIU makes every image 0644.
+    growing_state_files: ClassVar[GrowingFiles | None] = GrowingFiles(re.compile(r"pages-[0-9]{1,9}\.img"), 0o644)
 
     def __init__(self, lxc_path: Path, server_id: str) -> None:
         self.lxc_path = lxc_path

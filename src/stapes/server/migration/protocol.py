@@ -180,12 +180,13 @@ def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotR
 
 def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
                  snapshots: Sequence[SnapshotRow] = (), live: bool = False, predump: bool = False,
-                 lazy: bool = False) -> pb.MigrationHeader:
+                 lazy: bool = False, streamed_state: bool = False) -> pb.MigrationHeader:
     """`fs` says rsync: an Incus receiver reads only that field and would expect its own btrfs stream format
     for BTRFS, which Stapes's btrfs transport is not; Stapes receivers read `stapesTransports`. A stopped
     instance says no `criu` (to Incus, CRIU type NONE means a running instance, whose volume follows a second
     time); a live one says CRIU_RSYNC, Incus's type for a state sent on the criu websocket, and `predump` when
-    pre-copy rounds come before the final checkpoint."""
+    pre-copy rounds come before the final checkpoint, and `stapesStreamedState` when it can send the memory
+    pages while the checkpoint writes them (never with lazy pages: the memory then follows the restore)."""
     transports = offer(sendable, refresh=refresh)
     header = pb.MigrationHeader(
         fs=pb.RSYNC, snapshotNames=[s.name for s in snapshots],
@@ -198,6 +199,7 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
         header.criu = pb.CRIU_RSYNC
         header.predump = predump
         header.stapesLazy = lazy
+        header.stapesStreamedState = streamed_state and not lazy
     return header
 
 
@@ -223,12 +225,13 @@ def live_accepted(answer: pb.MigrationHeader) -> bool:
 
 
 def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_snapshots: Sequence[str] | None = None,
-                  *, refresh: bool = False) -> tuple[pb.MigrationHeader, str]:
+                  *, refresh: bool = False, streamed_state: bool = False) -> tuple[pb.MigrationHeader, str]:
     """The receiver's reply and the transport it chose. An Incus sender offers no Stapes transports: rsync
     then, whatever its `fs` field says (Incus's own btrfs stream format is not Stapes's). The reply's `fs`
     always says rsync for the same reason; Stapes senders read `stapesTransports`. A running Incus sender's
     CRIU type NONE is echoed: the volume then arrives twice (see `final_sync`). `wanted_snapshots` (default:
-    all offered) are the snapshots the receiver asks for, in the sender's order."""
+    all offered) are the snapshots the receiver asks for, in the sender's order. `streamed_state`: the
+    receiver's driver takes state files while the checkpoint writes them; said yes only if offered."""
     wanted = list(offer_.snapshotNames) if wanted_snapshots is None else [
         n for n in offer_.snapshotNames if n in wanted_snapshots]
     # Transports we do not know (a newer peer's) are skipped; rsync stays the fallback.
@@ -248,7 +251,14 @@ def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_
     elif live_offered(offer_):
         reply.criu = pb.CRIU_RSYNC  # reached only once check_live and the driver accepted the live move
         reply.predump = offer_.predump
+        reply.stapesStreamedState = offer_.stapesStreamedState and streamed_state and not offer_.stapesLazy
     return reply, chosen
+
+
+def state_streamed(offer_: pb.MigrationHeader, answer: pb.MigrationHeader) -> bool:
+    """The memory pages travel while the checkpoint writes them: the sender offered it and the receiver said
+    yes (a receiver that does not know the field says nothing, and the state then goes in one tar)."""
+    return offer_.stapesStreamedState and answer.stapesStreamedState
 
 
 def final_sync(offer_: pb.MigrationHeader) -> bool:

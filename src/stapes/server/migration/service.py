@@ -41,6 +41,7 @@ from stapes.server.instances.service import InstanceService, check_volume_layout
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol
 from stapes.server.migration.dial import dial
+from stapes.server.migration.growing import receive_growing, send_growing
 from stapes.server.migration.policy import PrecopySettings, another_precopy_round
 from stapes.server.operations import Operation
 from stapes.server.paths import StatePaths
@@ -72,6 +73,13 @@ async def _together(*work: Awaitable[None]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def _stopped(task: asyncio.Future[Any] | None) -> None:
+    """Cancel `task` if it still runs, and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def _to_the_end(task: asyncio.Future[Any]) -> bool:
     """Wait until `task` ended even if we are cancelled meanwhile: CRIU killed in the middle of a dump could
     leave the container frozen. Returns whether a cancellation arrived (the caller raises it once it has put
@@ -95,6 +103,7 @@ class _Live:
     keep_running: bool = False  # source: a copy, running here again once its state is sent
     precopy: PrecopySettings = PrecopySettings(enabled=False, goal=0, iterations=0)
     lazy: bool = False  # post-copy: the memory follows the restore, on demand (CRIU lazy pages)
+    streamed: bool = False  # the memory pages travel while the checkpoint writes them (growing.py)
 
     @property
     def final(self) -> Path:
@@ -147,6 +156,15 @@ async def _receive_precopy(criu: Channel, state: Path) -> None:
         if protocol.parse_sync(await criu.receive(), "source").finalPreDump:
             return
     raise protocol.ProtocolError(f"Protocol error: the source sent more than {MAX_PRECOPY_ROUNDS} pre-copy rounds")
+
+
+async def _receive_state(live: _Live, criu: Channel, root: Path) -> None:
+    """The final checkpoint: the pages that travelled while it was written (if so agreed), then the rest."""
+    await pause_point("target-before-state", root)
+    files = live.driver.growing_state_files
+    if live.streamed and files is not None:
+        await receive_growing(live.final, files.pattern, files.mode, criu)
+    await tar_receive(live.final, criu, None)
 
 
 def check_state_links(state: Path) -> None:
@@ -295,13 +313,16 @@ class MigrationService:
         total = await _volume_bytes(volume) + sum([await _volume_bytes(p) for p in paths.values()])
         header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots,
                                        live=live is not None, predump=live is not None and live.precopy.enabled,
-                                       lazy=live is not None and live.lazy)
+                                       lazy=live is not None and live.lazy,
+                                       streamed_state=live is not None and live.driver.growing_state_files is not None)
         await pause_point("source-before-header", self._paths.root)
         await control.send(header.SerializeToString())
         answer = protocol.parse_header(await control.receive(), "target")
         transport = protocol.check_answer(answer, list(header.stapesTransports), list(paths))
         if live is not None and not protocol.live_accepted(answer):
             raise protocol.ProtocolError("Protocol error: the target answered without accepting the live move")
+        if live is not None:
+            live.streamed = protocol.state_streamed(header, answer)
         op.update_metadata(transport=transport)
         progress = _progress(op, "fs", total)
         features = protocol.rsync_features(answer)
@@ -337,6 +358,7 @@ class MigrationService:
         the instance here again from the checkpoint; a copy runs here again as soon as its state is sent."""
         control = channels["control"]
         await asyncio.to_thread(live.final.mkdir, parents=True)
+        pages: asyncio.Future[dict[str, int]] | None = None
         try:
             try:
                 parent = await self._precopy(op, channels["criu"], live) if live.precopy.enabled else None
@@ -344,23 +366,25 @@ class MigrationService:
                 op.update_metadata(live_stage="checkpoint")
                 started = time.monotonic()
                 checkpoint = asyncio.ensure_future(live.driver.checkpoint(live.spec, live.final, parent))
+                pages = self._stream_pages(live, checkpoint, channels["criu"])
                 if await _to_the_end(checkpoint):
+                    await _stopped(pages)
                     if checkpoint.exception() is None:
                         await asyncio.shield(self._resume_source(live))
                     raise asyncio.CancelledError
                 checkpoint.result()
             except StapesError as err:
+                await _stopped(pages)
                 with contextlib.suppress(Exception):
                     await _send_control(control, False, err.message)
                 raise
-            figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3),
-                                       "state_bytes": await _volume_bytes(live.final)}
+            figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3)}
             op.update_metadata(live_stage="transfer", live=figures)
             resumed = False
             try:
                 await pause_point("source-after-checkpoint", self._paths.root)
                 await _together(rsync_send(volume, channels["fs"], None, [*features, "delete"]),
-                                tar_send(live.final, channels["criu"], None))
+                                self._send_rest_of_state(live, pages, channels["criu"], figures))
                 figures["transfer_s"] = round(time.monotonic() - started - figures["checkpoint_s"], 3)
                 await _send_control(control, True)
                 if live.keep_running:  # a copy runs here again at once (the target restores meanwhile)
@@ -384,12 +408,33 @@ class MigrationService:
                 if not resumed:
                     await asyncio.shield(self._resume_source(live))
                 raise
+            finally:
+                await _stopped(pages)
             figures["frozen_s"] = round(time.monotonic() - started, 3)
+            figures["state_bytes"] = await _volume_bytes(live.final)  # counted once the target runs it
             op.update_metadata(live_stage="done", live=figures)
             if not live.keep_running:
                 await live.driver.finalize_source(live.spec, live.final, resume=False)
         finally:
             await asyncio.to_thread(shutil.rmtree, live.state, True)
+
+    @staticmethod
+    def _stream_pages(live: _Live, checkpoint: asyncio.Future[None], criu: Channel
+                      ) -> asyncio.Future[dict[str, int]] | None:
+        """Where both ends agreed, the memory pages start travelling as the checkpoint writes them."""
+        files = live.driver.growing_state_files
+        if not live.streamed or files is None:
+            return None
+        return asyncio.ensure_future(send_growing(live.final, files.pattern, checkpoint, criu))
+
+    @staticmethod
+    async def _send_rest_of_state(live: _Live, pages: asyncio.Future[dict[str, int]] | None, criu: Channel,
+                                  figures: dict[str, Any]) -> None:
+        """The pages that were still being written, then the rest of the checkpoint in one tar."""
+        sent = await pages if pages is not None else {}
+        if pages is not None:
+            figures["streamed_bytes"] = sum(sent.values())
+        await tar_send(live.final, criu, None, leave_out=list(sent))
 
     async def _send_lazy_state(self, op: Operation, channels: dict[str, Channel], volume: Path,
                                features: list[str], live: _Live) -> None:
@@ -632,7 +677,7 @@ class MigrationService:
                     await _receive_precopy(channels["criu"], live.state)
                 features = [*protocol.rsync_features(answer), "delete"]
                 await _together(rsync_receive(volume, channels["fs"], None, features),
-                                tar_receive(live.final, channels["criu"], None))
+                                _receive_state(live, channels["criu"], self._paths.root))
                 await asyncio.to_thread(check_state_links, live.state)
             await asyncio.to_thread(check_volume_layout, volume)
             if shifted:
@@ -689,7 +734,11 @@ class MigrationService:
         pool = await self._instances.pool_of(await self._instances.spec(row))
         existing = {s.name for s in await self._instances.snapshots(row.project, row.name)}
         wanted = [n for n in offer.snapshotNames if n not in existing]
-        answer, transport = protocol.answer_header(offer, pool.migration_transports, wanted, refresh=refresh)
+        answer, transport = protocol.answer_header(
+            offer, pool.migration_transports, wanted, refresh=refresh,
+            streamed_state=live is not None and live.driver.growing_state_files is not None)
+        if live is not None:
+            live.streamed = protocol.state_streamed(offer, answer)
         await control.send(answer.SerializeToString())
         op.update_metadata(transport=transport)
         if refresh:

@@ -35,9 +35,11 @@ from stapes.server.streams import (
 TAR_COMMON = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse"]
 
 
-async def tar_send(path: Path, channel: Channel, progress: Progress | None) -> None:
-    await tool_to_channel(["tar", "-C", str(path), "-cf", "-", *TAR_COMMON, "--one-file-system", "."], channel,
-                          progress, "Sending the files (tar)")
+async def tar_send(path: Path, channel: Channel, progress: Progress | None, leave_out: Sequence[str] = ()) -> None:
+    """`leave_out`: names of files directly in `path` that are not sent (they travelled already)."""
+    excluded = [f"--exclude=./{name}" for name in leave_out]
+    await tool_to_channel(["tar", "-C", str(path), "-cf", "-", *TAR_COMMON, "--anchored", *excluded, "--no-anchored",
+                           "--one-file-system", "."], channel, progress, "Sending the files (tar)")
 
 
 async def tar_receive(path: Path, channel: Channel, progress: Progress | None) -> None:
