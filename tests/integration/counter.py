@@ -25,8 +25,10 @@ def lines(run: Exec) -> list[tuple[int, int]]:
 
 
 def assert_counting(run: Exec, seen: int, pid: int) -> int:
-    """The loop still runs: it went past `seen`, never restarted, skipped nothing, one process."""
-    wait_for(lambda: lines(run)[-1][0] > seen + 2, 15, "the counter to go on")
+    """The loop runs now (it goes on past `seen` and past what it had written when asked: numbers written
+    before a move would not prove it), never restarted, skipped nothing, one process."""
+    written = lines(run)[-1][0]
+    wait_for(lambda: lines(run)[-1][0] > max(seen, written) + 2, 15, "the counter to go on")
     found = lines(run)
     assert [n for n, _ in found] == list(range(1, len(found) + 1)), "the counter was reset or skipped"
     assert {p for _, p in found} == {pid}, "another process wrote the counter"

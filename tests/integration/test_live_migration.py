@@ -250,6 +250,48 @@ def test_the_target_killed_while_the_memory_streams(cluster: Cluster) -> None:
     _assert_nothing_on(s2, cli, "s2")
 
 
+def _killed_at(s1: Server, cli: Cli, point: str) -> str:
+    """`stapes move s1:c1 s2:` with the source killed (SIGKILL) at `point`; the client's error."""
+    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:"], env=cli.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for((s1.state_dir / f"paused-at-{point}").exists, 30, f"the source to reach {point}")
+        s1.kill()
+        (s1.state_dir / f"paused-at-{point}").unlink()
+        _, err = move.communicate(timeout=60)
+    finally:
+        if move.poll() is None:
+            move.kill()
+    assert move.returncode != 0, err
+    return err
+
+
+def test_the_source_killed_after_the_checkpoint(cluster: Cluster) -> None:
+    """The container's processes exist only in the checkpoint then: the source puts them back at start."""
+    s1, s2, cli = _servers(cluster, {"STAPES_PAUSE_AT": "source-after-checkpoint"}, {})
+    seen, pid, config = _running_counter(cli)
+    _killed_at(s1, cli, "source-after-checkpoint")
+    wait_for(lambda: not s2.running_operations(), 60, "the target to give up")
+    _assert_nothing_on(s2, cli, "s2")
+    s1.start()
+    _assert_as_it_was(cli, seen, pid, config)  # restored, not booted afresh: same process, same count
+    assert "runs again here, from its checkpoint" in s1.log()
+    assert not list((s1.state_dir / "migrations").glob("*"))
+
+
+def test_the_source_killed_once_the_target_runs_it(cluster: Cluster) -> None:
+    """After the target confirmed, a source that restarts must not run the container a second time."""
+    s1, s2, cli = _servers(cluster, {"STAPES_PAUSE_AT": "source-after-handover"}, {})
+    seen, pid, _ = _running_counter(cli)
+    _killed_at(s1, cli, "source-after-handover")
+    s1.start()
+    assert [i["status"] for i in cli.json("list", "s1:")] == ["Stopped"]
+    assert [i["status"] for i in cli.json("list", "s2:")] == ["Running"]
+    _assert_counted_on(cli, "s2:c1", seen, pid)
+    cli.run("delete", "s1:c1")  # what the client would have done: the move is then whole
+    _assert_nothing_on(s1, cli, "s1")
+
+
 def test_what_the_target_cannot_restore_is_refused_before_anything_stops(cluster: Cluster, tmp_path: Path) -> None:
     """A target without a working CRIU says so in its answer: the source never checkpoints."""
     fake = tmp_path / "criu"

@@ -137,9 +137,10 @@ class Daemon:
             log.info("live container migration: CRIU %s; %s", self.lxc.criu.version,
                      self.lxc.criu.dirty_tracking_refusal)
         await self.storage.activate_all()
-        await self.migration.remove_leftovers()
+        left = await self.migration.remove_leftovers()
         await self.instances.remove_incomplete()
         await self.networks.start_all()
+        await self.migration.recover(left)
         app = build_app(self)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()

@@ -5,7 +5,8 @@ With `STAPES_PAUSE_AT=<point>` in the daemon's environment, reaching that point 
 With `STAPES_FAIL_AT=<point>`, reaching it fails the migration there. Without the variables, each point is a
 no-op. Points: source-before-header, target-before-header, source-before-commit, target-before-commit, and
 for live moves source-before-checkpoint, source-after-checkpoint (the instance is stopped on the source),
-target-before-state (the target reads no state yet: the source's streamed pages back up).
+target-before-state (the target reads no state yet: the source's streamed pages back up),
+source-after-handover (the target confirmed a live move; the source has not cleaned up yet).
 """
 
 from __future__ import annotations

@@ -647,6 +647,12 @@ class InstanceService:
                     spec = await self.spec(row)
                 await self._undo_create(row, spec, volume_created=spec is not None)
 
+    async def record_power_state(self, project: str, name: str, *, running: bool) -> None:
+        """What restore_power_state will do with the instance when the server starts."""
+        row = await self._store.instance(project, name)
+        row.config["volatile.last_state.power"] = "RUNNING" if running else "STOPPED"
+        await self._store.update_instance(row)
+
     async def restore_power_state(self) -> None:
         """After a host reboot: start what was running, and what asks to start with the server."""
         for row in await self._store.instances():

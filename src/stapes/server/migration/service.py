@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -91,6 +92,43 @@ async def _to_the_end(task: asyncio.Future[Any]) -> bool:
         except asyncio.CancelledError:
             cancelled = True
     return cancelled
+
+
+SOURCE_RECORD = "source.json"  # a source's checkpoint is complete: which instance, and whether it moved
+
+
+@dataclass(frozen=True)
+class LeftCheckpoint:
+    """A live move's checkpoint found at start: the source server stopped in the middle of the move."""
+
+    directory: Path
+    project: str
+    name: str
+    moved: bool  # the target had confirmed: the instance runs there
+
+
+def _record_checkpoint(live: _Live, *, moved: bool) -> None:
+    """Written (atomically) once the checkpoint is complete, and again once the target confirmed."""
+    record = {"project": live.spec.project, "name": live.spec.name, "moved": moved}
+    temporary = live.state / f".{SOURCE_RECORD}"
+    temporary.write_text(json.dumps(record))
+    temporary.rename(live.state / SOURCE_RECORD)
+
+
+def _left_checkpoints(migrations: Path) -> list[LeftCheckpoint]:
+    """The working directories that hold a source's complete checkpoint and its record (ours, still read
+    with care: a broken one is left out, and its directory removed)."""
+    found = []
+    for directory in sorted(migrations.iterdir()) if migrations.is_dir() else []:
+        try:
+            record = json.loads((directory / SOURCE_RECORD).read_text())
+            project, name, moved = record["project"], record["name"], record["moved"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(project, str) and isinstance(name, str) and isinstance(moved, bool) \
+                and (directory / "final").is_dir():
+            found.append(LeftCheckpoint(directory, project, name, moved))
+    return found
 
 
 @dataclass
@@ -222,10 +260,39 @@ class MigrationService:
         self._instances = instances
         self._paths = paths
 
-    async def remove_leftovers(self) -> None:
-        """Checkpoint images a crash left behind (at start, before any migration runs)."""
+    async def remove_leftovers(self) -> list[LeftCheckpoint]:
+        """At start, before any migration runs: the working directories a crash left behind are removed, but
+        for the checkpoints of instances this server was moving live (`recover` deals with those)."""
+        left = await asyncio.to_thread(_left_checkpoints, self._paths.migrations)
+        kept = {c.directory for c in left}
         if self._paths.migrations.exists():
-            await asyncio.to_thread(shutil.rmtree, self._paths.migrations, True)
+            for directory in await asyncio.to_thread(lambda: list(self._paths.migrations.iterdir())):
+                if directory not in kept:
+                    await asyncio.to_thread(shutil.rmtree, directory, True)
+        return left
+
+    async def recover(self, left: list[LeftCheckpoint]) -> None:
+        """After a crash of this (source) server in the middle of a live move, before instances start again:
+        one the target did not confirm runs again from its checkpoint, its processes as they were (not booted
+        afresh); one the target confirmed stays stopped here, as it runs there."""
+        for checkpoint in left:
+            try:
+                row = await self._instances.get(checkpoint.project, checkpoint.name)
+                if checkpoint.moved:
+                    await self._instances.record_power_state(row.project, row.name, running=False)
+                    log.warning("%s moved live to another server before this one stopped: it stays stopped here; "
+                                "delete it here once it runs there", row.name)
+                    continue
+                spec = await self._instances.spec(row)
+                await self._instances.driver(row.type).finalize_source(spec, checkpoint.directory / "final",
+                                                                       resume=True)
+                log.warning("%s was being moved live when this server stopped: it runs again here, from its "
+                            "checkpoint", row.name)
+            except Exception as err:  # one instance never keeps the server down
+                log.warning("could not put %s back from its checkpoint (%s): it boots afresh if it was running",
+                            checkpoint.name, err)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, checkpoint.directory, True)
 
     @contextlib.asynccontextmanager
     async def _channels(self, op: Operation, peer: MigrationTarget | InstanceSource | None, peer_name: str,
@@ -380,6 +447,8 @@ class MigrationService:
                 raise
             figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3)}
             op.update_metadata(live_stage="transfer", live=figures)
+            # Should this server stop from now on, it puts the instance back from the checkpoint at start.
+            await asyncio.to_thread(_record_checkpoint, live, moved=False)
             resumed = False
             try:
                 await pause_point("source-after-checkpoint", self._paths.root)
@@ -390,7 +459,11 @@ class MigrationService:
                 if live.keep_running:  # a copy runs here again at once (the target restores meanwhile)
                     resumed = True
                     await asyncio.shield(live.driver.finalize_source(live.spec, live.final, resume=True))
+                    await asyncio.to_thread((live.state / SOURCE_RECORD).unlink)
                 await self._target_confirmed(control)
+                if not live.keep_running:  # it runs there now: a restart here must not run it too
+                    await asyncio.to_thread(_record_checkpoint, live, moved=True)
+                    await pause_point("source-after-handover", self._paths.root)
             except (StapesError, OSError) as err:
                 reason = err.message if isinstance(err, StapesError) else str(err)
                 if not reason.startswith("The target failed") and not resumed:
