@@ -137,6 +137,19 @@ def _servers(cluster: Cluster, s1_env: dict[str, str], s2_env: dict[str, str]) -
     return s1, s2, cli
 
 
+@contextlib.contextmanager
+def _move_in_background(cli: Cli, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`stapes move ...` running while the test acts on the servers; never left running after the test."""
+    move = subprocess.Popen([STAPES, "move", *args], env=cli.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        yield move
+    finally:
+        if move.poll() is None:
+            move.kill()
+            move.communicate()
+
+
 def _running_counter(cli: Cli, *config: str) -> tuple[int, int, dict[str, str]]:
     cli.run("launch", "s1:busybox", "c1", "-q", *(arg for key in config for arg in ("-c", key)))
     seen, pid = _start_counter(cli, "s1:c1")
@@ -178,18 +191,13 @@ def test_a_failed_restore_leaves_it_running_on_the_source(cluster: Cluster, lazy
 def test_the_target_killed_after_the_checkpoint(cluster: Cluster, mode: str) -> None:
     s1, s2, cli = _servers(cluster, {"STAPES_PAUSE_AT": "source-after-checkpoint"}, {})
     seen, pid, config = _running_counter(cli)
-    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "--mode", mode], env=cli.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _move_in_background(cli, "s1:c1", "s2:", "--mode", mode) as move:
         marker = s1.state_dir / "paused-at-source-after-checkpoint"
         wait_for(marker.exists, 30, "the source to checkpoint")
         assert cli.json("list", "s1:")[0]["status"] == "Stopped"  # checkpointed: its processes ended here
         s2.kill()
         marker.unlink()
         _, err = move.communicate(timeout=60)
-    finally:
-        if move.poll() is None:
-            move.kill()
     assert move.returncode != 0 and "runs on the source again" in err, err
     _assert_as_it_was(cli, seen, pid, config)
     s2.start()
@@ -200,17 +208,12 @@ def test_the_link_cut_after_the_checkpoint(cluster: Cluster) -> None:
     """Relay: the client carries every byte; killing it cuts the link between the servers at once."""
     s1, s2, cli = _servers(cluster, {"STAPES_PAUSE_AT": "source-after-checkpoint"}, {})
     seen, pid, config = _running_counter(cli)
-    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "--mode", "relay"], env=cli.env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with _move_in_background(cli, "s1:c1", "s2:", "--mode", "relay") as move:
         marker = s1.state_dir / "paused-at-source-after-checkpoint"
         wait_for(marker.exists, 30, "the source to checkpoint")
         move.kill()
         move.wait(timeout=10)
         marker.unlink()
-    finally:
-        if move.poll() is None:
-            move.kill()
     wait_for(lambda: not s1.running_operations() and not s2.running_operations(), 60, "both sides to give up")
     _assert_as_it_was(cli, seen, pid, config)
     _assert_nothing_on(s2, cli, "s2")
@@ -227,9 +230,7 @@ def test_the_target_killed_while_the_memory_streams(cluster: Cluster) -> None:
             "sleep 100000' </dev/null >/dev/null 2>&1 &")
     wait_for(lambda: cli.run("exec", "s1:c1", "--", "cat", "/root/held", check=False).stdout == "held\n", 30,
              "the memory to be filled")
-    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:"], env=cli.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with _move_in_background(cli, "s1:c1", "s2:") as move:
         wait_for((s2.state_dir / "paused-at-target-before-state").exists, 30, "the target to wait")
 
         def stage() -> str:
@@ -241,9 +242,6 @@ def test_the_target_killed_while_the_memory_streams(cluster: Cluster) -> None:
         assert not list((s2.state_dir / "migrations").glob("*/final/pages-*.img"))  # nothing read yet
         s2.kill()
         _, err = move.communicate(timeout=60)
-    finally:
-        if move.poll() is None:
-            move.kill()
     assert move.returncode != 0 and "runs on the source again" in err, err
     _assert_as_it_was(cli, seen, pid, config)
     s2.start()
@@ -252,16 +250,11 @@ def test_the_target_killed_while_the_memory_streams(cluster: Cluster) -> None:
 
 def _killed_at(s1: Server, cli: Cli, point: str) -> str:
     """`stapes move s1:c1 s2:` with the source killed (SIGKILL) at `point`; the client's error."""
-    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:"], env=cli.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
+    with _move_in_background(cli, "s1:c1", "s2:") as move:
         wait_for((s1.state_dir / f"paused-at-{point}").exists, 30, f"the source to reach {point}")
         s1.kill()
         (s1.state_dir / f"paused-at-{point}").unlink()
         _, err = move.communicate(timeout=60)
-    finally:
-        if move.poll() is None:
-            move.kill()
     assert move.returncode != 0, err
     return err
 
@@ -310,16 +303,11 @@ def test_what_the_target_cannot_restore_is_refused_before_anything_stops(cluster
 def test_a_move_cancelled_after_the_checkpoint(cluster: Cluster) -> None:
     s1, s2, cli = _servers(cluster, {"STAPES_PAUSE_AT": "source-after-checkpoint"}, {})
     seen, pid, config = _running_counter(cli)
-    move = subprocess.Popen([STAPES, "move", "s1:c1", "s2:", "--mode", "push"], env=cli.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _move_in_background(cli, "s1:c1", "s2:", "--mode", "push") as move:
         wait_for((s1.state_dir / "paused-at-source-after-checkpoint").exists, 30, "the source to checkpoint")
         source_op = next(op for op in s1.running_operations() if op["description"] == "Migrating instance")
         s1.api("DELETE", f"/1.0/operations/{source_op['id']}")
         _, err = move.communicate(timeout=60)
-    finally:
-        if move.poll() is None:
-            move.kill()
     assert move.returncode != 0, err
     _assert_as_it_was(cli, seen, pid, config)
     _assert_nothing_on(s2, cli, "s2")
