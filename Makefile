@@ -27,7 +27,7 @@ integration: install
 	$(BIN)/pytest -q tests/integration
 
 test: lint
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=15 tests
 
 demo: install
 	bash scripts/demo.sh

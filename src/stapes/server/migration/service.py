@@ -447,10 +447,10 @@ class MigrationService:
                 raise
             figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3)}
             op.update_metadata(live_stage="transfer", live=figures)
-            # Should this server stop from now on, it puts the instance back from the checkpoint at start.
-            await asyncio.to_thread(_record_checkpoint, live, moved=False)
             resumed = False
             try:
+                # Should this server stop from now on, it puts the instance back from the checkpoint at start.
+                await asyncio.to_thread(_record_checkpoint, live, moved=False)
                 await pause_point("source-after-checkpoint", self._paths.root)
                 await _together(rsync_send(volume, channels["fs"], None, [*features, "delete"]),
                                 self._send_rest_of_state(live, pages, channels["criu"], figures))
@@ -459,7 +459,7 @@ class MigrationService:
                 if live.keep_running:  # a copy runs here again at once (the target restores meanwhile)
                     resumed = True
                     await asyncio.shield(live.driver.finalize_source(live.spec, live.final, resume=True))
-                    await asyncio.to_thread((live.state / SOURCE_RECORD).unlink)
+                    await asyncio.to_thread((live.state / SOURCE_RECORD).unlink, True)
                 await self._target_confirmed(control)
                 if not live.keep_running:  # it runs there now: a restart here must not run it too
                     await asyncio.to_thread(_record_checkpoint, live, moved=True)
