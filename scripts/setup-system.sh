@@ -59,6 +59,13 @@ for file in /etc/subuid /etc/subgid; do
     fi
 done
 
+# dnsmasq (DHCP and DNS of the managed networks) drops root for a user of its own: as `nobody`, any other
+# process running as nobody could signal it (docs/security.md).
+if ! getent passwd stapes-dnsmasq >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin stapes-dnsmasq
+    echo "setup-system: created the system user stapes-dnsmasq (dnsmasq runs as it)"
+fi
+
 # Make sure the python3 that builds the virtual environment can (pyenv or Debian's).
 python3 -c 'import venv, ensurepip' 2>/dev/null || {
     echo "setup-system: python3 lacks venv/ensurepip; install python3-venv" >&2; exit 1; }

@@ -129,9 +129,10 @@ class HostileSource:
         self.control: aiohttp.ClientWebSocketResponse | None = None
         self.fs: aiohttp.ClientWebSocketResponse | None = None
 
-    async def start(self) -> None:
+    async def start(self, **extra: Any) -> None:
+        """`extra`: more of the instance's request body (its devices, say)."""
         status, body = await self.raw.call("POST", "/1.0/instances", {
-            "name": self.name, "source": {"type": "migration", "mode": "push"}})
+            "name": self.name, "source": {"type": "migration", "mode": "push"}, **extra})
         assert status == 202, body
         self.op = body["metadata"]
         self.control = await self.raw.ws(self.op, self.op["metadata"]["control"])

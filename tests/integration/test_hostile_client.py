@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sqlite3
 import subprocess
+import tarfile
+import time
 from pathlib import Path
 
 from stapes.api.tokens import decode_token
@@ -233,3 +236,67 @@ async def test_a_rename_that_asks_for_another_pool_is_refused_not_ignored(s1: Se
         status, body = await raw.call("POST", "/1.0/instances/c1", {"name": "c2", "pool": "elsewhere"})
     assert status == 400 and "stapes move" in body["error"], body
     assert [i["name"] for i in cli.json("list")] == ["c1"]
+
+
+def _image_with_metadata(metadata: bytes) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        info = tarfile.TarInfo("metadata.yaml")
+        info.size = len(metadata)
+        tar.addfile(info, io.BytesIO(metadata))
+        root = tarfile.TarInfo("rootfs")
+        root.type, root.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(root)
+    return out.getvalue()
+
+
+def _rss_kib(server: Server) -> int:
+    assert server.proc is not None
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+ALIAS_BOMB = b"""architecture: x86_64
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+properties: {description: *f}
+"""
+
+
+async def test_an_image_metadata_alias_bomb_is_refused_without_growing_the_daemon(s1: Server) -> None:
+    before = _rss_kib(s1)
+    async with Raw(s1) as raw:
+        images_before = (await raw.call("GET", "/1.0/images"))[1]["metadata"]
+        for metadata, expected in ((ALIAS_BOMB, "aliases"), (b"properties: " + b"[" * 5000 + b"]" * 5000, "nested"),
+                                   (b"properties: {" + b"k" * 300 + b": v}", "names of 1 to 255"),
+                                   (b"creation_date: [1, 2]", "creation_date"),
+                                   (b"# " + b"x" * (300 << 10), "larger than")):
+            status, body = await raw.call("POST", "/1.0/images", raw=_image_with_metadata(metadata),
+                                          headers={"Content-Type": "application/octet-stream"})
+            assert status == 202, body
+            started = time.monotonic()
+            result = await raw.wait(body["metadata"])
+            assert time.monotonic() - started < 5
+            assert result["status"] == "Failure" and expected in result["err"], result
+            assert "Internal error" not in result["err"], result
+        assert (await raw.call("GET", "/1.0/images"))[1]["metadata"] == images_before
+    assert _rss_kib(s1) - before < 40 << 10  # the reviewer saw 67 -> 371 MiB
+
+
+def test_exec_ids_outside_the_container_map_are_refused(s1: Server, cli: Cli) -> None:
+    """(uid_t)-1 means "unchanged" to setuid(): as a user it ran the command as root."""
+    cli.run("launch", "busybox", "c1")
+    assert cli.run("exec", "c1", "--user", "1000", "--group", "1000", "--", "id", "-u").stdout.strip() == "1000"
+    for option, value in (("--user", "4294967295"), ("--group", "4294967295"), ("--user", "1000000000"),
+                          ("--group", "1000000000")):
+        err = cli.fails("exec", "c1", option, value, "--", "id", "-u")
+        assert f"{value} is not an id of this container: use 0 to 999999999" in err, err
+    cli.run("config", "set", "c1", "security.privileged=true")
+    cli.run("restart", "c1", "--force")
+    assert cli.run("exec", "c1", "--user", "1000000000", "--", "id", "-u").stdout.strip() == "1000000000"
+    err = cli.fails("exec", "c1", "--user", "4294967295", "--", "id", "-u")
+    assert "use 0 to 4294967294" in err, err

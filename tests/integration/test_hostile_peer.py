@@ -4,10 +4,18 @@ reaches outside the target's state directory or leaves a partial instance behind
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
+import subprocess
 import tarfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -191,3 +199,82 @@ async def test_websocket_secrets_open_once_and_never_after_the_end(s1: Server) -
         await raw.wait(peer.op)
         status, body = await stranger.call("GET", f"/1.0/operations/{peer.op['id']}/websocket?secret={secret}")
         assert status in (403, 404), body
+
+
+@contextlib.contextmanager
+def _small_pool(server: Server, where: Path, size_mib: int) -> Iterator[Path]:
+    """A dir pool `small` on a tmpfs of its own: what a transfer writes there, and when it fills, shows."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}M", "tmpfs", str(where)], check=True)
+    try:
+        server.api("POST", "/1.0/storage-pools", {"name": "small", "driver": "dir",
+                                                  "config": {"source": str(where / "pool")}})
+        yield where / "pool"
+    finally:
+        with contextlib.suppress(Exception):
+            server.api("DELETE", "/1.0/storage-pools/small")
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _big_rootfs(mib: int) -> bytes:
+    def build(tar: tarfile.TarFile) -> None:
+        add_dir(tar, "rootfs")
+        for n in range(mib // 8):
+            add_file(tar, f"rootfs/blob{n}", os.urandom(8 << 20))
+
+    return tar_of(build)
+
+
+async def _push_too_much(server: Server, name: str, offer: bytes, stream: bytes) -> dict[str, Any]:
+    async with Raw(server) as raw:
+        peer = HostileSource(raw, name)
+        await peer.start(devices={"root": {"type": "disk", "path": "/", "pool": "small"}})
+        await peer.offer(offer)
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+            await peer.send_stream(stream)  # the target may hang up before it has all
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+            await peer.finish()
+        result = await raw.wait(peer.op)
+        await peer.close()
+        assert name not in await _instances(raw)
+    return result
+
+
+async def test_a_source_is_held_to_the_size_it_declared(s1: Server, tmp_path: Path) -> None:
+    """A header declaring 1 MiB, then 64 MiB of tar: stopped at 1 MiB plus the stated margin (17 MiB)."""
+    with _small_pool(s1, tmp_path / "small", 128) as pool:
+        result = await _push_too_much(s1, "liar", header(total=1 << 20), _big_rootfs(64))
+        assert result["status"] == "Failure", result
+        err = str(result["err"])
+        assert "more than it declared" in err and "1.0 MiB declared" in err, err
+        arrived = float(re.search(r"([0-9.]+) MiB arrived", err).group(1))  # type: ignore[union-attr]
+        assert arrived <= 17.2, err
+        assert not any((pool / "containers").iterdir())
+    _assert_nothing_left(s1, "liar")
+
+
+async def test_a_transfer_stops_before_the_pool_fills(s1: Server, tmp_path: Path) -> None:
+    """A source declaring much (or, as Incus's rsync, nothing) cannot fill the pool: it stops with room left."""
+    with _small_pool(s1, tmp_path / "small", 48) as pool:
+        lowest = [1 << 40]
+        sampling = True
+
+        def sample() -> None:
+            while sampling:
+                stat = os.statvfs(pool)
+                lowest[0] = min(lowest[0], stat.f_bavail * stat.f_frsize)
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            result = await _push_too_much(s1, "filler", header(total=1 << 30), _big_rootfs(64))
+        finally:
+            sampling = False
+            sampler.join()
+        assert result["status"] == "Failure", result
+        assert lowest[0] >= 2 << 20, f"the pool went down to {lowest[0]} bytes free"
+        err = str(result["err"])
+        assert "Storage pool 'small' is full" in err and "stay free" in err and "-s" in err, err
+        assert not any((pool / "containers").iterdir())
+    _assert_nothing_left(s1, "filler")

@@ -7,7 +7,9 @@ import re
 from stapes.api.errors import BadRequest
 
 _HOSTNAME_LABEL = re.compile(r"^[a-zA-Z0-9-]+$")
-_ENTITY_NAME = re.compile(r"^[^/\\\s'\"`?*:#<>|]+$")
+# No control characters (a NUL reached the kernel as a truncated interface alias), and fullmatch: `$` would
+# let a trailing newline through.
+_ENTITY_NAME = re.compile(r"[^/\\\s'\"`?*:#<>|\x00-\x1f\x7f]+")
 
 
 def validate_instance_name(name: str) -> None:
@@ -17,7 +19,7 @@ def validate_instance_name(name: str) -> None:
         raise BadRequest("Invalid instance name: it must not be empty")
     if len(name) > 63:
         raise BadRequest(f"{what}: it must be at most 63 characters long")
-    if not _HOSTNAME_LABEL.match(name):
+    if not _HOSTNAME_LABEL.fullmatch(name):  # not match: `$` lets a trailing newline through
         raise BadRequest(f"{what}: only letters, digits and hyphens are allowed")
     if name[0] == "-" or name[0].isdigit():
         raise BadRequest(f"{what}: it must not start with a digit or a hyphen")
@@ -31,9 +33,10 @@ def validate_entity_name(kind: str, name: str) -> None:
         raise BadRequest(f"Invalid {kind} name: it must not be empty")
     if len(name) > 63:
         raise BadRequest(f"Invalid {kind} name {name!r}: it must be at most 63 characters long")
-    if name in (".", "..") or not _ENTITY_NAME.match(name):
+    if name in (".", "..") or not _ENTITY_NAME.fullmatch(name):
         raise BadRequest(
-            f"Invalid {kind} name {name!r}: use letters, digits, '-', '_' or '.', without spaces or slashes"
+            f"Invalid {kind} name {name!r}: use letters, digits, '-', '_' or '.', without spaces, slashes or "
+            "control characters"
         )
 
 
@@ -42,6 +45,6 @@ def validate_alias_name(name: str) -> None:
     if not name or len(name) > 63:
         raise BadRequest(f"Invalid image alias name {name!r}: it must be 1 to 63 characters long")
     parts = name.split("/")
-    if any(part in ("", ".", "..") or not _ENTITY_NAME.match(part) for part in parts):
+    if any(part in ("", ".", "..") or not _ENTITY_NAME.fullmatch(part) for part in parts):
         raise BadRequest(f"Invalid image alias name {name!r}: use letters, digits, '-', '_', '.' and '/' between "
                          "parts, without spaces")

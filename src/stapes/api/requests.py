@@ -103,6 +103,17 @@ class ExecPost(Body):
     group: int | None = None
 
 
+NO_ID = 2**32 - 1  # (uid_t)-1: "leave unchanged" to setuid()/setgid(), so never an id to run as
+
+
+def check_exec_ids(user: int, group: int, uids: int, gids: int) -> None:
+    """exec's `user` and `group` must be ids the container has: 0 to `uids`-1 and 0 to `gids`-1 (the size of
+    an unprivileged container's map; NO_ID for a privileged one). Pure: unit-tested."""
+    for what, value, count in (("user", user, min(uids, NO_ID)), ("group", group, min(gids, NO_ID))):
+        if not 0 <= value < count:
+            raise BadRequest(f"exec {what!r} {value} is not an id of this container: use 0 to {count - 1}")
+
+
 class SnapshotsPost(Body):
     name: str = ""
     description: str = ""

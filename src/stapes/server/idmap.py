@@ -43,6 +43,19 @@ def check_ranges(ranges: list[IdRange]) -> None:
             raise ValueError(f"overlapping {kind} ranges")
 
 
+def ids_from_zero(ranges: list[IdRange] | tuple[IdRange, ...], kind: str) -> int:
+    """How many ids of `kind` ("uid" or "gid") a container has from 0 up without a gap; MAX_ID (every id but
+    (uid_t)-1) without a map, as a privileged container has."""
+    if not ranges:
+        return MAX_ID
+    covered = 0
+    for r in sorted((r for r in ranges if getattr(r, kind)), key=lambda r: r.inside):
+        if r.inside > covered:
+            break
+        covered = max(covered, r.inside + r.size)
+    return covered
+
+
 def _map(ranges: list[IdRange], host_id: int, kind: str) -> int:
     for r in ranges:
         if getattr(r, kind) and (inside := r.inside_id(host_id)) is not None:

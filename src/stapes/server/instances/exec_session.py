@@ -26,6 +26,7 @@ from stapes.server.operations import Operation
 from stapes.server.process import forget
 
 CONNECT_TIMEOUT = 30.0
+MAX_CONTROL_MESSAGE = 64 * 1024  # a signal or a window size: anything larger on the control socket is ignored
 
 
 async def run_exec(op: Operation, driver: InstanceDriver, spec: InstanceSpec, request: ExecRequest,
@@ -106,18 +107,21 @@ async def _control(op: Operation, proc: asyncio.subprocess.Process, master: int 
     once a client does."""
     ws = await op.channel("control")
     async for msg in ws:
-        if msg.type != WSMsgType.TEXT:
+        if msg.type != WSMsgType.TEXT or len(msg.data) > MAX_CONTROL_MESSAGE:
             continue
         try:
             command = json.loads(msg.data)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
-        if command.get("command") == "signal":
-            with contextlib.suppress(ProcessLookupError, ValueError):
+        if not isinstance(command, dict):
+            continue
+        # A malformed command (a list for a number, a size out of range) is ignored, as unparsable text is.
+        with contextlib.suppress(ProcessLookupError, ValueError, TypeError, AttributeError, struct.error):
+            if command.get("command") == "signal":
                 proc.send_signal(int(command.get("signal", 15)))
-        elif command.get("command") == "window-resize" and master is not None:
-            args = command.get("args") or {}
-            _resize(master, int(args.get("width", 80)), int(args.get("height", 24)))
+            elif command.get("command") == "window-resize" and master is not None:
+                args = command.get("args") or {}
+                _resize(master, int(args.get("width", 80)), int(args.get("height", 24)))
 
 
 def _resize(fd: int, width: int, height: int) -> None:

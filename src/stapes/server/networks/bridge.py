@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import grp
 import ipaddress
 import logging
 import os
+import pwd
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ class BridgeSpec:
     interface: str  # the bridge on the host
     alias: str  # the bridge's ifalias: which server and network it belongs to
     config: dict[str, str]
-    directory: Path  # dnsmasq's lease and pid files
+    directory: Path  # dnsmasq's lease and pid files (root's alone: dnsmasq opens its lease file before it drops root)
 
     @property
     def ipv4(self) -> ipaddress.IPv4Interface | None:
@@ -75,9 +77,19 @@ def host_networks() -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
     return found
 
 
-def _ensure_bridge(spec: BridgeSpec) -> None:
+MAX_ALIAS = 255  # the kernel's IFALIASZ, less its NUL
+
+
+def _ensure_bridge(spec: BridgeSpec) -> int | None:
+    """The bridge as `spec` says; returns its index if this call made it (the caller removes exactly that
+    one if what follows fails), None if it was there already."""
+    if len(spec.alias.encode()) > MAX_ALIAS or "\0" in spec.alias:
+        raise InternalError(f"The bridge of network {spec.name!r} cannot carry this server's mark (its ifalias "
+                            f"would be {len(spec.alias.encode())} bytes, at most {MAX_ALIAS}): use a shorter state "
+                            "directory path")
     with IPRoute() as ipr:
         links = ipr.link_lookup(ifname=spec.interface)
+        made = None
         if links:
             alias = ipr.get_links(links[0])[0].get("IFLA_IFALIAS")
             if alias != spec.alias:
@@ -86,23 +98,44 @@ def _ensure_bridge(spec: BridgeSpec) -> None:
         else:
             ipr.link("add", ifname=spec.interface, kind="bridge")
             links = ipr.link_lookup(ifname=spec.interface)
-        index = links[0]
-        ipr.link("set", index=index, ifalias=spec.alias)
-        if mtu := spec.config.get("bridge.mtu"):
-            ipr.link("set", index=index, mtu=int(mtu))
-        _sysctl(f"net/ipv6/conf/{spec.interface}/disable_ipv6", "0" if spec.ipv6 else "1")
-        _sysctl(f"net/ipv6/conf/{spec.interface}/accept_dad", "0")
-        wanted = {str(a) for a in (spec.ipv4, spec.ipv6) if a is not None}
-        for addr in ipr.get_addr(index=index):
-            value = f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}"
-            scope_link = addr.get("IFA_ADDRESS", "").startswith("fe80:")
-            if value not in wanted and not scope_link:
-                ipr.addr("del", index=index, address=addr.get("IFA_ADDRESS"), prefixlen=addr["prefixlen"])
-            wanted.discard(value)
-        for value in sorted(wanted):
-            iface = ipaddress.ip_interface(value)
-            ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
-        ipr.link("set", index=index, state="up")
+            made = links[0]
+        try:
+            _configure_bridge(ipr, links[0], spec)
+        except BaseException:
+            if made is not None:
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=made)
+            raise
+        return made
+
+
+def _configure_bridge(ipr: IPRoute, index: int, spec: BridgeSpec) -> None:
+    ipr.link("set", index=index, ifalias=spec.alias)
+    if ipr.get_links(index)[0].get("IFLA_IFALIAS") != spec.alias:  # what removes it later looks for this mark
+        raise InternalError(f"The bridge of network {spec.name!r} did not keep this server's mark (ifalias)")
+    if mtu := spec.config.get("bridge.mtu"):
+        ipr.link("set", index=index, mtu=int(mtu))
+    _sysctl(f"net/ipv6/conf/{spec.interface}/disable_ipv6", "0" if spec.ipv6 else "1")
+    _sysctl(f"net/ipv6/conf/{spec.interface}/accept_dad", "0")
+    wanted = {str(a) for a in (spec.ipv4, spec.ipv6) if a is not None}
+    for addr in ipr.get_addr(index=index):
+        value = f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}"
+        scope_link = addr.get("IFA_ADDRESS", "").startswith("fe80:")
+        if value not in wanted and not scope_link:
+            ipr.addr("del", index=index, address=addr.get("IFA_ADDRESS"), prefixlen=addr["prefixlen"])
+        wanted.discard(value)
+    for value in sorted(wanted):
+        iface = ipaddress.ip_interface(value)
+        ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+    ipr.link("set", index=index, state="up")
+
+
+def _delete_made(interface: str, index: int) -> None:
+    """The bridge this server just made (by its index, whatever its alias says), if it is still that one."""
+    with IPRoute() as ipr:
+        if index in ipr.link_lookup(ifname=interface):
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=index)
 
 
 def _delete_bridge(interface: str, alias: str) -> None:
@@ -188,13 +221,31 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def dnsmasq_argv(spec: BridgeSpec) -> list[str]:
-    """dnsmasq for one bridge (pure: unit-tested): leases and names for the instances, nothing else."""
+DNSMASQ_USERS = ("stapes-dnsmasq", "dnsmasq")  # scripts/setup-system.sh makes the first; dnsmasq-base the second
+
+
+def dnsmasq_user() -> tuple[str, str]:
+    """The user and group dnsmasq drops root for: one of its own, never `nobody` (any process running as
+    nobody could signal it). The first of DNSMASQ_USERS the host has, with its primary group."""
+    for name in DNSMASQ_USERS:
+        try:
+            entry = pwd.getpwnam(name)
+            return name, grp.getgrgid(entry.pw_gid).gr_name
+        except KeyError:
+            continue
+    raise InternalError(f"No user for dnsmasq: create one ('useradd --system --user-group {DNSMASQ_USERS[0]}', as "
+                        "scripts/setup-system.sh does)")
+
+
+def dnsmasq_argv(spec: BridgeSpec, user: tuple[str, str] = (DNSMASQ_USERS[0], DNSMASQ_USERS[0])) -> list[str]:
+    """dnsmasq for one bridge (pure: unit-tested): leases and names for the instances, nothing else. It writes
+    no pid file (`--pid-file` without a path): one it wrote would be its user's to edit. The daemon, which
+    started it in the foreground, records its PID itself (root's file, root's directory)."""
     argv = [
         "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--strict-order", "--bind-interfaces",
         "--except-interface=lo", f"--interface={spec.interface}", "--no-resolv", "--no-ping", "--no-hosts",
-        "--dhcp-no-override", "--dhcp-authoritative", "--user=nobody", "--group=nogroup",
-        f"--pid-file={spec.directory / 'dnsmasq.pid'}", f"--dhcp-leasefile={spec.directory / 'dnsmasq.leases'}",
+        "--dhcp-no-override", "--dhcp-authoritative", f"--user={user[0]}", f"--group={user[1]}",
+        "--pid-file", f"--dhcp-leasefile={spec.directory / 'dnsmasq.leases'}",
         f"--domain={spec.domain}", f"--local=/{spec.domain}/", "--expand-hosts", "--dhcp-fqdn",
         "--log-facility=-", "--quiet-dhcp", "--quiet-dhcp6", "--quiet-ra",
     ]
@@ -217,14 +268,19 @@ class Dnsmasq:
         self._proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.spec.directory.mkdir, parents=True, exist_ok=True)
-        await _kill_stale(self.spec.directory / "dnsmasq.pid")
+        await asyncio.to_thread(_private_directory, self.spec.directory)
+        pid_file = self.spec.directory / "dnsmasq.pid"
+        await _kill_stale(pid_file, self.spec)
+        user = await asyncio.to_thread(dnsmasq_user)
         log_file = await asyncio.to_thread(open, self.spec.directory / "dnsmasq.log", "ab")
         try:
-            self._proc = await process.spawn(dnsmasq_argv(self.spec), stdin=asyncio.subprocess.DEVNULL,
+            self._proc = await process.spawn(dnsmasq_argv(self.spec, user), stdin=asyncio.subprocess.DEVNULL,
                                              stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
         finally:
             log_file.close()
+        # dnsmasq drops root, which clears its parent-death signal: if this daemon is killed, its next start
+        # finds dnsmasq by this file.
+        await asyncio.to_thread(_write_pid, pid_file, self._proc.pid)
         await asyncio.sleep(0.05)
         if self._proc.returncode is not None:
             raise InternalError(f"dnsmasq for network {self.spec.name!r} failed to start; see "
@@ -245,20 +301,50 @@ class Dnsmasq:
         process.forget(proc)
 
 
-async def _kill_stale(pid_file: Path) -> None:
+def _private_directory(directory: Path) -> None:
+    """A network's directory: root's alone (dnsmasq's leases, its log, its PID)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+
+
+def _write_pid(pid_file: Path, pid: int) -> None:
+    pid_file.unlink(missing_ok=True)  # an older server's, written by dnsmasq as its user
+    fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{pid}\n")
+
+
+def is_our_dnsmasq(cmdline: bytes, directory: Path) -> bool:
+    """The command line of a dnsmasq this server started for the network in `directory` (pure: its lease
+    file is that network's; an older server named its pid file there too)."""
+    args = cmdline.split(b"\0")
+    return bool(args) and args[0].endswith(b"dnsmasq") and (
+        f"--dhcp-leasefile={directory / 'dnsmasq.leases'}".encode() in args
+        or f"--pid-file={directory / 'dnsmasq.pid'}".encode() in args)
+
+
+async def _kill_stale(pid_file: Path, spec: BridgeSpec) -> None:
     """A dnsmasq left by a previous run of this daemon (killed before it could stop it) holds the address."""
     try:
         pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
         cmdline = await asyncio.to_thread(Path(f"/proc/{pid}/cmdline").read_bytes)
     except (OSError, ValueError):
         return
-    if b"dnsmasq" in cmdline and str(pid_file).encode() in cmdline:
+    if is_our_dnsmasq(cmdline, spec.directory):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         for _ in range(50):
-            if not Path(f"/proc/{pid}").exists():
+            if not _alive(pid):
                 break
             await asyncio.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    """Still running: a process that ended but that nobody reaped yet (an orphan waits for init) is not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class BridgeDriver:
@@ -268,19 +354,30 @@ class BridgeDriver:
         self._dnsmasq: dict[str, Dnsmasq] = {}
 
     async def start(self, spec: BridgeSpec) -> None:
+        """If it fails, a bridge it made is removed again (that one: by its index, not by its mark)."""
         try:
-            await asyncio.to_thread(_ensure_bridge, spec)
+            made = await asyncio.to_thread(_ensure_bridge, spec)
         except NetlinkError as err:
             raise InternalError(f"Could not set up the bridge of network {spec.name!r}: {err}") from None
-        if spec.ipv4 and is_true(spec.config.get("ipv4.nat", "true")):
-            await asyncio.to_thread(_sysctl, "net/ipv4/ip_forward", "1")
-        if spec.ipv6:
-            await asyncio.to_thread(_sysctl, "net/ipv6/conf/all/forwarding", "1")
-        await _apply_nft(spec)
+        try:
+            if spec.ipv4 and is_true(spec.config.get("ipv4.nat", "true")):
+                await asyncio.to_thread(_sysctl, "net/ipv4/ip_forward", "1")
+            if spec.ipv6:
+                await asyncio.to_thread(_sysctl, "net/ipv6/conf/all/forwarding", "1")
+            await _apply_nft(spec)
+            await self.stop_dhcp(spec.name)
+            dnsmasq = Dnsmasq(spec)
+            await dnsmasq.start()
+            self._dnsmasq[spec.name] = dnsmasq
+        except BaseException:
+            if made is not None:
+                await asyncio.shield(self._unmake(spec, made))
+            raise
+
+    async def _unmake(self, spec: BridgeSpec, index: int) -> None:
         await self.stop_dhcp(spec.name)
-        dnsmasq = Dnsmasq(spec)
-        await dnsmasq.start()
-        self._dnsmasq[spec.name] = dnsmasq
+        await _delete_nft(spec.interface)
+        await asyncio.to_thread(_delete_made, spec.interface, index)
 
     def serving(self, name: str) -> bool:
         return name in self._dnsmasq

@@ -16,6 +16,8 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from stapes.server.networks.bridge import is_our_dnsmasq
+
 
 def cleanup(state_dir: Path) -> list[str]:
     """Returns the bridges removed."""
@@ -34,7 +36,7 @@ def cleanup(state_dir: Path) -> list[str]:
     for pid_file in (state_dir / "networks").glob("*/dnsmasq.pid"):
         with contextlib.suppress(OSError, ValueError):
             pid = int(pid_file.read_text().strip())
-            if str(pid_file).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if is_our_dnsmasq(Path(f"/proc/{pid}/cmdline").read_bytes(), pid_file.parent):
                 os.kill(pid, signal.SIGTERM)
     return removed
 

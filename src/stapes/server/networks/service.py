@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from stapes.api.config_keys import NETWORK_KEYS, validate_network_config
@@ -14,6 +17,7 @@ from stapes.api.errors import BadRequest, Conflict, NotFound, StapesError
 from stapes.api.names import validate_entity_name
 from stapes.api.networks import choose_ipv4, choose_ipv6, interface_alias, interface_name, overlaps
 from stapes.server.networks.bridge import BridgeDriver, BridgeSpec, host_networks
+from stapes.server.networks.hostlock import LOCK_PATH, host_lock
 from stapes.server.paths import StatePaths
 from stapes.server.store.db import NetworkRow, Store
 
@@ -27,11 +31,20 @@ def uses_network(devices: dict[str, dict[str, str]], network: str) -> bool:
 
 
 class NetworkService:
-    def __init__(self, store: Store, paths: StatePaths, driver: BridgeDriver | None = None) -> None:
+    def __init__(self, store: Store, paths: StatePaths, driver: BridgeDriver | None = None,
+                 host_lock_path: Path = LOCK_PATH) -> None:
         self._store = store
         self._paths = paths
         self._driver = driver or BridgeDriver()
         self._lock = asyncio.Lock()  # one change of the host's networking at a time (subnet choice included)
+        self._host_lock_path = host_lock_path
+
+    @contextlib.asynccontextmanager
+    async def _changing(self) -> AsyncIterator[None]:
+        """This server's lock, then the host's: from choosing a subnet to the bridge that claims it, no other
+        server on the host chooses, so it sees this one's subnet."""
+        async with self._lock, host_lock(self._host_lock_path):
+            yield
 
     def interface(self, network: str) -> str:
         return interface_name(self._paths.server_id, network)
@@ -101,7 +114,7 @@ class NetworkService:
         if network_type not in NETWORK_TYPES:
             raise BadRequest(f"Unknown network type {network_type!r}: Stapes manages {', '.join(NETWORK_TYPES)}")
         validate_network_config(config)
-        async with self._lock:
+        async with self._changing():
             with contextlib.suppress(NotFound):
                 await self._store.network(name)
                 raise Conflict(f"Network {name!r} already exists")
@@ -114,14 +127,21 @@ class NetworkService:
                 raise
 
     async def _undo_create(self, row: NetworkRow) -> None:
+        """The driver already removed a bridge it made and could not finish; what it found made is this
+        server's (its mark checked) and goes too, with the network's directory."""
         try:
             await self._driver.remove(self._spec(row))
+            await self._remove_directory(row.name)
         finally:
             await self._store.delete_network(row.name)
 
+    async def _remove_directory(self, name: str) -> None:
+        """networks/<name>/: dnsmasq's leases, log and PID (the name was checked: no '/' or '..')."""
+        await asyncio.to_thread(shutil.rmtree, self._paths.root / "networks" / name, ignore_errors=True)
+
     async def update(self, name: str, changes: dict[str, str] | None, description: str | None, *,
                      replace: bool) -> None:
-        async with self._lock:
+        async with self._changing():
             row = await self._store.network(name)
             old = NetworkRow(row.name, row.type, row.description, dict(row.config))
             if changes is not None:
@@ -153,6 +173,7 @@ class NetworkService:
                                  "attach them to another network, first")
             await self._driver.remove(self._spec(row))
             await self._store.delete_network(name)
+            await self._remove_directory(name)
 
     async def state(self, name: str) -> dict[str, Any]:
         return await self._driver.state(self._spec(await self._store.network(name)))

@@ -212,12 +212,11 @@ def routes(r: web.RouteTableDef) -> None:
         if not data.wait_for_websocket:
             raise BadRequest("exec without websockets ('wait-for-websocket': false) is not supported yet")
         user, group = data.user or 0, data.group or 0
-        if not (0 <= user < 2**32 and 0 <= group < 2**32):
-            raise BadRequest("exec 'user' and 'group' must be numeric ids between 0 and 4294967295")
         width, height = data.width or 80, data.height or 24  # 0: not a terminal (Incus sends it)
         if not (0 < width <= 10000 and 0 < height <= 10000):
             raise BadRequest("exec 'width' and 'height' must be between 0 and 10000")
         await d.instances.check_running(proj, name)
+        await d.instances.check_exec_ids(proj, name, user, group)  # never (uid_t)-1, never outside the map
         interactive = data.interactive
         exec_request = ExecRequest(command=data.command, environment=dict(data.environment or {}),
                                    cwd=data.cwd or "", user=user, group=group, interactive=interactive)

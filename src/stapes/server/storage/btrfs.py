@@ -72,7 +72,8 @@ class BtrfsSendReceive(Transport):
         before = set(path.parent.iterdir())
         try:
             await channel_to_tool(["btrfs", "receive", "-q", "--chroot", str(path.parent)], self.channel,
-                                  self.progress, "Receiving the files (btrfs receive)")
+                                  self.progress, "Receiving the files (btrfs receive)",
+                                  self.bound.stream if self.bound else None)
             new = set(path.parent.iterdir()) - before
             if len(new) != 1 or not _SENT_NAME.match(next(iter(new)).name) or not next(iter(new)).is_dir():
                 raise InternalError("Protocol error: the btrfs stream did not hold exactly one subvolume as "

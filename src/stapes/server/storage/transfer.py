@@ -20,7 +20,9 @@ from typing import ClassVar
 
 from stapes.api.config_keys import parse_size
 from stapes.server.progress import Progress
+from stapes.server.storage.bound import ReceiveBound
 from stapes.server.streams import (
+    Admit,
     Channel,
     channel_to_socket,
     channel_to_stdin,
@@ -42,9 +44,9 @@ async def tar_send(path: Path, channel: Channel, progress: Progress | None, leav
                            "--one-file-system", "."], channel, progress, "Sending the files (tar)")
 
 
-async def tar_receive(path: Path, channel: Channel, progress: Progress | None) -> None:
+async def tar_receive(path: Path, channel: Channel, progress: Progress | None, admit: Admit | None = None) -> None:
     await channel_to_tool(["tar", "-C", str(path), "-xf", "-", *TAR_COMMON, "--same-permissions", "--same-owner"],
-                          channel, progress, "Receiving the files (tar)")
+                          channel, progress, "Receiving the files (tar)", admit)
 
 
 def _rsync_feature_args(features: Sequence[str]) -> list[str]:
@@ -89,7 +91,8 @@ async def rsync_send(path: Path, channel: Channel, progress: Progress | None, fe
         await kill(proc)
 
 
-async def rsync_receive(path: Path, channel: Channel, progress: Progress | None, features: Sequence[str]) -> None:
+async def rsync_receive(path: Path, channel: Channel, progress: Progress | None, features: Sequence[str],
+                        admit: Admit | None = None) -> None:
     argv = ["rsync", "--server", "-vlogDtpre.iLsfx", "--numeric-ids", "--devices", "--partial", "--sparse",
             "--modify-window=-1", *_rsync_feature_args(features), ".", str(path)]
     proc = await spawn_tool(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -97,7 +100,7 @@ async def rsync_receive(path: Path, channel: Channel, progress: Progress | None,
     assert proc.stdin is not None and proc.stdout is not None
     sending = asyncio.create_task(stdout_to_channel(proc.stdout, channel, None))
     try:
-        await channel_to_stdin(channel, proc.stdin, progress)
+        await channel_to_stdin(channel, proc.stdin, progress, admit)
         await sending
         await finish(proc, "Receiving the files (rsync)")
     finally:
@@ -120,6 +123,7 @@ class Transport:
         self.progress = progress
         self.features = features
         self.bwlimit = bwlimit
+        self.bound: ReceiveBound | None = None  # a receiver's limit on what it writes (set by its user)
 
     async def send(self, path: Path) -> None:
         raise NotImplementedError
@@ -138,7 +142,7 @@ class TarStream(Transport):
         await tar_send(path, self.channel, self.progress)
 
     async def receive(self, path: Path, *, snapshot: bool) -> None:
-        await tar_receive(path, self.channel, self.progress)
+        await tar_receive(path, self.channel, self.progress, self.bound.stream if self.bound else None)
 
 
 class Rsync(Transport):
@@ -148,4 +152,6 @@ class Rsync(Transport):
         await rsync_send(path, self.channel, self.progress, self.features, self.bwlimit)
 
     async def receive(self, path: Path, *, snapshot: bool) -> None:
-        await rsync_receive(path, self.channel, self.progress, self.features)
+        # rsync sends deltas: no declared size to hold it to, the pool's free space only.
+        await rsync_receive(path, self.channel, self.progress, self.features,
+                            self.bound.delta if self.bound else None)
