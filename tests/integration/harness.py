@@ -241,8 +241,10 @@ class Cluster:
 
     def close(self) -> None:
         for server in self.servers:
-            server.kill_containers()
+            # The server first: stopping in the middle of a move, it may still run a container again from its
+            # checkpoint, which a kill before the stop would miss.
             server.stop()
+            server.kill_containers()
             cleanup_networks(server.state_dir)
         unmount_below(self.root)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -187,3 +187,11 @@ def test_a_malformed_timeout_in_the_environment_stops_with_its_name(monkeypatch:
         monkeypatch.setenv("STAPES_TEST_SECONDS", bad)
         with pytest.raises(SystemExit, match="STAPES_TEST_SECONDS"):
             _seconds_from_env("STAPES_TEST_SECONDS", 120.0)
+
+
+def test_trust_tokens_are_compared_by_their_hash() -> None:
+    from stapes.server.auth import token_hash
+
+    secret = "ab" * 32
+    assert token_hash(secret) == token_hash(secret) != token_hash("ab" * 31 + "ac")
+    assert token_hash(secret).startswith("sha256:") and secret not in token_hash(secret)

@@ -63,7 +63,8 @@ class ClientConfig:
         return conf
 
     def save(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # The user's alone, as its key is (client.key, 0600): which servers it trusts is nobody else's business.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = {
             "default-remote": self.default_remote,
             "remotes": {

@@ -59,8 +59,7 @@ class Daemon:
 
     async def initialise(self) -> None:
         """First start: default project, pool, profile and the built-in image. Later starts: nothing."""
-        for directory in (self.paths.lxc_path, self.paths.images, self.paths.storage_pools, self.paths.logs):
-            directory.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(make_private_directories, self.paths)
         await self.trust.load()
         if not await self.store.projects():
             await self.store.create_project(ProjectRow("default", "Default project"))
@@ -137,6 +136,7 @@ class Daemon:
             log.info("live container migration: CRIU %s; %s", self.lxc.criu.version,
                      self.lxc.criu.dirty_tracking_refusal)
         await self.storage.activate_all()
+        await self.lxc.seal()
         left = await self.migration.remove_leftovers()
         await self.instances.remove_incomplete()
         await self.networks.start_all()
@@ -147,8 +147,12 @@ class Daemon:
         sock = self.paths.unix_socket
         sock.unlink(missing_ok=True)
         unix_site = web.UnixSite(self._runner, str(sock))
-        await unix_site.start()
-        os.chmod(sock, 0o660)
+        previous = os.umask(0o117)  # never connectable by others, not even for a moment (connecting needs write)
+        try:
+            await unix_site.start()
+        finally:
+            os.umask(previous)
+        os.chmod(sock, 0o660)  # root and its group; only uid 0 is trusted on it (auth.identify)
         config = await self.store.server_config()
         if https_address is not None:
             config["core.https_address"] = https_address
@@ -169,10 +173,22 @@ class Daemon:
         self.paths.unix_socket.unlink(missing_ok=True)
 
 
+def make_private_directories(paths: StatePaths) -> None:
+    """Every directory of the layout with its mode, set again at each start (an older server made some of
+    them readable by all), and the database's files root's alone."""
+    for directory, mode in paths.private_directories().items():
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, mode)
+    for name in ("stapes.db", "stapes.db-wal", "stapes.db-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(paths.database.parent / name, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(paths.server_key, 0o600)
+
+
 async def run(state_dir: Path, https_address: str | None) -> None:
     paths = StatePaths(state_dir.resolve())
-    paths.root.mkdir(parents=True, exist_ok=True)
-    os.chmod(paths.root, 0o711)
+    await asyncio.to_thread(make_private_directories, paths)
     await asyncio.to_thread(ensure_certificate, paths.server_cert, paths.server_key, server=True)
     store = await Store.open(paths.database)
     daemon = Daemon(paths, store)

@@ -50,6 +50,17 @@ class StatePaths:
         return self.root / "logs"
 
     @property
+    def networks(self) -> Path:
+        return self.root / "networks"
+
+    def private_directories(self) -> dict[Path, int]:
+        """Who may reach what (docs/security.md): the root is traversable, so that an unprivileged container's
+        root (a high host uid) reaches its LXC directory; everything holding secrets, keys, instance files or
+        memory is root's alone. The state directory's other users see only the server certificate."""
+        return {self.root: 0o711, self.database.parent: 0o700, self.images: 0o700, self.storage_pools: 0o700,
+                self.migrations: 0o700, self.logs: 0o700, self.lxc_path: 0o711, self.networks: 0o711}
+
+    @property
     def server_id(self) -> str:
         """Short stable tag that keeps this server's cgroups apart from another's on the same host."""
         return hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:8]

@@ -83,6 +83,20 @@ class PoolDriver(ABC):
     async def activate(self) -> None:  # noqa: B027 - most drivers have nothing to do
         """Make the pool usable after the server (or the host) restarted, e.g. mount it."""
 
+    async def seal(self) -> None:
+        """No host user but root reaches into an instance's volume: its files are not shifted (uid 0 inside is
+        uid 0 on disk, so a setuid file planted inside would be setuid root outside). Incus makes each volume
+        0100; here the directories of every volume kind are root's alone, whatever mode a peer sent a volume
+        with. Set at every activation (an older server made them 0711)."""
+        def seal_directories() -> None:
+            for kind in VOLUME_KINDS.values():
+                for name in (kind, f"{kind}-snapshots"):
+                    directory = self.root / name
+                    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    os.chmod(directory, 0o700)
+
+        await asyncio.to_thread(seal_directories)
+
     @classmethod
     @abstractmethod
     def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:

@@ -50,6 +50,7 @@ class StorageService:
         await pool.create_pool()
         row = PoolRow(name, driver, description, filled)
         try:
+            await pool.seal()
             await self._store.create_pool(row)
         except Exception:
             await pool.delete_pool()
@@ -58,7 +59,9 @@ class StorageService:
 
     async def activate_all(self) -> None:
         for row in await self._store.pools():
-            await DRIVERS[row.driver](row.name, row.config).activate()
+            pool = DRIVERS[row.driver](row.name, row.config)
+            await pool.activate()
+            await pool.seal()
 
     async def delete(self, name: str, used_by: list[str]) -> None:
         if used_by:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -156,6 +157,14 @@ class TokenRow:
     operation: str
 
 
+def _private_database(path: Path) -> None:
+    """Root's alone before SQLite opens it (its -wal and -shm files take the database file's mode)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    os.chmod(path, 0o600)
+
+
 class Store:
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
@@ -163,7 +172,7 @@ class Store:
 
     @classmethod
     async def open(cls, path: Path) -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_private_database, path)
         conn = await aiosqlite.connect(path)
         conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA journal_mode=WAL")
@@ -461,6 +470,9 @@ class Store:
     async def add_token(self, row: TokenRow) -> None:
         await self._write("INSERT INTO trust_tokens VALUES (?, ?, ?, ?)",
                           (row.secret, row.name, row.expires_at, row.operation))
+
+    async def rename_token(self, secret: str, new: str) -> None:
+        await self._write("UPDATE trust_tokens SET secret=? WHERE secret=?", (new, secret))
 
     async def take_token(self, secret: str) -> TokenRow | None:
         """Single use, in one statement: of two concurrent takers exactly one gets the row."""
