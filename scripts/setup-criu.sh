@@ -5,7 +5,9 @@
 # first on the PATH of its lxc-checkpoint children. The patches make unprivileged containers with a veth
 # restorable (upstream 4.2.1 fails with EOPNOTSUPP when the host has an interface of the same name); without
 # them, the distribution's criu (when it is 4.2 or newer) serves privileged containers only, and the daemon
-# says so. Idempotent; as root.
+# says so. It also installs CRIU's own Python image library (pycriu, with the image definitions CRIU's
+# `make lib` generates from its images/*.proto) in $PREFIX/lib/python: the daemon decodes a received
+# checkpoint's images with it before a restore. Idempotent; as root.
 set -euo pipefail
 
 VERSION=4.2.1
@@ -35,7 +37,15 @@ if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
     echo "setup-criu: raised fs.pipe-max-size to 4 MiB for CRIU's lazy pages (/etc/sysctl.d/60-stapes-criu.conf)"
 fi
 
-if [ -x "$PREFIX/sbin/criu" ] && [ "$(cat "$PREFIX/BUILD" 2>/dev/null)" = "$STAMP" ] && version_ok "$PREFIX/sbin/criu"
+pycriu_ok() {  # pycriu_ok PYTHON: CRIU's image library imports and knows its image definitions
+    PYTHONPATH="$PREFIX/lib/python" "$1" -c 'import pycriu.images; pycriu.images.pb.mnt_entry' >/dev/null 2>&1
+}
+PYTHONS=(/usr/bin/python3)
+VENV_PYTHON="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
+[ -x "$VENV_PYTHON" ] && PYTHONS+=("$VENV_PYTHON")
+
+if [ -x "$PREFIX/sbin/criu" ] && [ "$(cat "$PREFIX/BUILD" 2>/dev/null)" = "$STAMP" ] && version_ok "$PREFIX/sbin/criu" \
+        && [ -f "$PREFIX/lib/python/pycriu/images/pb.py" ]
 then
     echo "setup-criu: CRIU $STAMP ready in $PREFIX/sbin/criu"
     exit 0
@@ -62,6 +72,20 @@ for patch in "$PATCHES"/*.patch; do
 done
 make -C "$work/criu-$VERSION" -j"$(nproc)" criu >"$work/build.log" 2>&1 || {
     tail -30 "$work/build.log" >&2; echo "setup-criu: the CRIU build failed (log above)" >&2; exit 1; }
+# pycriu: `make lib` generates the images' *_pb2.py with protoc (pure Python: any protobuf runtime reads them).
+make -C "$work/criu-$VERSION" -j"$(nproc)" lib >>"$work/build.log" 2>&1 || {
+    tail -30 "$work/build.log" >&2; echo "setup-criu: the pycriu build failed (log above)" >&2; exit 1; }
+rm -rf "$PREFIX/lib/python.new"
+mkdir -p "$PREFIX/lib/python.new"
+cp -r "$work/criu-$VERSION/lib/pycriu" "$PREFIX/lib/python.new/pycriu"
+find "$PREFIX/lib/python.new" \( -name "*.pyc" -o -name __pycache__ -o -name Makefile -o -name "*.o" \) \
+    -prune -exec rm -rf {} +
+rm -rf "$PREFIX/lib/python"
+mv "$PREFIX/lib/python.new" "$PREFIX/lib/python"
+for python in "${PYTHONS[@]}"; do
+    pycriu_ok "$python" || {
+        echo "setup-criu: $python cannot import CRIU's pycriu from $PREFIX/lib/python" >&2; exit 1; }
+done
 install -D -m 0755 "$work/criu-$VERSION/criu/criu" "$PREFIX/sbin/criu"
 echo "$STAMP" > "$PREFIX/BUILD"
 if ! out=$("$PREFIX/sbin/criu" check 2>&1); then

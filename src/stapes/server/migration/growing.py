@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,11 @@ def _append(directory: Path, name: str, data: memoryview, first: bool, mode: int
         os.close(fd)
 
 
-async def receive_growing(directory: Path, pattern: re.Pattern[str], mode: int, channel: Channel) -> dict[str, int]:
+async def receive_growing(directory: Path, pattern: re.Pattern[str], mode: int, channel: Channel,
+                          admit: Callable[[str, int], None] | None = None) -> dict[str, int]:
     """Write the followed files into `directory` (which holds none yet), with `mode`, until the barrier. Names
-    outside `pattern` and more than MAX_FILES files are refused: the peer is not trusted with paths."""
+    outside `pattern` and more than MAX_FILES files are refused: the peer is not trusted with paths. `admit`
+    (directory name, bytes) raises before bytes beyond the checkpoint's bound are written."""
     received: dict[str, int] = {}
     async for message in channel.stream():
         length = message[0] if message else 0
@@ -92,6 +95,8 @@ async def receive_growing(directory: Path, pattern: re.Pattern[str], mode: int, 
                                 "checkpoint writes while it runs")
         if name not in received and len(received) >= MAX_FILES:
             raise InternalError(f"Protocol error: the source sent more than {MAX_FILES} growing state files")
+        if admit is not None:
+            admit(directory.name, len(message) - 1 - length)
         await asyncio.to_thread(_append, directory, name, memoryview(message)[1 + length:], name not in received,
                                 mode)
         received[name] = received.get(name, 0) + len(message) - 1 - length
