@@ -6,45 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from stapes.api.errors import InternalError
 from stapes.server.migration import growing, protocol
 from stapes.server.streams import Channel
 
 PAGES = re.compile(r"pages-[0-9]{1,9}\.img")
-
-
-@pytest.fixture
-async def channels() -> AsyncIterator[tuple[Channel, Channel]]:
-    """Two ends of one websocket: (server side, client side)."""
-    accepted: asyncio.Future[web.WebSocketResponse] = asyncio.get_running_loop().create_future()
-    done = asyncio.Event()
-
-    async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=16 << 20)
-        await ws.prepare(request)
-        accepted.set_result(ws)
-        await done.wait()
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with aiohttp.ClientSession() as session, session.ws_connect(f"http://127.0.0.1:{port}/",
-                                                                      max_msg_size=16 << 20) as client:
-        yield Channel("criu", await accepted), Channel("criu", client)
-        done.set()
-    await runner.cleanup()
 
 
 async def _write_slowly(directory: Path, parts: dict[str, list[bytes]]) -> None:

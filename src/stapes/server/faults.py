@@ -6,7 +6,8 @@ With `STAPES_FAIL_AT=<point>`, reaching it fails the migration there. Without th
 no-op. Points: source-before-header, target-before-header, source-before-commit, target-before-commit, and
 for live moves source-before-checkpoint, source-after-checkpoint (the instance is stopped on the source),
 target-before-state (the target reads no state yet: the source's streamed pages back up),
-source-after-handover (the target confirmed a live move; the source has not cleaned up yet).
+source-after-handover (the target confirmed a live move; the source has not cleaned up yet),
+source-before-memory (a lazy move: all but the memory sent, the target restoring; no page served yet).
 """
 
 from __future__ import annotations

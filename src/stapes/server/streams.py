@@ -161,9 +161,16 @@ async def stdout_to_channel(stream: asyncio.StreamReader, channel: Channel, prog
     await channel.barrier()
 
 
-async def channel_to_stdin(channel: Channel, stdin: asyncio.StreamWriter, progress: Progress | None) -> None:
+Admit = Callable[[int], Awaitable[None]]  # raises when a receiver may not write that many more bytes
+
+
+async def channel_to_stdin(channel: Channel, stdin: asyncio.StreamWriter, progress: Progress | None,
+                           admit: Admit | None = None) -> None:
+    """`admit` is awaited with each message's size before it is written (storage/bound.py)."""
     try:
         async for chunk in channel.stream():
+            if admit is not None:
+                await admit(len(chunk))
             stdin.write(chunk)
             await stdin.drain()
             if progress is not None:
@@ -200,13 +207,14 @@ async def tool_to_channel(argv: list[str], channel: Channel, progress: Progress 
         await kill(proc)
 
 
-async def channel_to_tool(argv: list[str], channel: Channel, progress: Progress | None, what: str) -> None:
+async def channel_to_tool(argv: list[str], channel: Channel, progress: Progress | None, what: str,
+                          admit: Admit | None = None) -> None:
     """One stream fed to a tool's input; the tool is killed and reaped whatever happens."""
     proc = await spawn_tool(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
                             stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stdin is not None
-        await channel_to_stdin(channel, proc.stdin, progress)
+        await channel_to_stdin(channel, proc.stdin, progress, admit)
         await finish(proc, what)
     finally:
         await kill(proc)
@@ -288,7 +296,8 @@ async def kill(tool: Tool) -> None:
 
 async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: Channel, *,
                  before_peer_end: Callable[[], Awaitable[None]] | None = None) -> None:
-    """A TCP connection carried over a migration channel, both ways; each direction ends with a barrier.
+    """A local stream socket (one end of a socketpair) carried over a migration channel, both ways; each
+    direction ends with a barrier.
     `before_peer_end` runs when the far side has ended, before our socket is told."""
 
     try:
@@ -297,19 +306,3 @@ async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cha
     finally:
         writer.close()
 
-
-def listening(port: int) -> bool:
-    """Something listens on 127.0.0.1:`port` (read from /proc/net/tcp: connecting would take the one
-    connection the listener accepts)."""
-    wanted = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp") as table:
-        return any(line.split()[1] == wanted and line.split()[3] == "0A" for line in list(table)[1:])
-
-
-async def wait_listening(port: int, task: asyncio.Future[Any], what: str) -> None:
-    """Until a listener on `port` appears, or `task` (the tool that is to open it) ends first."""
-    while not await asyncio.to_thread(listening, port):
-        if task.done():
-            task.result()
-            raise InternalError(f"{what} ended without opening its port")
-        await asyncio.sleep(0.01)

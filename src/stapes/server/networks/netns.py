@@ -8,7 +8,9 @@ shares asyncio's signal wake-up socket, so its SIGTERM at the end reached the da
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
+import socket
 import threading
 from typing import Any
 
@@ -70,3 +72,17 @@ def _read(ns: IPRoute) -> dict[str, Any]:
             "netmask": str(addr["prefixlen"]), "scope": _SCOPES.get(addr["scope"], "global"),
         })
     return found
+
+
+def bridge_ipv4_networks(bridge: str) -> list[ipaddress.IPv4Network]:
+    """The IPv4 subnets of a host bridge (its own addresses): where a container on it should have its address.
+    Empty if it has none, or no such bridge. Blocking: call it in a thread."""
+    try:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=bridge)
+            if not index:
+                return []
+            found = ipr.get_addr(index=index[0], family=socket.AF_INET)
+    except (OSError, NetlinkError):
+        return []
+    return [ipaddress.IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}").network for a in found]
