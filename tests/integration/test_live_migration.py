@@ -156,6 +156,15 @@ def _running_counter(cli: Cli, *config: str) -> tuple[int, int, dict[str, str]]:
     return seen, pid, cli.json("list", "s1:")[0]["config"]
 
 
+def _fill_memory(cli: Cli, megabytes: int) -> None:
+    """A process in s1:c1 that holds `megabytes` MB of written memory (a shell variable)."""
+    cli.run("exec", "s1:c1", "--", "sh", "-c",
+            f"setsid sh -c 'x=$(head -c {megabytes}000000 /dev/zero | tr \"\\\\0\" a); echo held > /root/held; "
+            "sleep 100000' </dev/null >/dev/null 2>&1 &")
+    wait_for(lambda: cli.run("exec", "s1:c1", "--", "cat", "/root/held", check=False).stdout == "held\n", 60,
+             "the memory to be filled")
+
+
 def _assert_as_it_was(cli: Cli, seen: int, pid: int, config: dict[str, str]) -> None:
     instance = cli.json("list", "s1:")[0]
     assert instance["status"] == "Running" and instance["config"] == config
@@ -224,12 +233,7 @@ def test_the_target_killed_while_the_memory_streams(cluster: Cluster) -> None:
     blocked in the middle of them: it must put the container back from its own, complete checkpoint."""
     s1, s2, cli = _servers(cluster, {}, {"STAPES_PAUSE_AT": "target-before-state"})
     seen, pid, config = _running_counter(cli)
-    # 32 MB of memory written by a process: more than the sockets between the servers hold.
-    cli.run("exec", "s1:c1", "--", "sh", "-c",
-            "setsid sh -c 'x=$(head -c 32000000 /dev/zero | tr \"\\\\0\" a); echo held > /root/held; "
-            "sleep 100000' </dev/null >/dev/null 2>&1 &")
-    wait_for(lambda: cli.run("exec", "s1:c1", "--", "cat", "/root/held", check=False).stdout == "held\n", 30,
-             "the memory to be filled")
+    _fill_memory(cli, 32)  # more than the sockets between the servers hold
     with _move_in_background(cli, "s1:c1", "s2:") as move:
         wait_for((s2.state_dir / "paused-at-target-before-state").exists, 30, "the target to wait")
 
@@ -332,3 +336,101 @@ def test_lazy_pages_restore_first_and_bring_the_memory_after(s1: Server, s2: Ser
         assert two.json("list", f"{source}:") == []
         seen = _assert_counted_on(two, f"{target}:c1", seen, pid)
     _assert_nothing_on(s2, two, "s2")
+
+
+def _restored_processes(server: Server) -> list[str]:
+    """The states (R, S, T...) of every process of the one container under `server`'s lxcpath."""
+    lxc_path = server.state_dir / "containers"
+    names = [entry.name for entry in lxc_path.iterdir() if (entry / "config").exists()]
+    assert len(names) == 1, names
+    info = subprocess.run(["lxc-info", "-P", str(lxc_path), "-n", names[0], "-p", "-H"], capture_output=True,
+                          text=True, timeout=30).stdout.strip()
+    assert info.isdigit(), f"the restored container has no init: {info!r}"
+    children: dict[int, list[int]] = {}
+    states: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            states[int(stat.parent.name)] = fields[0]
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, pending = [], [int(info)]
+    while pending:
+        pid = pending.pop()
+        if pid in states:
+            found.append(states[pid])
+        pending.extend(children.get(pid, []))
+    return found
+
+
+def _counted_lines(server: Server) -> int:
+    counters = list((server.state_dir / "storage-pools/default/containers").glob("*/rootfs/root/counter"))
+    assert len(counters) == 1, counters
+    return len(counters[0].read_text().splitlines())
+
+
+def test_the_target_killed_during_its_restore_never_runs_a_second_copy(cluster: Cluster) -> None:
+    """The restore outlives the target's death (lxc-checkpoint runs in its own session), but the restored copy
+    stays stopped until the source hands it over, which a dead target never hears: while the source runs the
+    container again, the target's copy writes nothing; its restart removes it."""
+    s1, s2, cli = _servers(cluster, {}, {"STAPES_PAUSE_AT": "target-before-commit"})
+    seen, pid, config = _running_counter(cli)
+    with _move_in_background(cli, "s1:c1", "s2:") as move:
+        marker = s2.state_dir / "paused-at-target-before-commit"
+        wait_for(marker.exists, 60, "the target to restore")
+        s2.kill()
+        _, err = move.communicate(timeout=60)
+    assert move.returncode != 0 and "runs on the source again" in err, err
+    _assert_as_it_was(cli, seen, pid, config)
+    states = _restored_processes(s2)
+    assert states and set(states) == {"T"}, f"the target's restored copy runs: {states}"
+    written = _counted_lines(s2)
+    subprocess.run(["sleep", "1.5"], check=True)  # the source's copy counts 15 more meanwhile
+    assert _counted_lines(s2) == written, "two copies ran: the target's wrote its counter too"
+    s2.start()
+    _assert_nothing_on(s2, cli, "s2")
+    assert subprocess.run(["lxc-ls", "-P", str(s2.state_dir / "containers")], capture_output=True,
+                          text=True).stdout.strip() == ""
+    _assert_as_it_was(cli, seen, pid, config)
+
+
+def test_the_target_killed_once_handed_over_keeps_the_only_copy(cluster: Cluster) -> None:
+    """Once the source gave its copy up, the target's is the only one: a target that dies before it recorded
+    the new instance keeps it at its restart (running, same processes) instead of removing it."""
+    s1, s2, cli = _servers(cluster, {}, {"STAPES_PAUSE_AT": "target-after-release"})
+    seen, pid, _ = _running_counter(cli)
+    with _move_in_background(cli, "s1:c1", "s2:") as move:
+        wait_for((s2.state_dir / "paused-at-target-after-release").exists, 60, "the target to be handed it")
+        s2.kill()
+        move.communicate(timeout=60)
+    assert [i["status"] for i in cli.json("list", "s1:")] == ["Stopped"]  # handed over: never run again here
+    s2.start()
+    assert [i["status"] for i in cli.json("list", "s2:")] == ["Running"]
+    _assert_counted_on(cli, "s2:c1", seen, pid)
+    assert "its source had handed it over" in s2.log()
+    cli.run("delete", "s1:c1")
+    _assert_nothing_on(s1, cli, "s1")
+
+
+def test_the_source_killed_while_its_dump_runs(cluster: Cluster) -> None:
+    """lxc-checkpoint outlives the source server (its own session) and stops the container once its dump is
+    complete: the source's next start waits for it to end and restores the container from what it wrote."""
+    s1, s2, cli = _servers(cluster, {}, {})
+    seen, pid, config = _running_counter(cli)
+    _fill_memory(cli, 300)  # a dump long enough to kill the server in the middle of it
+
+    def dumping() -> bool:
+        return subprocess.run(["pgrep", "-f", f"lxc-checkpoint -P {s1.state_dir / 'containers'} .* -s"],
+                              capture_output=True).returncode == 0
+
+    with _move_in_background(cli, "s1:c1", "s2:") as move:
+        wait_for(dumping, 60, "the source's dump to begin")
+        s1.kill()
+        assert dumping(), "the dump ended before the server was killed: nothing proven"
+        move.communicate(timeout=60)
+    assert move.returncode != 0
+    wait_for(lambda: not s2.running_operations(), 60, "the target to give up")
+    _assert_nothing_on(s2, cli, "s2")
+    s1.start()
+    _assert_as_it_was(cli, seen, pid, config)  # restored from the dump that finished without its server
+    assert "runs again here, from its checkpoint" in s1.log()
+    assert not list((s1.state_dir / "migrations").glob("*"))

@@ -164,3 +164,23 @@ def test_a_lazy_offer_says_so() -> None:
     offer = protocol.offer_header(["tar-stream"], refresh=False, total_bytes=1, live=True, lazy=True)
     assert offer.stapesLazy and protocol.live_offered(offer)
     assert not protocol.offer_header(["tar-stream"], refresh=False, total_bytes=1, live=True).stapesLazy
+
+
+def test_the_handover_is_agreed_by_both_ends() -> None:
+    """Two copies never run: a Stapes target holds its restored copy until the source gave its own up; with a
+    peer that does not know the field (an older Stapes), the old behaviour stays; lazy pages never hold."""
+    offer = protocol.offer_header(["tar-stream"], refresh=False, total_bytes=1, live=True)
+    answer, _ = protocol.answer_header(offer, ["tar-stream"])
+    assert offer.stapesHandover and protocol.handed_over(offer, answer)
+    older_target = pb.MigrationHeader()
+    older_target.CopyFrom(answer)
+    older_target.ClearField("stapesHandover")
+    assert not protocol.handed_over(offer, older_target)
+    older_source = pb.MigrationHeader()
+    older_source.CopyFrom(offer)
+    older_source.ClearField("stapesHandover")
+    assert not protocol.handed_over(older_source, protocol.answer_header(older_source, ["tar-stream"])[0])
+    lazy = protocol.offer_header(["tar-stream"], refresh=False, total_bytes=1, live=True, lazy=True)
+    assert not protocol.handed_over(lazy, protocol.answer_header(lazy, ["tar-stream"])[0])
+    stopped = protocol.offer_header(["tar-stream"], refresh=False, total_bytes=1)
+    assert not stopped.stapesHandover

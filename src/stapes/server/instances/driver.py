@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,13 +41,17 @@ class RuntimeState:
     memory: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, int] = field(default_factory=dict)
     network: dict[str, Any] | None = None
+    error: str = ""  # why the status is Error: the state could not be read (a query that timed out)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body = {
             "status": self.status.label, "status_code": int(self.status), "pid": self.pid,
             "processes": self.processes, "memory": self.memory or {"usage": 0, "usage_peak": 0},
             "cpu": self.cpu or {"usage": 0}, "disk": {}, "network": self.network,
         }
+        if self.error:
+            body["status_error"] = self.error
+        return body
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,16 @@ class GrowingFiles:
     mode: int
 
 
+@dataclass(frozen=True)
+class StateFiles:
+    """What a checkpoint of this driver may hold when a peer sends it: only regular files, each a plain name
+    matching `pattern` (never a path), created by the target with `mode`; anything else is refused before it
+    exists on disk."""
+
+    pattern: re.Pattern[str]
+    mode: int
+
+
 class InstanceDriver(ABC):
     """Lifecycle, and live migration as a fixed set of hooks on both sides (as Ganeti's hypervisors have
     them): the source says whether an instance can move live and checkpoints it; the target says whether it
@@ -91,6 +106,8 @@ class InstanceDriver(ABC):
     # Files a checkpoint writes front to back and never rewrites (the memory pages): a live move may send them
     # while the checkpoint still writes them, so the transfer overlaps the dump. None: the state goes after it.
     growing_state_files: ClassVar[GrowingFiles | None] = None
+    # The files a received checkpoint may hold (its own names): None, and a live move's state is not accepted.
+    state_files: ClassVar[StateFiles | None] = None
 
     @abstractmethod
     async def define(self, spec: InstanceSpec) -> None:
@@ -115,8 +132,9 @@ class InstanceDriver(ABC):
     async def state(self, spec: InstanceSpec, *, detail: bool) -> RuntimeState: ...
 
     @abstractmethod
-    async def states(self, specs: list[InstanceSpec]) -> dict[str, StatusCode]:
-        """Status of many instances in one go (for listings), keyed by runtime name."""
+    async def states(self, specs: list[InstanceSpec]) -> dict[str, RuntimeState]:
+        """Status of many instances in one go (for listings), keyed by runtime name; bounded in time: an
+        instance whose state cannot be read shows as Error (with the reason), never failing the others."""
 
     @abstractmethod
     async def exec(self, spec: InstanceSpec, request: ExecRequest, stdio: tuple[Any, Any, Any]
@@ -134,6 +152,17 @@ class InstanceDriver(ABC):
         """Target: None when an instance checkpointed elsewhere can be restored here; otherwise why not."""
         return f"{self.instance_type}s cannot move live to this server: move with --stateless"
 
+    def state_size_limit(self, spec: InstanceSpec) -> int:
+        """Target: the most bytes one checkpoint (or one pre-copy round) of this instance may hold, files and
+        memory pages together; a source sending more is refused while it sends (the disk never fills)."""
+        raise NotImplementedError
+
+    async def check_state(self, spec: InstanceSpec, state: Path) -> None:
+        """Target, before `restore`: the received checkpoint (`state`/final, and its pre-copy rounds
+        `state`/predump-<n>) names nothing outside the instance's own root and devices; raises BadRequest
+        saying what was refused otherwise."""
+        raise NotImplementedError
+
     def precopy_refusal(self) -> str | None:
         """None when memory can be copied in rounds while the instance runs (pre-copy); otherwise why not."""
         return "this driver copies no memory in rounds"
@@ -148,22 +177,46 @@ class InstanceDriver(ABC):
         return "this driver cannot send memory after the restore"
 
     async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None,
-                         lazy_port: int | None = None) -> None:
+                         lazy_socket: socket.socket | None = None, serving: asyncio.Event | None = None) -> None:
         """Source: write the running state into the empty directory `state` (only what changed since the
         pre-copy round in `parent`); the instance stops with it (its files then hold still for the last sync).
-        A failed checkpoint leaves it running. `lazy_port`: everything but the memory, which is then served on
-        127.0.0.1:lazy_port until the target has all of it; only then does this return."""
+        A failed checkpoint leaves it running. `lazy_socket`: everything but the memory, which is then served
+        on that socket (one end of a socketpair: no listener anyone could reach) until the target has all of
+        it; `serving` is set once the rest of the state is complete and the memory is being served; only then
+        does this return."""
         raise NotImplementedError
+
+    async def checkpoint_outcome(self, spec: InstanceSpec, state: Path) -> bool:
+        """At start, for a checkpoint this server began before it stopped: waits (bounded) until the tool that
+        writes it (which outlives the server) has ended, then says whether it completed (the instance then
+        lives only in `state`: restore it) or not (it ran on, or never stopped)."""
+        return False
 
     async def finalize_source(self, spec: InstanceSpec, state: Path, *, resume: bool) -> None:
         """Source, at the end. `resume`: the instance runs here again from `state`, as it was (a failed move,
         or a copy); otherwise it moved, and what it left here is cleaned up."""
         raise NotImplementedError
 
-    async def restore(self, spec: InstanceSpec, state: Path, lazy_port: int | None = None) -> None:
-        """Target: run the defined instance from the state the source checkpointed. `lazy_port`: its memory
-        comes from the page server on 127.0.0.1:lazy_port, on demand."""
+    async def restore(self, spec: InstanceSpec, state: Path, lazy_socket: socket.socket | None = None) -> None:
+        """Target: run the defined instance from the state the source checkpointed. `lazy_socket`: its memory
+        comes, on demand, from the source's page server at the far end of this socket (one end of a socketpair
+        the migration carries to the source)."""
         raise NotImplementedError
+
+    async def hold_restore(self, spec: InstanceSpec) -> None:
+        """Target, before `restore`: the restored instance must not run until `release_restore` (the source
+        has not given its own copy up yet). Recorded on disk, so that a restart of this server tells a held
+        copy (removed) from a released one (kept)."""
+        raise NotImplementedError
+
+    async def release_restore(self, spec: InstanceSpec) -> None:
+        """Target: the source gave its copy up: record that, then let the restored instance run."""
+        raise NotImplementedError
+
+    async def restore_released(self, spec: InstanceSpec) -> bool:
+        """At start, for an instance whose creation was interrupted: whether its restored copy had been
+        released (it is the only copy then: keep it, running); otherwise it is removed as usual."""
+        return False
 
     async def abort_checkpoint(self, spec: InstanceSpec) -> None:
         """Source: stop a lazy checkpoint whose target never took the memory; the instance runs on here."""

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +31,7 @@ from stapes.api.errors import BadRequest, InternalError
 from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.coalesce import Coalesced
-from stapes.server.instances import idmapped
+from stapes.server.instances import criu_images, idmapped
 from stapes.server.instances.criu import CriuSupport, parse_dump_stats
 from stapes.server.instances.driver import (
     ExecRequest,
@@ -37,8 +40,9 @@ from stapes.server.instances.driver import (
     InstanceSpec,
     MemoryRound,
     RuntimeState,
+    StateFiles,
 )
-from stapes.server.networks.netns import interfaces_in
+from stapes.server.networks.netns import bridge_ipv4_networks, interfaces_in
 
 log = logging.getLogger(__name__)
 _STATES = {
@@ -94,6 +98,17 @@ def _nic_lines(spec: InstanceSpec) -> list[str]:
         if host_name := device.get("host_name"):
             lines.append(f"{prefix}.veth.pair = {host_name}")
     return lines
+
+
+DUMP_PID = "dump.pid"  # in the LXC directory: the lxc-checkpoint -s of the last checkpoint
+DUMP_SETTLE_TIMEOUT = 600.0
+HANDOVER = "handover"  # in the LXC directory of a container restored stopped: "held", then "released"
+def _memory_limit(spec: InstanceSpec) -> int | None:
+    """limits.memory in bytes (a share of the host's memory for a percentage); None when unset."""
+    memory = spec.config.get("limits.memory")
+    if not memory:
+        return None
+    return _host_memory() * int(memory[:-1]) // 100 if memory.endswith("%") else parse_size(memory)
 
 
 ROOT_MOUNT = "rootfs"  # in the container's LXC directory: the server's id-mapped mount of an unprivileged root
@@ -153,6 +168,70 @@ def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2:
     return "\n".join(lines) + "\n"
 
 
+STATE_MARGIN = 64 << 20  # a checkpoint's images beside its memory pages: a few MiB for a busybox container
+
+
+def _fstab_field(text: str) -> str:
+    return text.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+
+
+def config_lines(text: str, depth: int = 0) -> list[tuple[str, str]]:
+    """A container's LXC configuration as (key, value) in order, with the files it includes in their place."""
+    lines: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if key == "lxc.include" and depth < 8:
+            path = Path(value)
+            with contextlib.suppress(OSError):
+                for part in sorted(path.glob("*.conf")) if path.is_dir() else [path]:
+                    lines += config_lines(part.read_text(), depth + 1)
+        elif key.startswith("lxc."):
+            lines.append((key, value))
+    return lines
+
+
+def external_mount_keys(lines: list[tuple[str, str]]) -> set[str]:
+    """The targets of the bind mounts of a container's configuration: liblxc maps exactly these on a restore
+    (`--ext-mount-map <target>:<source>`), so only these may a checkpoint's external mounts name."""
+    keys: set[str] = set()
+    for key, value in lines:
+        fields = value.split()
+        if key == "lxc.mount.entry" and len(fields) >= 4 and "bind" in fields[3].split(","):
+            keys.add(_fstab_field(fields[1]))
+    return keys
+
+
+def device_rules(lines: list[tuple[str, str]]) -> set[str] | None:
+    """The devices cgroup's allow list a container's configuration gives it (LXC's cgroup v1 rules, as a
+    checkpoint's devices.list holds them); None when it restricts nothing (an empty value resets the list,
+    as userns.conf does)."""
+    rules: set[str] | None = None
+    for key, value in lines:
+        if key == "lxc.cgroup.devices.deny":
+            rules = set() if value == "a" else (None if not value else rules)
+        elif key == "lxc.cgroup.devices.allow":
+            if not value:
+                rules = None
+            elif rules is not None:
+                rules.add(" ".join(value.split()))
+    return rules
+
+
+def _apply_device_rules(server_id: str, name: str, rules: set[str]) -> None:
+    """A container's devices cgroup (v1) set to `rules`: everything denied, then each rule allowed. (A host
+    with the unified hierarchy only has no devices cgroup: LXC's device program there is not touched.)"""
+    directory = Path("/sys/fs/cgroup/devices") / f"stapes-{server_id}.payload.{name}"
+    if not directory.is_dir():
+        return
+    try:
+        (directory / "devices.deny").write_text("a")
+        for rule in sorted(rules):
+            (directory / "devices.allow").write_text(rule)
+    except OSError as err:
+        raise InternalError(f"its device rules could not be set again after the restore ({err})") from None
+
+
 def host_apparmor() -> bool:
     try:
         return Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
@@ -163,8 +242,10 @@ def host_apparmor() -> bool:
 class LxcDriver(InstanceDriver):
     instance_type: ClassVar[str] = "container"
     # CRIU's memory pages: each written once, front to back (pagemap-*.img, which says where they go, is not);
-    # CRIU makes every image 0644.
-    growing_state_files: ClassVar[GrowingFiles | None] = GrowingFiles(re.compile(r"pages-[0-9]{1,9}\.img"), 0o644)
+    # the container's memory, so root's alone (CRIU reads them as root, before it enters the user namespace).
+    growing_state_files: ClassVar[GrowingFiles | None] = GrowingFiles(re.compile(r"pages-[0-9]{1,9}\.img"), 0o600)
+    # A checkpoint from a peer: CRIU's image names only (criu_images.py), root's alone like the pages.
+    state_files: ClassVar[StateFiles | None] = StateFiles(criu_images.IMAGE_NAMES, 0o600)
 
     def __init__(self, lxc_path: Path, server_id: str) -> None:
         self.lxc_path = lxc_path
@@ -179,6 +260,17 @@ class LxcDriver(InstanceDriver):
         """What the daemon's probe at start found."""
         self.criu = support
 
+    async def seal(self) -> None:
+        """At start: no other user gets into a container's LXC directory, even one an older server made 0755
+        (the next start of the container sets its group, see _write_config)."""
+        def strip_others() -> None:
+            for entry in self.lxc_path.iterdir() if self.lxc_path.is_dir() else []:
+                mode = entry.lstat().st_mode
+                if stat.S_ISDIR(mode) and mode & 0o007:
+                    os.chmod(entry, mode & 0o770)
+
+        await asyncio.to_thread(strip_others)
+
     def _dir(self, spec: InstanceSpec) -> Path:
         return self.lxc_path / spec.runtime_name
 
@@ -189,13 +281,15 @@ class LxcDriver(InstanceDriver):
         directory = self._dir(spec)
         text = render_config(spec, lxc_dir=directory, server_id=self.server_id, cgroup2=cgroup_v2_only(),
                              apparmor=self._apparmor)
-        await asyncio.to_thread(_write_config, directory, text)
+        await asyncio.to_thread(_write_config, directory, text, _root_gid(spec))
 
     async def undefine(self, spec: InstanceSpec) -> None:
         directory = self._dir(spec)
         if directory.exists():
             if (await self.state(spec, detail=False)).status != StatusCode.STOPPED:  # a restore being undone
-                await process.run(self._tool("lxc-stop", spec, "-k"), check=False, timeout=60)
+                with contextlib.suppress(TimeoutError):  # a monitor that never answers: the cgroups settle it
+                    await process.run(self._tool("lxc-stop", spec, "-k"), check=False, timeout=STATE_TIMEOUT)
+                await asyncio.to_thread(_kill_cgroups, self.server_id, spec.runtime_name, KILL_TIMEOUT)
             # The root mount first: removing the directory must never reach into the container's files.
             await asyncio.to_thread(idmapped.unmount, directory / ROOT_MOUNT)
             await process.run(["rm", "-rf", "--one-file-system", "--", str(directory)])
@@ -246,7 +340,11 @@ class LxcDriver(InstanceDriver):
         if not (self._dir(spec) / "config").exists():
             return RuntimeState(StatusCode.STOPPED)
         args = ["-H", "-s", "-p"] + (["-S"] if detail else [])
-        result = await process.run(self._tool("lxc-info", spec, *args), check=False, timeout=30)
+        try:
+            result = await process.run(self._tool("lxc-info", spec, *args), check=False, timeout=STATE_TIMEOUT)
+        except TimeoutError:  # lxc-info asks the container's monitor, which may never answer
+            return RuntimeState(StatusCode.ERROR, error=f"its state could not be read: lxc-info did not answer "
+                                f"within {STATE_TIMEOUT:.0f}s (its LXC monitor does not respond)")
         fields: dict[str, str] = {}
         for line in result.stdout.decode(errors="replace").splitlines():
             key, _, value = line.partition(":")
@@ -261,16 +359,31 @@ class LxcDriver(InstanceDriver):
                 state.network = await asyncio.to_thread(interfaces_in, state.pid)
         return state
 
-    async def states(self, specs: list[InstanceSpec]) -> dict[str, StatusCode]:
+    async def states(self, specs: list[InstanceSpec]) -> dict[str, RuntimeState]:
         if not specs:
             return {}
-        found = await self._all_states.get()
-        return {spec.runtime_name: found.get(spec.runtime_name, StatusCode.STOPPED) for spec in specs}
+        try:
+            found = await self._all_states.get()
+        except TimeoutError:
+            # lxc-ls asks every container's monitor in turn: one that never answers holds up all. One by one
+            # then, each bounded: that one shows as Error, the others as they are.
+            log.warning("lxc-ls did not answer within %.0fs: reading each container's state on its own",
+                        STATE_TIMEOUT)
+            limit = asyncio.Semaphore(8)
+
+            async def one(spec: InstanceSpec) -> RuntimeState:
+                async with limit:
+                    return await self.state(spec, detail=False)
+
+            alone = await asyncio.gather(*(one(spec) for spec in specs))
+            return {spec.runtime_name: state for spec, state in zip(specs, alone, strict=True)}
+        return {spec.runtime_name: RuntimeState(found.get(spec.runtime_name, StatusCode.STOPPED)) for spec in specs}
 
     async def _list_states(self) -> dict[str, StatusCode]:
         """Every container under our lxcpath, in one `lxc-ls` (shared by concurrent listings)."""
         result = await process.run(
-            ["lxc-ls", "-P", str(self.lxc_path), "--fancy", "--fancy-format", "NAME,STATE"], check=False, timeout=60
+            ["lxc-ls", "-P", str(self.lxc_path), "--fancy", "--fancy-format", "NAME,STATE"], check=False,
+            timeout=STATE_TIMEOUT,
         )
         found: dict[str, StatusCode] = {}
         for line in result.stdout.decode(errors="replace").splitlines()[1:]:
@@ -320,16 +433,22 @@ class LxcDriver(InstanceDriver):
         if spec.idmap and spec.nics and not self.criu.patched:
             return (f"{self.criu.binary} cannot restore an unprivileged container's network device (upstream CRIU "
                     "4.2.1 fails on it): run 'make install' on the target to build the CRIU Stapes patches")
-        return None
+        # A checkpoint from a peer is checked before the restore, with CRIU's own image library.
+        return await asyncio.to_thread(criu_images.missing)
 
-    async def _checkpoint_tool(self, spec: InstanceSpec, state: Path, *args: str, config: str = "") -> None:
+    async def _checkpoint_tool(self, spec: InstanceSpec, state: Path, *args: str, config: str = "",
+                               pass_fds: tuple[int, ...] = ()) -> None:
         """lxc-checkpoint, its output to a file: a restored container's monitor inherits the tool's stdout and
-        stderr, so pipes would never reach end-of-file. `config`: CRIU options for this run only."""
+        stderr, so pipes would never reach end-of-file. `config`: CRIU options for this run only. `pass_fds`:
+        descriptors CRIU inherits (liblxc's dump passes them on), ours to close once the tool has them."""
         restoring, stopping = "-r" in args, "-s" in args
         await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
         output = state / ("lxc-restore.out" if restoring else "lxc-dump.out")
         env = self.criu.environment()
         if restoring:
+            await asyncio.to_thread(_hand_state_to_container_root, spec, state)
+            if _read(self._dir(spec) / HANDOVER).strip() == "held":
+                config += "leave-stopped\n"  # CRIU leaves every restored task stopped: release_restore goes on
             # liblxc maps the v1 controllers' cgroups to this server's names, not the unified hierarchy's: CRIU
             # would put the processes back into the source server's cgroup path (on one host, a live one).
             config += f"cgroup-root /stapes-{self.server_id}.payload.{spec.runtime_name}\n"
@@ -338,16 +457,27 @@ class LxcDriver(InstanceDriver):
             path.write_text(f"{_read(self.criu.config_file) if self.criu.config_file else ''}{config}")
             env["CRIU_CONFIG_FILE"] = str(path)
         started = time.monotonic()
-        with output.open("wb") as sink:
-            # A process group of its own: abort_checkpoint() reaches CRIU, liblxc's child, with it.
-            proc = await process.spawn(self._tool("lxc-checkpoint", spec, "-D", str(state), *args),
-                                       stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
-                                       start_new_session=True)
+        try:
+            with output.open("wb") as sink:
+                # A process group of its own: abort_checkpoint() reaches CRIU, liblxc's child, with it.
+                proc = await process.spawn(self._tool("lxc-checkpoint", spec, "-D", str(state), *args),
+                                           stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink, env=env,
+                                           start_new_session=True, pass_fds=pass_fds)
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         if stopping:
             self._dumping[spec.runtime_name] = proc
+            # The dump outlives this server (a session of its own): a restart waits for this process to end.
+            await asyncio.to_thread((self._dir(spec) / DUMP_PID).write_text, f"{proc.pid}\n")
         try:
             async with process.reaped(proc):
                 code = await asyncio.wait_for(proc.wait(), 3600)
+        except BaseException:
+            if restoring:  # given up (a lazy tunnel broke, the move was cancelled): liblxc's child and CRIU too
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            raise
         finally:
             self._dumping.pop(spec.runtime_name, None)
         log.info("lxc-checkpoint %s of %s: exit status %d in %.3fs", " ".join(args), spec.name, code,
@@ -358,6 +488,37 @@ class LxcDriver(InstanceDriver):
             detail = criu_errors(_read(state / ("restore.log" if restoring else "dump.log")))
             raise InternalError(detail or _last_errors(self._dir(spec) / "lxc.log") or _read(output).strip()[-500:]
                                 or f"lxc-checkpoint exit status {code}")
+
+    async def checkpoint_outcome(self, spec: InstanceSpec, state: Path) -> bool:
+        pid = _read(self._dir(spec) / DUMP_PID).strip()
+        deadline = time.monotonic() + DUMP_SETTLE_TIMEOUT
+        while pid.isdigit() and _is_checkpoint_tool(int(pid), self.lxc_path, spec.runtime_name):
+            if time.monotonic() > deadline:
+                log.warning("the checkpoint of %s is still being written after %.0fs", spec.name,
+                            DUMP_SETTLE_TIMEOUT)
+                return False
+            await asyncio.sleep(0.1)
+        if (await self.state(spec, detail=False)).status != StatusCode.STOPPED:
+            return False  # the dump failed or never ran: CRIU let it run on
+        # CRIU writes its inventory last, once every image is complete; the container stopped means CRIU did not
+        # let it run on (it does when the last steps fail).
+        return (state / "inventory.img").is_file()
+
+    def state_size_limit(self, spec: InstanceSpec) -> int:
+        """The container's memory (limits.memory, else the host's) and a margin for the images beside it."""
+        size = _memory_limit(spec) or _host_memory()
+        return size + size // 8 + STATE_MARGIN
+
+    async def check_state(self, spec: InstanceSpec, state: Path) -> None:
+        text = render_config(spec, lxc_dir=self._dir(spec), server_id=self.server_id, cgroup2=cgroup_v2_only(),
+                             apparmor=self._apparmor)
+        lines = await asyncio.to_thread(config_lines, text)
+        processes = spec.config.get("limits.processes")
+        allowed = criu_images.Allowed(external_keys=external_mount_keys(lines), privileged=not spec.idmap,
+                                      rootfs=spec.volume / "rootfs", memory_limit=_memory_limit(spec),
+                                      processes_limit=int(processes) if processes else None,
+                                      device_rules=device_rules(lines))
+        await asyncio.to_thread(criu_images.check_checkpoint, state, allowed, criu_images.IMAGE_NAMES)
 
     def precopy_refusal(self) -> str | None:
         return self.criu.refusal or self.criu.dirty_tracking_refusal
@@ -383,16 +544,27 @@ class LxcDriver(InstanceDriver):
         return MemoryRound(stats.pages_written, stats.pages_skipped_parent)
 
     async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None,
-                         lazy_port: int | None = None) -> None:
+                         lazy_socket: socket.socket | None = None, serving: asyncio.Event | None = None) -> None:
         previous = [f"--predump-dir=../{parent.name}"] if parent is not None else []
-        # Lazy: CRIU writes everything but the memory, then serves the memory on 127.0.0.1:lazy_port until the
-        # target took all of it, and only then ends (and the container with it).
-        lazy = f"lazy-pages\naddress 127.0.0.1\nport {lazy_port}\n" if lazy_port is not None else ""
+        # Lazy: CRIU writes everything but the memory, then serves the memory on the socket it inherits (never a
+        # listener) until the target took all of it, and only then ends (and the container with it). It says
+        # when it starts serving on its status pipe (a byte, written just before it serves).
+        lazy, watch = "", None
+        fds: tuple[int, ...] = ()
+        if lazy_socket is not None:
+            status, ready = await _status_pipe()
+            fds = (os.dup(lazy_socket.fileno()), ready)
+            lazy = f"lazy-pages\nps-socket {fds[0]}\nstatus-fd {ready}\n"
+            watch = asyncio.ensure_future(_set_when_ready(status, serving))
         try:
-            await self._checkpoint_tool(spec, state, "-s", *previous, config=lazy)
+            await self._checkpoint_tool(spec, state, "-s", *previous, config=lazy, pass_fds=fds)
         except InternalError as err:
             raise InternalError(f"CRIU could not checkpoint {spec.name!r} (it keeps running here): {err.message}") \
                 from None
+        finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
 
     async def finalize_source(self, spec: InstanceSpec, state: Path, *, resume: bool) -> None:
         if not resume:
@@ -404,31 +576,113 @@ class LxcDriver(InstanceDriver):
         except InternalError as err:
             raise InternalError(f"{spec.name!r} could not be restored on the source either: {err.message}; "
                                 f"'stapes start {spec.name}' boots it afresh") from None
+        try:
+            await self._restrict_devices(spec)
+        except InternalError as err:  # it runs again, as before the move: say so, never lose it for this
+            log.error("%s runs again on the source, but its device rules could not be set again: %s", spec.name,
+                      err.message)
         await self._mark_started(spec)
 
-    async def restore(self, spec: InstanceSpec, state: Path, lazy_port: int | None = None) -> None:
+    async def restore(self, spec: InstanceSpec, state: Path, lazy_socket: socket.socket | None = None) -> None:
         await self._mount_root(spec)
         try:
-            if lazy_port is not None:
-                await self._start_lazy_pages(spec, state, lazy_port)
-            await self._checkpoint_tool(spec, state, "-r", config="lazy-pages\n" if lazy_port is not None else "")
+            if lazy_socket is not None:
+                await self._start_lazy_pages(spec, state, lazy_socket)
+            await self._checkpoint_tool(spec, state, "-r", config="lazy-pages\n" if lazy_socket is not None else "")
+            await self._restrict_devices(spec)
         except InternalError as err:
             raise InternalError(f"CRIU could not restore {spec.name!r} here: {err.message}") from None
         await self._mark_started(spec)
 
-    async def _start_lazy_pages(self, spec: InstanceSpec, state: Path, port: int) -> None:
-        """CRIU's lazy-pages daemon: it feeds the restored container's memory from the page server it reaches
-        on 127.0.0.1:port (the migration's tunnel to the source), on demand and then in the background."""
+    async def _restrict_devices(self, spec: InstanceSpec) -> None:
+        """After a restore: CRIU leaves the container's devices cgroup open to every device ("a *:* rwm", a
+        host disk included, whatever its checkpoint said); its configuration's rules are set again."""
+        text = render_config(spec, lxc_dir=self._dir(spec), server_id=self.server_id, cgroup2=cgroup_v2_only(),
+                             apparmor=self._apparmor)
+        rules = device_rules(await asyncio.to_thread(config_lines, text))
+        if rules is not None:
+            await asyncio.to_thread(_apply_device_rules, self.server_id, spec.runtime_name, rules)
+
+    async def hold_restore(self, spec: InstanceSpec) -> None:
+        await asyncio.to_thread(_write_durably, self._dir(spec) / HANDOVER, "held\n")
+
+    async def release_restore(self, spec: InstanceSpec) -> None:
+        marker = self._dir(spec) / HANDOVER
+        await asyncio.to_thread(_write_durably, marker, "released\n")  # before it runs: a restart keeps it
+        pid = (await self.state(spec, detail=False)).pid
+        if pid <= 0:
+            raise InternalError(f"The restored {spec.name!r} is not running here any more")
+        resumed = await asyncio.to_thread(_continue_tree, pid)
+        log.info("%s released: %d restored processes go on", spec.name, resumed)
+
+    async def restore_released(self, spec: InstanceSpec) -> bool:
+        if _read(self._dir(spec) / HANDOVER).strip() != "released":
+            return False
+        await self.release_restore(spec)  # the server may have stopped before the processes went on
+        return True
+
+    async def _start_lazy_pages(self, spec: InstanceSpec, state: Path, sock: socket.socket) -> None:
+        """CRIU's lazy-pages daemon: it feeds the restored container's memory from the source's page server at
+        the far end of `sock` (which it inherits: the migration's tunnel to the source, no listener), on demand
+        and then in the background. The restore reaches it through lazy-pages.socket in `state` (a directory
+        only root can reach), which it has bound once it writes its status byte: the restore waits for that."""
         assert self.criu.binary is not None
-        log_file = (state / "lazy-pages.out").open("wb")
+        # It sends its page requests without waiting (MSG_DONTWAIT): room for many while the tunnel is busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        status, ready = await _status_pipe()
+        fd = os.dup(sock.fileno())
         try:
-            proc = await process.spawn(
-                [str(self.criu.binary), "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port),
-                 "-D", str(state), "-o", "lazy-pages.log"], stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
-                stderr=log_file, env=self.criu.environment())
+            with (state / "lazy-pages.out").open("wb") as log_file:
+                proc = await process.spawn(
+                    [str(self.criu.binary), "lazy-pages", "--page-server", "--ps-socket", str(fd),
+                     "--status-fd", str(ready), "-D", str(state), "-o", "lazy-pages.log"],
+                    stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=self.criu.environment(),
+                    pass_fds=(fd, ready))
+        except BaseException:
+            status.close()
+            raise
         finally:
-            log_file.close()
+            os.close(fd)
+            os.close(ready)
         self._lazy[spec.runtime_name] = proc
+        try:
+            async with asyncio.timeout(LAZY_START_TIMEOUT):
+                started = await status.read(1)
+        except TimeoutError:
+            started = b""
+        finally:
+            status.close()
+        if not started:
+            detail = criu_errors(_read(state / "lazy-pages.log"))
+            raise InternalError(f"CRIU's lazy-pages daemon did not start: {detail or 'no word from it'}")
+
+    async def _renew_moved_leases(self, spec: InstanceSpec) -> None:
+        """A container moved live keeps the IPv4 address it had on the source's network. Where its bridge here has
+        another subnet, that address is unreachable until the lease renews (an hour later): its DHCP client is
+        told at once to release the old lease and take one here (busybox's udhcpc: SIGUSR2, then SIGUSR1)."""
+        if not spec.nics:
+            return
+        pid = (await self.state(spec, detail=False)).pid
+        inside = await asyncio.to_thread(interfaces_in, pid) if pid > 0 else None
+        stale = []
+        for dev_name, bridge in sorted(spec.nics.items()):
+            iface = spec.devices[dev_name].get("name") or dev_name
+            here = await asyncio.to_thread(bridge_ipv4_networks, bridge)
+            addresses = [ipaddress.ip_interface(f"{a['address']}/{a['netmask']}")
+                         for a in (inside or {}).get(iface, {}).get("addresses", []) if a["family"] == "inet"]
+            if here and addresses and not any(a.ip in net for a in addresses for net in here):
+                stale.append(f"{iface} has {', '.join(map(str, addresses))}, {bridge} here is "
+                             f"{', '.join(map(str, here))}")
+        if not stale:
+            return
+        clients = await asyncio.to_thread(_renew_dhcp, self.server_id, spec.runtime_name)
+        if clients:
+            log.info("%s moved to another subnet (%s): its DHCP client takes a lease here now", spec.name,
+                     "; ".join(stale))
+        else:
+            log.warning("%s moved to another subnet (%s) and runs no DHCP client Stapes knows (udhcpc): it keeps "
+                        "its old address until its lease renews; renew it in the container", spec.name,
+                        "; ".join(stale))
 
     async def abort_checkpoint(self, spec: InstanceSpec) -> None:
         """SIGTERM to CRIU while its lazy dump waits for the target: the dump fails and CRIU lets the
@@ -452,6 +706,7 @@ class LxcDriver(InstanceDriver):
 
     async def finalize_target(self, spec: InstanceSpec, *, success: bool) -> None:
         if success:
+            await self._renew_moved_leases(spec)
             return
         lazy = self._lazy.pop(spec.runtime_name, None)
         if lazy is not None and lazy.returncode is None:
@@ -460,8 +715,115 @@ class LxcDriver(InstanceDriver):
             await lazy.wait()
             process.forget(lazy)
         if (await self.state(spec, detail=False)).status != StatusCode.STOPPED:
-            await process.run(self._tool("lxc-stop", spec, "-k"), check=False, timeout=60)
+            with contextlib.suppress(TimeoutError):  # a monitor that does not answer: the cgroups settle it
+                await process.run(self._tool("lxc-stop", spec, "-k"), check=False, timeout=STATE_TIMEOUT)
+        # Whatever a half-done restore left (tasks waiting for pages that never come, a monitor that never
+        # answers) is killed through the container's cgroups: nothing of it may outlive a failed move.
+        killed = await asyncio.to_thread(_kill_cgroups, self.server_id, spec.runtime_name, KILL_TIMEOUT)
+        if killed:
+            log.warning("%s: killed %d processes a failed restore left", spec.name, killed)
+        await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
         await self._unmount_root(spec)
+
+
+LAZY_START_TIMEOUT = 30.0  # for CRIU's lazy-pages daemon to bind its socket
+STATE_TIMEOUT = 10.0  # for lxc-info or lxc-ls (milliseconds when the monitors answer)
+KILL_TIMEOUT = 10.0  # for the processes of a container's cgroups to be gone once killed
+
+
+def _renew_dhcp(server_id: str, name: str) -> int:
+    """Busybox's udhcpc in the container: release (SIGUSR2), then renew (SIGUSR1), which from the released
+    state asks for a new lease at once. How many clients were told."""
+    told = 0
+    pids: set[int] = set()
+    for directory in _cgroup_dirs(server_id, name):
+        if ".payload." in directory.as_posix():
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(pid) for pid in (directory / "cgroup.procs").read_text().split())
+    for pid in sorted(pids):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() != "udhcpc":
+                continue
+            os.kill(pid, signal.SIGUSR2)
+            time.sleep(0.2)
+            os.kill(pid, signal.SIGUSR1)
+            told += 1
+    return told
+
+
+def _cgroup_dirs(server_id: str, name: str) -> list[Path]:
+    """The container's payload and monitor cgroups (and those below them) in every hierarchy."""
+    roots = [Path("/sys/fs/cgroup")]
+    with contextlib.suppress(OSError):
+        roots += [p for p in Path("/sys/fs/cgroup").iterdir() if p.is_dir() and not p.name.startswith("stapes-")]
+    found = []
+    for root in roots:
+        for kind in ("payload", "monitor"):
+            top = root / f"stapes-{server_id}.{kind}.{name}"
+            with contextlib.suppress(OSError):
+                if top.is_dir():
+                    found += [top, *(p for p in top.rglob("*") if p.is_dir())]
+    return found
+
+
+def _kill_cgroups(server_id: str, name: str, timeout: float) -> int:
+    """SIGKILL every process in the container's cgroups (thawed first: a frozen task never dies) until none is
+    left or `timeout` passed; how many were killed."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        directories = _cgroup_dirs(server_id, name)
+        pids: set[int] = set()
+        for directory in directories:
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(pid) for pid in (directory / "cgroup.procs").read_text().split())
+        pids.discard(os.getpid())
+        if not pids or time.monotonic() > deadline:
+            return len(killed)
+        for directory in directories:
+            for control, thawed in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+                with contextlib.suppress(OSError):
+                    (directory / control).write_text(thawed)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.05)
+
+
+class _StatusPipe:
+    """Our end of the pipe a CRIU command writes one byte into once it is ready (its --status-fd)."""
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.BaseTransport) -> None:
+        self._reader = reader
+        self._transport = transport
+
+    async def read(self, size: int) -> bytes:
+        return await self._reader.read(size)
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+async def _status_pipe() -> tuple[_StatusPipe, int]:
+    """A status pipe: ours to read without blocking, and the descriptor CRIU inherits (ours to close)."""
+    read_fd, write_fd = os.pipe()
+    reader = asyncio.StreamReader()
+    try:
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0))
+    except BaseException:
+        os.close(write_fd)
+        raise
+    return _StatusPipe(reader, transport), write_fd
+
+
+async def _set_when_ready(status: _StatusPipe, ready: asyncio.Event | None) -> None:
+    try:
+        if await status.read(1) and ready is not None:
+            ready.set()
+    finally:
+        status.close()
 
 
 _CRIU_NOISE = ("RLIMIT_NOFILE", "iptables", "ip6tables", "Address already assigned", "address already assigned")
@@ -500,8 +862,85 @@ def exec_environment(config: Mapping[str, str], request: ExecRequest) -> dict[st
     return env
 
 
-def _write_config(directory: Path, text: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+def _hand_state_to_container_root(spec: InstanceSpec, state: Path) -> None:
+    """CRIU's restore reads some images inside the container's user namespace, as the container's root (the
+    pages), others as host root without its capabilities (the time namespace, of a container restored before):
+    an unprivileged container's checkpoint (and the pre-copy rounds beside it) becomes root's with the
+    container's root group, 0640 (0750 for directories), in the migration's root-only working directory; no
+    other host user reads it. No link is followed."""
+    gid = _root_gid(spec)
+    if not gid:
+        return
+    for directory in [state, *(state.parent.glob("predump-*"))]:
+        for top, dirs, files in os.walk(directory):
+            os.lchown(top, 0, gid)
+            os.chmod(top, 0o750)
+            for name in files:
+                path = os.path.join(top, name)
+                if not os.path.islink(path):
+                    os.lchown(path, 0, gid)
+                    os.chmod(path, 0o640)
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))]
+
+
+def _is_checkpoint_tool(pid: int, lxc_path: Path, name: str) -> bool:
+    """`pid` is still an lxc-checkpoint of this container under this lxcpath (not a reused pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return argv[:5] == [b"lxc-checkpoint", b"-P", str(lxc_path).encode(), b"-n", name.encode()]
+
+
+def _write_durably(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}")
+    with temporary.open("w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    temporary.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _continue_tree(init: int) -> int:
+    """SIGCONT to a restored container's init and every process below it (orphans inside are reparented to
+    that init, so the tree is the whole container); returns how many."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    pending, count = [init], 0
+    while pending:
+        pid = pending.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+            count += 1
+        pending.extend(children.get(pid, []))
+    return count
+
+
+def _root_gid(spec: InstanceSpec) -> int:
+    """The host gid of the container's root group (0 for a privileged container)."""
+    return next((r.host - r.inside for r in spec.idmap if r.gid and r.inside <= 0 < r.inside + r.size), 0)
+
+
+def _write_config(directory: Path, text: str, root_gid: int) -> None:
+    """The container's LXC directory holds its config, its log and (unprivileged) the id-mapped view of its
+    files: root's, and traversable by the container's root group alone, which LXC's setup in the user namespace
+    needs to reach that view; no other host user gets in (docs/security.md)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(directory, 0, root_gid)
+    os.chmod(directory, 0o710 if root_gid else 0o700)
     tmp = directory / "config.tmp"
     tmp.write_text(text)
     tmp.replace(directory / "config")
@@ -543,14 +982,10 @@ def _count_processes(server_id: str, name: str) -> int:
 
 
 def _check_reachable(spec: InstanceSpec) -> None:
-    """An unprivileged container's root (a high host uid) must be able to walk to its rootfs and to the sources
-    of its disk devices; LXC's own error for this says only that the container failed to spawn."""
-    volume = spec.volume
-    if not volume.stat().st_mode & 0o001:
-        # The volume directory is the server's own (the rootfs inside it is the container's): a peer may have
-        # sent it as 0100 (Incus's mode for its container directories, which it chowns to the mapped root).
-        volume.chmod(volume.stat().st_mode & 0o7777 | 0o011)
-    paths = {"its files": volume / "rootfs"}
+    """An unprivileged container's root (a high host uid) must be able to walk to the sources of its disk
+    devices; LXC's own error for this says only that the container failed to spawn. (Its own files it sees
+    through the server's id-mapped mount in its LXC directory: their volume stays root's alone.)"""
+    paths = {}
     for name, device in spec.devices.items():
         if device.get("type") == "disk" and device.get("source"):
             paths[f"the source of disk device {name!r}"] = Path(device["source"])

@@ -16,13 +16,14 @@ from stapes.api.config_keys import is_true, validate_instance_config
 from stapes.api.devices import Devices, expand_devices, nic_devices, root_disk, validate_devices
 from stapes.api.errors import BadRequest, Conflict, NotFound, PreconditionFailed, StapesError
 from stapes.api.names import validate_entity_name, validate_instance_name
+from stapes.api.requests import check_exec_ids
 from stapes.api.status import StatusCode
 from stapes.api.timefmt import iso
 from stapes.server import rootfs
 from stapes.server.events import EventHub
-from stapes.server.idmap import IdRange, NoAllocation, container_map
+from stapes.server.idmap import IdRange, NoAllocation, container_map, ids_from_zero
 from stapes.server.images.store import ARCHITECTURE, ImageStore
-from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec
+from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
 from stapes.server.instances.exec_session import run_exec
 from stapes.server.instances.volatile import kept_from_peer, missing_volatile
 from stapes.server.networks.service import NetworkService
@@ -178,6 +179,8 @@ class InstanceService:
             return self._render_broken(row, err)
         state = await self.driver(row.type).state(spec, detail=with_state)
         body = self._render_row(row, config, devices, state.status)
+        if state.error:
+            body["status_error"] = state.error
         if with_state:
             body["state"] = state.to_json()
             body["snapshots"] = [self.render_snapshot(row, s) for s in await self._store.snapshots(row.project,
@@ -214,7 +217,7 @@ class InstanceService:
                 continue
             specs[(row.project, row.name)] = spec
             by_type[row.type].append(spec)
-        statuses: dict[str, StatusCode] = {}
+        statuses: dict[str, RuntimeState] = {}
         for instance_type, type_specs in by_type.items():
             statuses.update(await self.driver(instance_type).states(type_specs))
         result = []
@@ -224,8 +227,10 @@ class InstanceService:
                 result.append(self._render_broken(row, found))
                 continue
             devices = {name: dict(dev) for name, dev in found.devices.items()}
-            result.append(self._render_row(row, dict(found.config), devices,
-                                           statuses.get(found.runtime_name, StatusCode.ERROR)))
+            state = statuses.get(found.runtime_name, RuntimeState(StatusCode.ERROR, error="its state is unknown"))
+            result.append(self._render_row(row, dict(found.config), devices, state.status))
+            if state.error:
+                result[-1]["status_error"] = state.error
         return result
 
     def _render_broken(self, row: InstanceRow, err: StapesError) -> dict[str, Any]:
@@ -624,6 +629,11 @@ class InstanceService:
         spec = await self.spec(row)
         return await run_exec(op, self.driver(row.type), spec, request, width, height)
 
+    async def check_exec_ids(self, project: str, name: str, user: int, group: int) -> None:
+        """Before an exec starts: its user and group are ids the container has (400 otherwise)."""
+        spec = await self.spec(await self._store.instance(project, name))
+        check_exec_ids(user, group, ids_from_zero(spec.idmap, "uid"), ids_from_zero(spec.idmap, "gid"))
+
     async def status(self, row: InstanceRow) -> StatusCode:
         return (await self.driver(row.type).state(await self.spec(row), detail=False)).status
 
@@ -645,7 +655,26 @@ class InstanceService:
                 spec = None
                 with contextlib.suppress(Exception):
                     spec = await self.spec(row)
+                if spec is not None and await self._adopt_released(row, spec):
+                    continue
                 await self._undo_create(row, spec, volume_created=spec is not None)
+
+    async def _adopt_released(self, row: InstanceRow, spec: InstanceSpec) -> bool:
+        """A live move's copy that the source had handed over when this server stopped: the only copy now, so
+        it is kept (and runs on), not removed."""
+        try:
+            if not await self.driver(row.type).restore_released(spec):
+                return False
+        except Exception as err:
+            log.warning("%s/%s was handed over by its source, but could not go on here: %s", row.project,
+                        row.name, err)
+            return False
+        del row.config[INCOMPLETE]
+        row.config["volatile.last_state.power"] = "RUNNING"
+        await self._store.update_instance(row)
+        log.warning("%s/%s: kept, as its source had handed it over before this server stopped", row.project,
+                    row.name)
+        return True
 
     async def record_power_state(self, project: str, name: str, *, running: bool) -> None:
         """What restore_power_state will do with the instance when the server starts."""

@@ -124,7 +124,7 @@ class btrfsFeatures(_message.Message):
     def __init__(self, migration_header: _Optional[bool] = ..., header_subvolumes: _Optional[bool] = ..., header_subvolume_uuids: _Optional[bool] = ...) -> None: ...
 
 class MigrationHeader(_message.Message):
-    __slots__ = ("fs", "criu", "idmap", "snapshotNames", "snapshots", "predump", "rsyncFeatures", "refresh", "zfsFeatures", "volumeSize", "btrfsFeatures", "indexHeaderVersion", "stapesTransports", "stapesTotalBytes", "stapesLazy", "stapesStreamedState")
+    __slots__ = ("fs", "criu", "idmap", "snapshotNames", "snapshots", "predump", "rsyncFeatures", "refresh", "zfsFeatures", "volumeSize", "btrfsFeatures", "indexHeaderVersion", "stapesTransports", "stapesTotalBytes", "stapesLazy", "stapesStreamedState", "stapesHandover")
     FS_FIELD_NUMBER: _ClassVar[int]
     CRIU_FIELD_NUMBER: _ClassVar[int]
     IDMAP_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class MigrationHeader(_message.Message):
     STAPESTOTALBYTES_FIELD_NUMBER: _ClassVar[int]
     STAPESLAZY_FIELD_NUMBER: _ClassVar[int]
     STAPESSTREAMEDSTATE_FIELD_NUMBER: _ClassVar[int]
+    STAPESHANDOVER_FIELD_NUMBER: _ClassVar[int]
     fs: MigrationFSType
     criu: CRIUType
     idmap: _containers.RepeatedCompositeFieldContainer[IDMapType]
@@ -157,7 +158,8 @@ class MigrationHeader(_message.Message):
     stapesTotalBytes: int
     stapesLazy: bool
     stapesStreamedState: bool
-    def __init__(self, fs: _Optional[_Union[MigrationFSType, str]] = ..., criu: _Optional[_Union[CRIUType, str]] = ..., idmap: _Optional[_Iterable[_Union[IDMapType, _Mapping]]] = ..., snapshotNames: _Optional[_Iterable[str]] = ..., snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., predump: _Optional[bool] = ..., rsyncFeatures: _Optional[_Union[rsyncFeatures, _Mapping]] = ..., refresh: _Optional[bool] = ..., zfsFeatures: _Optional[_Union[zfsFeatures, _Mapping]] = ..., volumeSize: _Optional[int] = ..., btrfsFeatures: _Optional[_Union[btrfsFeatures, _Mapping]] = ..., indexHeaderVersion: _Optional[int] = ..., stapesTransports: _Optional[_Iterable[str]] = ..., stapesTotalBytes: _Optional[int] = ..., stapesLazy: _Optional[bool] = ..., stapesStreamedState: _Optional[bool] = ...) -> None: ...
+    stapesHandover: bool
+    def __init__(self, fs: _Optional[_Union[MigrationFSType, str]] = ..., criu: _Optional[_Union[CRIUType, str]] = ..., idmap: _Optional[_Iterable[_Union[IDMapType, _Mapping]]] = ..., snapshotNames: _Optional[_Iterable[str]] = ..., snapshots: _Optional[_Iterable[_Union[Snapshot, _Mapping]]] = ..., predump: _Optional[bool] = ..., rsyncFeatures: _Optional[_Union[rsyncFeatures, _Mapping]] = ..., refresh: _Optional[bool] = ..., zfsFeatures: _Optional[_Union[zfsFeatures, _Mapping]] = ..., volumeSize: _Optional[int] = ..., btrfsFeatures: _Optional[_Union[btrfsFeatures, _Mapping]] = ..., indexHeaderVersion: _Optional[int] = ..., stapesTransports: _Optional[_Iterable[str]] = ..., stapesTotalBytes: _Optional[int] = ..., stapesLazy: _Optional[bool] = ..., stapesStreamedState: _Optional[bool] = ..., stapesHandover: _Optional[bool] = ...) -> None: ...
 
 class MigrationControl(_message.Message):
     __slots__ = ("success", "message")

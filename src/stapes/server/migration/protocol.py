@@ -200,6 +200,7 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
         header.predump = predump
         header.stapesLazy = lazy
         header.stapesStreamedState = streamed_state and not lazy
+        header.stapesHandover = not lazy
     return header
 
 
@@ -252,6 +253,7 @@ def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_
         reply.criu = pb.CRIU_RSYNC  # reached only once check_live and the driver accepted the live move
         reply.predump = offer_.predump
         reply.stapesStreamedState = offer_.stapesStreamedState and streamed_state and not offer_.stapesLazy
+        reply.stapesHandover = offer_.stapesHandover and not offer_.stapesLazy
     return reply, chosen
 
 
@@ -259,6 +261,13 @@ def state_streamed(offer_: pb.MigrationHeader, answer: pb.MigrationHeader) -> bo
     """The memory pages travel while the checkpoint writes them: the sender offered it and the receiver said
     yes (a receiver that does not know the field says nothing, and the state then goes in one tar)."""
     return offer_.stapesStreamedState and answer.stapesStreamedState
+
+
+def handed_over(offer_: pb.MigrationHeader, answer: pb.MigrationHeader) -> bool:
+    """Both ends keep the rule that two copies never run: the target restores the instance stopped, says so,
+    and runs it only once the source answered that it gave its own copy up (recorded, so that a restart of
+    the source does not run it again). Without it (an older Stapes peer), the target runs it at once."""
+    return offer_.stapesHandover and answer.stapesHandover
 
 
 def final_sync(offer_: pb.MigrationHeader) -> bool:

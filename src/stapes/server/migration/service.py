@@ -10,9 +10,9 @@ A live move adds the instance's running state, through its driver's hooks only: 
 target, the source driver checkpoints the instance (a move stops it there); what changed in the volume
 meanwhile follows on the fs channel (rsync) while the state goes on the criu channel; the target driver
 restores it and the target confirms. If the target fails or the link breaks before it confirmed, the source
-driver runs the instance again from its own checkpoint. The one case this cannot settle: the link breaking
-after the target restored and confirmed but before the confirmation arrived; then both run it (nothing is
-lost), and the source's operation says so.
+driver runs the instance again from its own checkpoint. Between two Stapes servers the restored copy is held
+(its processes stopped) until the source, having recorded that it gave its own copy up, says so: two copies
+never run, whichever server dies when (docs/reliability.md lists the kill points).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,21 +38,23 @@ from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.faults import pause_point
 from stapes.server.idmap import unshift
-from stapes.server.instances.driver import InstanceDriver, InstanceSpec
+from stapes.server.instances.driver import InstanceDriver, InstanceSpec, StateFiles
 from stapes.server.instances.service import InstanceService, check_volume_layout
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol
 from stapes.server.migration.dial import dial
 from stapes.server.migration.growing import receive_growing, send_growing
 from stapes.server.migration.policy import PrecopySettings, another_precopy_round
+from stapes.server.migration.statefiles import StateBudget, receive_state_files
 from stapes.server.operations import Operation
 from stapes.server.paths import StatePaths
 from stapes.server.progress import Progress
 from stapes.server.storage.base import PoolDriver, Volume
+from stapes.server.storage.bound import DeclaredSizeExceeded, PoolFull, ReceiveBound
 from stapes.server.storage.service import open_transport
-from stapes.server.storage.transfer import Transport, rsync_receive, rsync_send, tar_receive, tar_send
+from stapes.server.storage.transfer import Transport, rsync_receive, rsync_send, tar_send
 from stapes.server.store.db import InstanceRow, SnapshotRow
-from stapes.server.streams import IDLE_TIMEOUT, Channel, ChannelClosed, idle_timeout, tunnel, wait_listening
+from stapes.server.streams import IDLE_TIMEOUT, Channel, ChannelClosed, idle_timeout, stdout_to_channel, tunnel
 
 log = logging.getLogger(__name__)
 CHANNELS = ("control", "fs")
@@ -94,7 +97,7 @@ async def _to_the_end(task: asyncio.Future[Any]) -> bool:
     return cancelled
 
 
-SOURCE_RECORD = "source.json"  # a source's checkpoint is complete: which instance, and whether it moved
+SOURCE_RECORD = "source.json"  # a source's checkpoint: which instance, whether it is complete, whether it moved
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,13 @@ class LeftCheckpoint:
     project: str
     name: str
     moved: bool  # the target had confirmed: the instance runs there
+    complete: bool = True  # False: the server stopped while the checkpoint was being written
 
 
-def _record_checkpoint(live: _Live, *, moved: bool) -> None:
-    """Written (atomically) once the checkpoint is complete, and again once the target confirmed."""
-    record = {"project": live.spec.project, "name": live.spec.name, "moved": moved}
+def _record_checkpoint(live: _Live, *, moved: bool, complete: bool = True) -> None:
+    """Written (atomically) before the checkpoint begins, again once it is complete, and once the target
+    confirmed."""
+    record = {"project": live.spec.project, "name": live.spec.name, "moved": moved, "complete": complete}
     temporary = live.state / f".{SOURCE_RECORD}"
     temporary.write_text(json.dumps(record))
     temporary.rename(live.state / SOURCE_RECORD)
@@ -123,11 +128,12 @@ def _left_checkpoints(migrations: Path) -> list[LeftCheckpoint]:
         try:
             record = json.loads((directory / SOURCE_RECORD).read_text())
             project, name, moved = record["project"], record["name"], record["moved"]
-        except (OSError, ValueError, KeyError, TypeError):
+            complete = record.get("complete", True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if isinstance(project, str) and isinstance(name, str) and isinstance(moved, bool) \
-                and (directory / "final").is_dir():
-            found.append(LeftCheckpoint(directory, project, name, moved))
+                and isinstance(complete, bool) and (directory / "final").is_dir():
+            found.append(LeftCheckpoint(directory, project, name, moved, complete))
     return found
 
 
@@ -142,6 +148,7 @@ class _Live:
     precopy: PrecopySettings = PrecopySettings(enabled=False, goal=0, iterations=0)
     lazy: bool = False  # post-copy: the memory follows the restore, on demand (CRIU lazy pages)
     streamed: bool = False  # the memory pages travel while the checkpoint writes them (growing.py)
+    handover: bool = False  # the target holds its restored copy until the source gave its own up (protocol)
 
     @property
     def final(self) -> Path:
@@ -156,6 +163,20 @@ async def _volume_bytes(path: Path) -> int:
         return int(result.stdout.split()[0])
     except (IndexError, ValueError):
         return 0
+
+
+TAR_ENTRY_BYTES = 1536  # tar's header and padding per file: 1.0-1.6 KiB on average, measured on real trees
+
+
+async def _stream_bytes(path: Path) -> int:
+    """What a volume's stream carries, about: its files' apparent size plus tar's cost per entry. The target
+    holds the source to it (storage/bound.py), so it errs on the high side."""
+    result = await process.run(["du", "-s", "--inodes", str(path)], check=False)
+    try:
+        entries = int(result.stdout.split()[0])
+    except (IndexError, ValueError):
+        entries = 0
+    return await _volume_bytes(path) + TAR_ENTRY_BYTES * entries
 
 
 def _progress(op: Operation, stage: str, total: int) -> Progress:
@@ -185,24 +206,41 @@ async def _peer_reason(control: Channel, fallback: StapesError | BaseException) 
 MAX_PRECOPY_ROUNDS = 999  # the configuration's own limit
 
 
-async def _receive_precopy(criu: Channel, state: Path) -> None:
+def _state_files(live: _Live) -> StateFiles:
+    if live.driver.state_files is None:
+        raise BadRequest(f"This server cannot take {live.spec.name!r} live: its driver accepts no checkpoint")
+    return live.driver.state_files
+
+
+def _state_budget(live: _Live) -> StateBudget:
+    """The driver's bound for one checkpoint of the instance, for each pre-copy round and the final one (as
+    many rounds as the instance's own configuration here allows, and the final checkpoint)."""
+    per_round = live.driver.state_size_limit(live.spec)
+    rounds = PrecopySettings.from_config(live.spec.config).iterations
+    return StateBudget(live.state, per_round, per_round * (rounds + 1))
+
+
+async def _receive_precopy(criu: Channel, live: _Live, budget: StateBudget) -> None:
     """The source's pre-copy rounds, each into predump-<n>, until one is marked the last."""
     for number in range(1, MAX_PRECOPY_ROUNDS + 1):
-        directory = state / f"predump-{number}"
+        directory = live.state / f"predump-{number}"
         await asyncio.to_thread(directory.mkdir)
-        await tar_receive(directory, criu, None)
+        await receive_state_files(directory, criu, _state_files(live), budget,
+                                  links={f"../predump-{n}" for n in range(1, number)})
         if protocol.parse_sync(await criu.receive(), "source").finalPreDump:
             return
     raise protocol.ProtocolError(f"Protocol error: the source sent more than {MAX_PRECOPY_ROUNDS} pre-copy rounds")
 
 
-async def _receive_state(live: _Live, criu: Channel, root: Path) -> None:
-    """The final checkpoint: the pages that travelled while it was written (if so agreed), then the rest."""
+async def _receive_state(live: _Live, criu: Channel, root: Path, budget: StateBudget) -> None:
+    """The final checkpoint: the pages that travelled while it was written (if so agreed), then the rest;
+    each file checked before it is written, all of it within the driver's bound (statefiles.py)."""
     await pause_point("target-before-state", root)
     files = live.driver.growing_state_files
     if live.streamed and files is not None:
-        await receive_growing(live.final, files.pattern, files.mode, criu)
-    await tar_receive(live.final, criu, None)
+        await receive_growing(live.final, files.pattern, files.mode, criu, budget.admit)
+    rounds = await asyncio.to_thread(lambda: [p.name for p in live.state.glob("predump-*")])
+    await receive_state_files(live.final, criu, _state_files(live), budget, links={f"../{n}" for n in rounds})
 
 
 def check_state_links(state: Path) -> None:
@@ -219,10 +257,6 @@ def check_state_links(state: Path) -> None:
         if path.name != "parent" or path.parent.parent != state or target not in allowed:
             raise protocol.ProtocolError(f"Protocol error: the source's state holds a link {path.name} -> "
                                          f"{target!r}, which is not a pre-copy round's parent")
-
-
-class PoolFull(InternalError):
-    """The target's pool filled up during the transfer."""
 
 
 SOURCE_CLOSE_WAIT = 10.0
@@ -284,8 +318,13 @@ class MigrationService:
                                 "delete it here once it runs there", row.name)
                     continue
                 spec = await self._instances.spec(row)
-                await self._instances.driver(row.type).finalize_source(spec, checkpoint.directory / "final",
-                                                                       resume=True)
+                driver = self._instances.driver(row.type)
+                if not checkpoint.complete and not await driver.checkpoint_outcome(spec, checkpoint.directory /
+                                                                                   "final"):
+                    log.warning("%s was being checkpointed when this server stopped; the checkpoint did not "
+                                "complete, so it ran on (or boots afresh if it was stopped)", row.name)
+                    continue
+                await driver.finalize_source(spec, checkpoint.directory / "final", resume=True)
                 log.warning("%s was being moved live when this server stopped: it runs again here, from its "
                             "checkpoint", row.name)
             except Exception as err:  # one instance never keeps the server down
@@ -377,7 +416,7 @@ class MigrationService:
         control, fs = channels["control"], channels["fs"]
         volume = pool.volume_path(instance_volume)
         paths = {s.name: pool.snapshot_path(instance_volume, s.name) for s in snapshots}
-        total = await _volume_bytes(volume) + sum([await _volume_bytes(p) for p in paths.values()])
+        total = await _stream_bytes(volume) + sum([await _stream_bytes(p) for p in paths.values()])
         header = protocol.offer_header(sendable, refresh=False, total_bytes=total, snapshots=snapshots,
                                        live=live is not None, predump=live is not None and live.precopy.enabled,
                                        lazy=live is not None and live.lazy,
@@ -390,6 +429,7 @@ class MigrationService:
             raise protocol.ProtocolError("Protocol error: the target answered without accepting the live move")
         if live is not None:
             live.streamed = protocol.state_streamed(header, answer)
+            live.handover = protocol.handed_over(header, answer)
         op.update_metadata(transport=transport)
         progress = _progress(op, "fs", total)
         features = protocol.rsync_features(answer)
@@ -429,6 +469,8 @@ class MigrationService:
         try:
             try:
                 parent = await self._precopy(op, channels["criu"], live) if live.precopy.enabled else None
+                # The dump outlives this server: should it stop meanwhile, its start finds out how it ended.
+                await asyncio.to_thread(_record_checkpoint, live, moved=False, complete=False)
                 await pause_point("source-before-checkpoint", self._paths.root)
                 op.update_metadata(live_stage="checkpoint")
                 started = time.monotonic()
@@ -447,7 +489,7 @@ class MigrationService:
                 raise
             figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3)}
             op.update_metadata(live_stage="transfer", live=figures)
-            resumed = False
+            resumed = given_up = False
             try:
                 # Should this server stop from now on, it puts the instance back from the checkpoint at start.
                 await asyncio.to_thread(_record_checkpoint, live, moved=False)
@@ -460,9 +502,13 @@ class MigrationService:
                     resumed = True
                     await asyncio.shield(live.driver.finalize_source(live.spec, live.final, resume=True))
                     await asyncio.to_thread((live.state / SOURCE_RECORD).unlink, True)
-                await self._target_confirmed(control)
+                await self._target_confirmed(control)  # restored there (and held, in a handover)
                 if not live.keep_running:  # it runs there now: a restart here must not run it too
                     await asyncio.to_thread(_record_checkpoint, live, moved=True)
+                    given_up = True
+                if live.handover:
+                    await _send_control(control, True)  # the target lets its copy run
+                if given_up:
                     await pause_point("source-after-handover", self._paths.root)
             except (StapesError, OSError) as err:
                 reason = err.message if isinstance(err, StapesError) else str(err)
@@ -472,13 +518,16 @@ class MigrationService:
                         await _send_control(control, False, reason)
                 if resumed:  # a copy: it already runs here again (or its own restore failed: that is the error)
                     raise InternalError(reason) from None
+                if given_up:  # recorded as moved: running it here too could make two copies
+                    raise InternalError(f"{reason}; {live.spec.name!r} was already handed over: it stays stopped "
+                                        "here; check that it runs on the target") from None
                 try:
                     await asyncio.shield(self._resume_source(live))
                 except StapesError as resume_error:
                     raise InternalError(f"{reason}; and {resume_error.message}") from None
                 raise InternalError(f"{reason} ({live.spec.name!r} runs on the source again)") from None
             except BaseException:
-                if not resumed:
+                if not resumed and not given_up:
                     await asyncio.shield(self._resume_source(live))
                 raise
             finally:
@@ -511,11 +560,11 @@ class MigrationService:
 
     async def _send_lazy_state(self, op: Operation, channels: dict[str, Channel], volume: Path,
                                features: list[str], live: _Live) -> None:
-        """Post-copy: CRIU dumps everything but the memory and serves the memory on a local port; that state and
-        what changed in the volume go to the target, which restores at once; then the memory flows through the
-        `criu` channel (a tunnel to CRIU's port) as the target asks for it. Until the target confirmed, a
-        failure stops CRIU and the container runs on here, its memory untouched; after, a broken link loses
-        it (the documented risk of migration.lazy)."""
+        """Post-copy: CRIU dumps everything but the memory and serves the memory on a socketpair (no listener);
+        that state and what changed in the volume go to the target, which restores at once; then the memory
+        flows through the `criu` channel (joined to CRIU's socket) as the target asks for it. Until the target
+        confirmed, a failure stops CRIU and the container runs on here, its memory untouched; after, a broken
+        link loses it (the documented risk of migration.lazy)."""
         try:
             await self._send_lazy_state_in(op, channels, volume, features, live)
         finally:
@@ -525,27 +574,29 @@ class MigrationService:
                                   features: list[str], live: _Live) -> None:
         control, criu = channels["control"], channels["criu"]
         await asyncio.to_thread(live.final.mkdir, parents=True)
-        port = free_local_port()
+        # CRIU's page server serves one end of a socketpair it inherits; the other end is tunnelled to the
+        # target: the memory never crosses a socket another local user could reach.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        serving = asyncio.Event()
         started = time.monotonic()
         op.update_metadata(live_stage="checkpoint")
-        checkpoint = asyncio.ensure_future(live.driver.checkpoint(live.spec, live.final, None, lazy_port=port))
-        confirmed = False
+        checkpoint = asyncio.ensure_future(live.driver.checkpoint(live.spec, live.final, None, lazy_socket=theirs,
+                                                                  serving=serving))
+        checkpoint.add_done_callback(lambda _: theirs.close())
+        pages: asyncio.Future[None] | None = None
 
         async def abort() -> None:
             await live.driver.abort_checkpoint(live.spec)
             await asyncio.gather(checkpoint, return_exceptions=True)
 
-        async def before_target_gone() -> None:
-            if not confirmed:  # the target went away before it restored: CRIU must not take that for "all sent"
-                await abort()
-
         try:
             try:
-                await wait_listening(port, checkpoint, "CRIU's lazy dump")
+                await _until_set(serving, checkpoint, "CRIU's lazy dump")
             except StapesError as err:
                 with contextlib.suppress(Exception):
                     await _send_control(control, False, err.message)
                 raise
+            theirs.close()  # CRIU's now: the tunnel sees the end of its stream once CRIU ends
             figures: dict[str, Any] = {"checkpoint_s": round(time.monotonic() - started, 3),
                                        "state_bytes": await _volume_bytes(live.final), "lazy": True}
             op.update_metadata(live_stage="transfer", live=figures)
@@ -553,14 +604,20 @@ class MigrationService:
             await _together(rsync_send(volume, channels["fs"], None, [*features, "delete"]),
                             tar_send(live.final, criu, None))
             await _send_control(control, True)
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            pages = asyncio.ensure_future(tunnel(reader, writer, criu, before_peer_end=before_target_gone))
+            await pause_point("source-before-memory", self._paths.root)
+            # The target's restore needs pages already; but its "I have them all" reaches CRIU only once the target
+            # confirmed: CRIU would end the container here at once, the target still able to fail.
+            confirmed = asyncio.Event()
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            pages = asyncio.ensure_future(_lazy_tunnel(reader, writer, criu, confirmed, abort))
             try:
                 await self._target_confirmed(control)
             except BaseException:
-                pages.cancel()
+                await asyncio.shield(abort())  # CRIU first: the end of its socket would read as "all sent"
+                await _stopped(pages)
+                writer.close()  # the tunnel's, had it not started yet
                 raise
-            confirmed = True
+            confirmed.set()
             figures["frozen_s"] = round(time.monotonic() - started, 3)
             op.update_metadata(live_stage="memory", live=figures)
         except (StapesError, OSError) as err:
@@ -571,6 +628,9 @@ class MigrationService:
         except BaseException:
             await asyncio.shield(abort())
             raise
+        finally:
+            if pages is None:  # otherwise the tunnel's transport owns it
+                ours.close()
         try:
             await _together(pages, checkpoint)
         except (StapesError, OSError) as err:
@@ -580,6 +640,19 @@ class MigrationService:
         figures["memory_s"] = round(time.monotonic() - started - figures["frozen_s"], 3)
         op.update_metadata(live_stage="done", live=figures)
         await live.driver.finalize_source(live.spec, live.final, resume=False)
+
+    @staticmethod
+    async def _source_gave_up(control: Channel) -> None:
+        """The source's last word in a handover: it recorded that the instance moved, so it never runs it again.
+        Anything else (a failure, the link lost, silence for the idle timeout) and the held copy is removed."""
+        try:
+            result = await _receive_control(control)
+        except (StapesError, OSError) as err:
+            reason = err.message if isinstance(err, StapesError) else str(err)
+            raise InternalError(f"The source did not hand the instance over ({reason}): it keeps running there")\
+                from None
+        if not result.success:
+            raise InternalError(f"The source failed: {result.message or 'no reason given'}")
 
     @staticmethod
     async def _target_confirmed(control: Channel) -> None:
@@ -654,28 +727,28 @@ class MigrationService:
         op.update_metadata(live_stage="restore")
         started = time.monotonic()
         pages: list[asyncio.Future[None]] = []
-        server: asyncio.Server | None = None
+        lazy_socket: socket.socket | None = None
         try:
-            port = None
-            if live.lazy:  # CRIU's lazy-pages daemon reaches the source's CRIU through this port and the tunnel
-
-                async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                    if pages:  # one connection only
-                        writer.close()
-                        return
-                    pages.append(asyncio.ensure_future(tunnel(reader, writer, channels_criu)))
-
-                channels_criu = channels["criu"]
-                server = await asyncio.start_server(connected, "127.0.0.1", 0)
-                port = server.sockets[0].getsockname()[1]
-            await live.driver.restore(spec, live.final, lazy_port=port)
+            if live.lazy:  # CRIU's lazy-pages daemon inherits one end of a socketpair, the tunnel the other
+                lazy_socket, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                reader, writer = await asyncio.open_unix_connection(sock=ours)
+                pages.append(asyncio.ensure_future(tunnel(reader, writer, channels["criu"])))
+            # A tunnel that breaks meanwhile (the source gone) ends the restore: CRIU would wait for pages forever.
+            if live.handover:
+                await live.driver.hold_restore(spec)
+            await _unless_broken(live.driver.restore(spec, live.final, lazy_socket=lazy_socket), pages)
+            if lazy_socket is not None:
+                lazy_socket.close()  # CRIU's now: the tunnel sees the end of its stream once CRIU ends
             row.config["volatile.last_state.power"] = "RUNNING"
             await pause_point("target-before-commit", self._paths.root)
             await _send_control(control, True)
+            if live.handover:  # restored, held: it runs only once the source says it gave its copy up
+                op.update_metadata(live_stage="handover")
+                await self._source_gave_up(control)
+                await live.driver.release_restore(spec)
+                await pause_point("target-after-release", self._paths.root)
             if live.lazy:
                 op.update_metadata(live_stage="memory")
-                if not pages:
-                    raise InternalError("CRIU's lazy-pages daemon never reached the source")
                 await _together(pages[0], live.driver.memory_arrived(spec))
         except BaseException:
             for task in pages:
@@ -683,8 +756,8 @@ class MigrationService:
             await asyncio.shield(live.driver.finalize_target(spec, success=False))
             raise
         finally:
-            if server is not None:
-                server.close()
+            if lazy_socket is not None:
+                lazy_socket.close()
         await live.driver.finalize_target(spec, success=True)
         op.update_metadata(live_stage="done", live={"restore_s": round(time.monotonic() - started, 3)})
 
@@ -746,22 +819,28 @@ class MigrationService:
                 # The pre-copy rounds, then what changed while the first pass ran (rsync, deletions too) beside
                 # the final checkpoint.
                 await asyncio.to_thread(live.final.mkdir, parents=True)
+                budget = _state_budget(live)
                 if offer.predump:
-                    await _receive_precopy(channels["criu"], live.state)
+                    await _receive_precopy(channels["criu"], live, budget)
                 features = [*protocol.rsync_features(answer), "delete"]
-                await _together(rsync_receive(volume, channels["fs"], None, features),
-                                _receive_state(live, channels["criu"], self._paths.root))
+                await _together(rsync_receive(volume, channels["fs"], None, features,
+                                              receiver.bound.delta if receiver.bound else None),
+                                _receive_state(live, channels["criu"], self._paths.root, budget))
                 await asyncio.to_thread(check_state_links, live.state)
             await asyncio.to_thread(check_volume_layout, volume)
+            if live is not None:  # what its images name, against the received root: before the restore
+                await live.driver.check_state(live.spec, live.state)
             if shifted:
                 await asyncio.to_thread(unshift, volume, shifted)
-        except (StapesError, OSError):
+        except (StapesError, OSError) as err:
             if refresh:
                 for name in received:
                     try:
                         await self._instances.delete_snapshot_unlocked(row.project, row.name, name)
                     except NotFound:
                         await pool.delete_snapshot(volume_of_row, name)
+            if isinstance(err, PoolFull | DeclaredSizeExceeded):
+                raise  # stopped by the receive bound, which said why
             usage = await pool.usage()
             if usage["total"] - usage["used"] < FULL_MARGIN:
                 raise PoolFull(
@@ -812,6 +891,7 @@ class MigrationService:
             streamed_state=live is not None and live.driver.growing_state_files is not None)
         if live is not None:
             live.streamed = protocol.state_streamed(offer, answer)
+            live.handover = protocol.handed_over(offer, answer)
         await control.send(answer.SerializeToString())
         op.update_metadata(transport=transport)
         if refresh:
@@ -819,6 +899,9 @@ class MigrationService:
                 await self._instances.delete_snapshot_unlocked(row.project, row.name, gone)
         progress = _progress(op, "fs", offer.stapesTotalBytes)
         receiver = open_transport(transport, fs, progress, protocol.rsync_features(answer))
+        # Held to the size a Stapes source declared (tar, btrfs), and to the pool's free space always.
+        declared = offer.stapesTotalBytes if offer.stapesTransports and transport != protocol.RSYNC else None
+        receiver.bound = ReceiveBound(pool.pool, pool.root, declared)
         # The source's one control message: a failure at any time, or (Stapes) "all sent" at the end.
         said = asyncio.create_task(_receive_control(control))
         transfer = asyncio.create_task(self._receive_volumes(row, volume, pool, receiver, offer, answer,
@@ -831,7 +914,7 @@ class MigrationService:
                     raise InternalError(f"The source failed: {reason}")
             try:
                 await transfer
-            except PoolFull:
+            except (PoolFull, DeclaredSizeExceeded):
                 raise
             except (StapesError, OSError) as err:
                 raise InternalError(f"Receiving from the source failed: {await _reason_from(said, err)}") from None
@@ -847,8 +930,66 @@ class MigrationService:
         progress.finish()
 
 
-def free_local_port() -> int:
-    """A free TCP port on 127.0.0.1 for a tool of ours to listen on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+
+_PAGE_REQUEST = struct.Struct("=I4xQQQ")  # CRIU's struct page_server_iov (x86_64): cmd, nr_pages, vaddr, dst_id
+_PS_CMD_MASK = 0xFFFF
+_PS_CLOSING = {0x1023, 0x1024}  # PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE: the lazy-pages daemon has every page
+
+
+async def _lazy_tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: Channel,
+                       confirmed: asyncio.Event, abort: Callable[[], Awaitable[None]]) -> None:
+    """Source: CRIU's page server (`reader`, `writer`) and the target's lazy-pages daemon (`channel`). The
+    daemon only sends requests, fixed-size records; its closing one is held back until `confirmed`. Until
+    then CRIU must never see its socket end (it would take that for "all sent" and end the container here):
+    however the tunnel ends unconfirmed, `abort` stops CRIU first."""
+
+    async def requests() -> None:
+        pending = bytearray()
+        async for chunk in channel.stream():
+            pending += chunk
+            while len(pending) >= _PAGE_REQUEST.size:
+                record = bytes(pending[:_PAGE_REQUEST.size])
+                del pending[:_PAGE_REQUEST.size]
+                if _PAGE_REQUEST.unpack(record)[0] & _PS_CMD_MASK in _PS_CLOSING:
+                    await confirmed.wait()
+                writer.write(record)
+            await writer.drain()
+        if pending:
+            raise InternalError("CRIU's lazy-pages daemon on the target sent a truncated page request")
+        await confirmed.wait()
+        writer.write_eof()
+
+    try:
+        await asyncio.gather(stdout_to_channel(reader, channel, None), requests())
+    finally:
+        if not confirmed.is_set():
+            await asyncio.shield(abort())
+        writer.close()
+
+
+async def _unless_broken(work: Awaitable[None], watched: Sequence[asyncio.Future[None]]) -> None:
+    """`work`, cancelled if one of the `watched` tasks fails first (its error is raised then)."""
+    task = asyncio.ensure_future(work)
+    try:
+        pending: set[asyncio.Future[None]] = {task, *watched}
+        while not task.done():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for finished in done:
+                error = None if finished is task or finished.cancelled() else finished.exception()
+                if error is not None:
+                    raise error
+        task.result()
+    finally:
+        await _stopped(task)
+
+
+async def _until_set(event: asyncio.Event, task: asyncio.Future[Any], what: str) -> None:
+    """Until `event` is set, or `task` (the tool that is to set it) ends first."""
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiting, task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if not event.is_set():
+        task.result()
+        raise InternalError(f"{what} ended before it served the memory")
