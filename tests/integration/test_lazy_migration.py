@@ -178,7 +178,10 @@ def _leftovers(server: Server) -> list[str]:
         try:
             argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             cgroups = (entry / "cgroup").read_text()
-        except OSError:
+            ended = (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z"
+        except (OSError, IndexError):
+            continue
+        if ended:  # killed, holding nothing, waiting for whoever inherited it to reap it (init reaps slowly here)
             continue
         if (str(server.state_dir) in argv and ("criu" in argv or "lxc-checkpoint" in argv)) or tag in cgroups:
             found.append(f"{entry.name}: {argv[:200]}")
