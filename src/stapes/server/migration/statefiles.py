@@ -164,12 +164,7 @@ async def receive_state_files(directory: Path, channel: Channel, files: StateFil
                 if trailing > MAX_TRAILING:
                     raise refused("goes on after the end of its tar stream")
                 continue
-            while not extracting.done():
-                try:
-                    feed.messages.put_nowait(message)
-                    break
-                except queue.Full:
-                    await asyncio.wait({extracting}, timeout=0.002)
+            await _put(feed, extracting, message)
         await _end(feed, extracting)
         await extracting
     finally:
@@ -181,9 +176,15 @@ async def receive_state_files(directory: Path, channel: Channel, files: StateFil
 
 async def _end(feed: _Feed, extracting: asyncio.Future[None]) -> None:
     """Tell the thread the stream ended (it reads what is queued, then finds the end)."""
+    await _put(feed, extracting, None)
+
+
+async def _put(feed: _Feed, extracting: asyncio.Future[None], item: bytes | None) -> None:
+    """Hand `item` to the thread without blocking the event loop (its queue is bounded); nothing once the thread
+    has ended."""
     while not extracting.done():
         try:
-            feed.messages.put_nowait(None)
+            feed.messages.put_nowait(item)
             return
         except queue.Full:
             await asyncio.wait({extracting}, timeout=0.002)
