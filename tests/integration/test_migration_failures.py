@@ -80,6 +80,10 @@ def test_refused_before_anything_moves(s1: Server, s2: Server, two: Cli) -> None
     }
     for args, expected in cases.items():
         assert expected in two.fails(*args), args
+        # The refused command returns only once both sides ended: nothing left running holds c1 busy.
+        for remote in ("s1:", "s2:"):
+            assert [op["description"] for op in two.json("operation", "list", remote)
+                    if op["status"] in ("Running", "Cancelling")] == [], (args, remote)
     assert two.run("copy", "s1:c1", "s2:", "--mode", "teleport", check=False).returncode == 2
     assert [i["name"] for i in two.json("list", "s1:")] == ["c1"]
     assert [i["name"] for i in two.json("list", "s2:")] == ["taken"]

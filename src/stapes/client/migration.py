@@ -240,7 +240,19 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
 
 
 async def _cancel(source: AsyncClient, source_op: Json | None, target: AsyncClient, target_op: Json | None) -> None:
-    for client, op in ((target, target_op), (source, source_op)):
-        if op is not None:
-            with contextlib.suppress(Exception):
-                await client.cancel_operation(op["id"])
+    """Cancel both sides and wait (bounded) until each has ended: the instance stays busy while its operation
+    runs, so returning earlier would let the user's next command find it busy."""
+    started = [(client, op) for client, op in ((target, target_op), (source, source_op)) if op is not None]
+    for client, op in started:
+        with contextlib.suppress(Exception):
+            await client.cancel_operation(op["id"])
+
+    async def ended(client: AsyncClient, op: Json) -> None:
+        with contextlib.suppress(Exception):
+            await client.conn.poll_until_done(op)
+
+    waits = [asyncio.create_task(ended(c, op)) for c, op in started]
+    if waits:
+        _, pending = await asyncio.wait(waits, timeout=PEER_GIVE_UP)
+        for task in pending:
+            task.cancel()
