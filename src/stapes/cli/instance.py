@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import termios
-import tty
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
 from stapes.api.errors import BadRequest
-from stapes.cli import render
-from stapes.cli.common import client_for, device_overrides, key_values, parse, parse_remote_only
-
-Column = tuple[str, Callable[[dict[str, Any]], str]]
-LIST_COLUMNS: dict[str, Column] = {
-    "n": ("NAME", lambda i: i["name"]),
-    "s": ("STATE", lambda i: i["status"].upper()),
-    "t": ("TYPE", lambda i: i["type"].upper()),
-    "4": ("IPV4", lambda i: _addresses(i, "inet")),
-    "6": ("IPV6", lambda i: _addresses(i, "inet6")),
-    "S": ("SNAPSHOTS", lambda i: str(len(i.get("snapshots") or []))),
-    "P": ("PROFILES", lambda i: "\n".join(i["profiles"])),
-    "e": ("PROJECT", lambda i: i["project"]),
-    "b": ("STORAGE POOL", lambda i: next((d.get("pool", "") for d in i["expanded_devices"].values()
-                                          if d.get("type") == "disk" and d.get("path") == "/"), "")),
-    "c": ("CREATED AT", lambda i: i["created_at"]),
-    "p": ("PID", lambda i: str((i.get("state") or {}).get("pid", ""))),
-    "m": ("MEMORY USAGE", lambda i: _bytes(((i.get("state") or {}).get("memory") or {}).get("usage", 0))),
-}
+from stapes.cli import listing, render, units
+from stapes.cli.common import client_for, config, device_overrides, key_values, parse, parse_remote_only
+from stapes.cli.terminal import raw_terminal
+from stapes.client.client import ExecError
 
 
 def _server_info(name: str | None) -> None:
@@ -173,20 +154,42 @@ def register(cli: click.Group) -> None:
         _create(image, name, start=False, **kwargs)
 
     def _state_command(action: str, past: str) -> Any:
-        @click.argument("names", nargs=-1, required=True)
+        @click.argument("names", nargs=-1)
         @click.option("-q", "--quiet", is_flag=True, help="No progress output")
-        def command(names: tuple[str, ...], quiet: bool, timeout: int = -1, force: bool = False) -> None:
-            for spec in names:
-                remote, name = parse(spec)
+        @click.option("--all", "every", is_flag=True,
+                      help=f"{action.title()} every instance that can be (the arguments are remotes: s1:)")
+        def command(names: tuple[str, ...], quiet: bool, every: bool, timeout: int = -1, force: bool = False) -> None:
+            if every:
+                targets = _all_for(action, names)
+            elif not names:
+                raise BadRequest(f"Name the instances to {action}, or use --all: stapes {action} NAME...")
+            else:
+                targets = [parse(spec) for spec in names]
+            for remote, name in targets:
                 with client_for(remote) as client, render.progress(f"{action.title()}ing {name}", quiet):
                     client.change_state(name, action, timeout=timeout, force=force)
         command.__doc__ = f"""{action.title()} instances.
 
         \b
-        Example:
+        Examples:
           stapes {action} c1 s1:c2
+          stapes {action} --all s1:
         """
         return command
+
+    def _all_for(action: str, remotes: tuple[str, ...]) -> list[tuple[Any, str]]:
+        """`--all [REMOTE:]...`: the instances of each remote in a state the action applies to (as Incus)."""
+        wanted = {"start": ("Stopped",), "stop": ("Running", "Frozen"), "restart": ("Running",),
+                  "freeze": ("Running",), "unfreeze": ("Frozen",)}[action]
+        found = []
+        for spec in remotes or (None,):
+            if spec is not None and not spec.endswith(":"):
+                raise BadRequest(f"With --all the arguments are remotes ({spec}:), not instances")
+            remote = parse_remote_only(spec)
+            with client_for(remote) as client:
+                found += [(remote, i["name"]) for i in sorted(client.instances(), key=lambda i: i["name"])
+                          if i["status"] in wanted]
+        return found
 
     cli.command(name="start")(_state_command("start", "started"))
     cli.command(name="freeze")(_state_command("freeze", "frozen"))
@@ -218,6 +221,8 @@ def register(cli: click.Group) -> None:
                         raise BadRequest(f"Instance {name!r} is {instance['status'].lower()}: stop it first, "
                                          "or use 'stapes delete --force'")
                     client.change_state(name, "stop", force=True)
+                    if instance.get("ephemeral"):
+                        continue  # stopping an ephemeral instance deleted it
                 with render.progress(f"Deleting {name}", quiet):
                     client.delete_instance(name)
 
@@ -228,37 +233,61 @@ def register(cli: click.Group) -> None:
         """Rename a stopped instance.
 
         \b
-        Example:
+        Examples:
           stapes rename c1 web1
+          stapes rename s1:c1 s1:web1
         """
         remote, old = parse(name)
+        if ":" in new_name:
+            new_remote, new_name = parse(new_name)
+            if new_remote.name != remote.name:
+                raise BadRequest(f"A rename stays on one server ({remote.name} here, {new_remote.name} there): "
+                                 f"use 'stapes move {name} {new_remote.name}:{new_name}' to move it")
         with client_for(remote) as client:
             client.rename_instance(old, new_name)
 
     @cli.command(name="list")
-    @click.argument("remote", required=False)
-    @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
-    @click.option("-c", "--columns", default="ns46tS", help="Columns, by shorthand (see 'incus list --help')")
+    @click.argument("args", nargs=-1, metavar="[REMOTE:] [FILTER]...")
+    @click.option("-f", "--format", "fmt", type=render.FormatType(), default="table",
+                  help="table, compact, csv, json or yaml; ',noheader' hides the table header, ',header' adds one "
+                       "to csv, ',raw' shows bytes as numbers")
+    @click.option("-c", "--columns", default=None, help="Columns, by Incus's shorthand letters (default ns46tS), long "
+                  "names (name,state,...) or config keys (user.role:ROLE)")
+    @click.option("--fast", is_flag=True, help="The columns nsacPt")
     @click.option("--all-projects", is_flag=True, help="List instances of every project")
-    def list_instances(remote: str | None, fmt: str, columns: str, all_projects: bool) -> None:
-        """List instances.
+    def list_instances(args: tuple[str, ...], fmt: str, columns: str | None, fast: bool,
+                       all_projects: bool) -> None:
+        """List instances, filtered as Incus does.
+
+        \b
+        Filters (all must match):
+          web                   names starting with web (or a regular expression: '.*web.*01$')
+          status=running        also state=, type=container, architecture=, ipv4=10.0.0.0/24, ipv6=
+          user.role=web         a configuration key (expanded); u.role=web abbreviates the namespace
+        Columns (-c, commas optional between letters):
+          4 IPv4  6 IPv6  a architecture  b storage pool  c created  d description  D disk usage
+          e project  f base image  l last used  m memory  M memory%  n name  N processes  p PID
+          P profiles  R remote  s state  S snapshots  t type  u CPU time  U started  L location
+          or long names (name,state,ipv4) or [config:|devices:]KEY[:NAME][:MAXWIDTH]
 
         \b
         Examples:
           stapes list
+          stapes list s1: status=running type=container
+          stapes list web user.role=db -c ns,user.role:ROLE
+          stapes list -c nsmMDu -f csv,noheader
           stapes list s1: --format json
-          stapes list -c nsP
         """
-        target = parse_remote_only(remote)
-        if all_projects and "e" not in columns:
-            columns = columns[:1] + "e" + columns[1:]
-        unknown = [c for c in columns if c not in LIST_COLUMNS]
-        if unknown:
-            raise BadRequest(f"Unknown column {unknown[0]!r}: use any of {''.join(LIST_COLUMNS)}")
+        remote_spec, filters = listing.split_target(args, set(config().remotes))
+        target = parse_remote_only(remote_spec)
+        spec = listing.columns_for(columns, all_projects=all_projects, fast=fast)
+        listing.parse_columns(spec)  # refused before asking the server
         with client_for(target) as client:
             instances = client.instances(recursion=2, all_projects=all_projects)
-        rows = [[LIST_COLUMNS[c][1](i) for c in columns] for i in sorted(instances, key=lambda i: i["name"])]
-        render.table([LIST_COLUMNS[c][0] for c in columns], rows, fmt, raw=instances)
+        shown = [i for i in instances if listing.matches(i, filters)]
+        chosen = listing.parse_columns(listing.drop_unlocated(spec, shown))
+        raw_units = "raw" in render.split_format(fmt)[1]
+        render.table([c.header for c in chosen], listing.rows(shown, chosen, raw_units, target.name), fmt, raw=shown)
 
     @cli.command()
     @click.argument("name", required=False)
@@ -281,13 +310,13 @@ def register(cli: click.Group) -> None:
             lines = [
                 ("Name", instance["name"]), ("Status", instance["status"].upper()),
                 ("Type", instance["type"]), ("Architecture", instance["architecture"]),
-                ("Project", instance["project"]), ("Created", instance["created_at"]),
-                ("Last Used", instance["last_used_at"]), ("Profiles", ", ".join(instance["profiles"])),
+                ("Project", instance["project"]), ("Created", units.when(instance["created_at"])),
+                ("Last Used", units.when(instance["last_used_at"])), ("Profiles", ", ".join(instance["profiles"])),
             ]
             if instance["status"] == "Running":
                 lines += [("PID", str(state.get("pid"))), ("Processes", str(state.get("processes"))),
                           ("Memory usage", _bytes((state.get("memory") or {}).get("usage", 0))),
-                          ("CPU usage (ns)", str((state.get("cpu") or {}).get("usage", 0)))]
+                          ("CPU usage (in seconds)", units.seconds((state.get("cpu") or {}).get("usage", 0)))]
             for key, value in lines:
                 click.echo(f"{key}: {value}")
             network = state.get("network") or {}
@@ -328,23 +357,13 @@ def register(cli: click.Group) -> None:
                                             and sys.stdout.isatty())
         stdin = None if disable_stdin else sys.stdin.buffer
         size = os.get_terminal_size() if interactive and sys.stdout.isatty() else os.terminal_size((80, 24))
-        with client_for(remote) as client, _raw_terminal(interactive and sys.stdin.isatty()):
-            code = client.exec(instance_name, list(command), environment=key_values(env, "environment variable"),
-                               cwd=cwd, user=user, group=group, interactive=interactive, stdin=stdin,
-                               stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
-                               size=(size.columns, size.lines), forward_signals=True)
+        try:
+            with client_for(remote) as client, raw_terminal(interactive and sys.stdin.isatty()):
+                code = client.exec(instance_name, list(command),
+                                   environment=key_values(env, "environment variable"), cwd=cwd, user=user,
+                                   group=group, interactive=interactive, stdin=stdin, stdout=sys.stdout.buffer,
+                                   stderr=sys.stderr.buffer, size=(size.columns, size.lines), forward_signals=True)
+        except ExecError as err:  # the command never ran ("Command not found"): Incus's message and status
+            render.error(err.message)
+            code = err.code
         sys.exit(code)
-
-
-@contextlib.contextmanager
-def _raw_terminal(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)

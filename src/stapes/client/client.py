@@ -16,9 +16,10 @@ from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
 
-from stapes.api.errors import BadRequest, Conflict, Forbidden
+from stapes.api.errors import BadRequest, Conflict, Forbidden, StapesError
 from stapes.api.tokens import decode_token
 from stapes.certs import der_to_pem, ensure_certificate, fingerprint_der
+from stapes.client import console
 from stapes.client.config import ClientConfig, Remote
 from stapes.client.connection import Connection, Json, fetch_server_certificate
 
@@ -129,6 +130,38 @@ class AsyncClient:
 
     async def instance_log(self, name: str, file: str) -> bytes:
         return await self.conn.raw(f"/1.0/instances/{name}/logs/{file}")
+
+    async def console(self, name: str, *, stdin: BinaryIO, stdout: BinaryIO, size: tuple[int, int] = (80, 24),
+                      attached: Callable[[], None] | None = None) -> bool:
+        """Attach to an instance's console until Ctrl+a q; whether the server ended it (stapes.client.console)."""
+        return await console.attach(self.conn, name, stdin, stdout, size, attached)
+
+    async def console_log(self, name: str) -> bytes:
+        return await console.show_log(self.conn, name)
+
+    # backups (export and import: stapes.client.backups)
+    async def backups(self, name: str) -> list[Json]:
+        result: list[Json] = await self.conn.request("GET", f"/1.0/instances/{name}/backups", params={"recursion": "1"})
+        return result
+
+    async def create_backup(self, name: str, body: Json, progress: Progress | None = None) -> Json:
+        return await self.run_operation(await self.conn.request("POST", f"/1.0/instances/{name}/backups", body),
+                                        progress)
+
+    async def delete_backup(self, name: str, backup: str) -> None:
+        await self.conn.wait(await self.conn.request("DELETE", f"/1.0/instances/{name}/backups/{backup}"))
+
+    async def download_backup(self, name: str, backup: str, sink: BinaryIO,
+                              progress: Callable[[int, int | None], None] | None = None) -> int:
+        from stapes.client.backups import download
+        return await download(self.conn, f"/1.0/instances/{name}/backups/{backup}/export", sink, progress)
+
+    async def import_backup(self, source: BinaryIO, *, pool: str = "", name: str = "", size: int | None = None,
+                            upload_progress: Callable[[int, int | None], None] | None = None,
+                            progress: Progress | None = None) -> Json:
+        from stapes.client.backups import upload
+        op = await upload(self.conn, source, pool=pool, name=name, size=size, progress=upload_progress)
+        return await self.run_operation(op, progress)
 
     async def exec(self, name: str, command: list[str], *, environment: dict[str, str] | None = None,
                    cwd: str = "", user: int = 0, group: int = 0, interactive: bool = False,
@@ -290,12 +323,26 @@ async def add_remote_with_token(config: ClientConfig, name: str, token: str, add
     raise BadRequest("None of the token's addresses answered: " + "; ".join(errors))
 
 
+class ExecError(StapesError):
+    """An exec whose command could not run ("Command not found"); `code` is the exit status to pass on (127)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class _ExecStreams:
+    """The websockets of one exec. Interactive: "0" both ways, ended by an empty text message (Incus's
+    barrier); SIGWINCH sends the terminal's size, SIGTERM and SIGHUP are forwarded and end the session here
+    too (the caller restores its terminal and exits 128 + the signal)."""
+
     def __init__(self, conn: Connection, op: Json, fds: dict[str, str], interactive: bool, stdin: BinaryIO | None,
                  stdout: BinaryIO | None, stderr: BinaryIO | None, forward_signals: bool) -> None:
         self.conn, self.op, self.fds, self.interactive = conn, op, fds, interactive
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.forward_signals = forward_signals
+        self.hangup: asyncio.Future[int] | None = None
+        self.sent: asyncio.Future[None] | None = None
 
     async def run(self) -> int:
         async with contextlib.AsyncExitStack() as stack:
@@ -312,6 +359,7 @@ class _ExecStreams:
             # The server closes the control socket when the command ends; reading it answers that close.
             drain = asyncio.create_task(self._output(control, None))
             loop = asyncio.get_running_loop()
+            self.hangup = loop.create_future()
             handled: list[signal.Signals] = []
             if self.forward_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -320,15 +368,27 @@ class _ExecStreams:
                 if self.interactive:
                     loop.add_signal_handler(signal.SIGWINCH, self._send_resize, control)
                     handled.append(signal.SIGWINCH)
+            waiter = asyncio.ensure_future(self.conn.poll_until_done(self.op))
             try:
-                result = await self.conn.wait(self.op)
-                await asyncio.wait_for(asyncio.gather(*outputs), 10)
+                await asyncio.wait({waiter, self.hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if self.hangup.done():
+                    if self.sent is not None:  # the signal on its way before the sockets close
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(self.sent, 2)
+                    return 128 + self.hangup.result()
+                result = waiter.result()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.gather(*outputs), 10)
             finally:
                 for sig in handled:
                     loop.remove_signal_handler(sig)
-                feeder.cancel()
-                drain.cancel()
-            return int(result["metadata"].get("return", -1))
+                for task in (waiter, feeder, drain, *outputs):
+                    task.cancel()
+            code = int((result.get("metadata") or {}).get("return", -1))
+            if result["status_code"] != 200:
+                message = result.get("err") or result["status"]
+                raise ExecError(message, code) if code >= 0 else StapesError(message)
+            return code
 
     async def _output(self, ws: aiohttp.ClientWebSocketResponse, sink: BinaryIO | None) -> None:
         async for msg in ws:
@@ -336,8 +396,8 @@ class _ExecStreams:
                 if sink is not None:
                     sink.write(msg.data)
                     sink.flush()
-            elif msg.type != aiohttp.WSMsgType.TEXT:
-                break
+            elif msg.type != aiohttp.WSMsgType.TEXT or (self.interactive and not msg.data):
+                break  # a close, or the barrier that ends an interactive session's output
 
     async def _input(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         if self.stdin is None:
@@ -365,10 +425,15 @@ class _ExecStreams:
             await ws.close()
 
     def _send_signal(self, ws: aiohttp.ClientWebSocketResponse, signum: int) -> None:
-        asyncio.ensure_future(ws.send_json({"command": "signal", "signal": signum}))
+        self.sent = asyncio.ensure_future(ws.send_json({"command": "signal", "signal": signum}))
+        if self.interactive and signum in (signal.SIGTERM, signal.SIGHUP) and self.hangup and not self.hangup.done():
+            self.hangup.set_result(signum)
 
     def _send_resize(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        size = os.get_terminal_size()
+        try:
+            size = os.get_terminal_size(self.stdout.fileno() if self.stdout is not None else 1)
+        except (OSError, ValueError):
+            return
         asyncio.ensure_future(ws.send_json({"command": "window-resize",
                                             "args": {"width": str(size.columns), "height": str(size.lines)}}))
 

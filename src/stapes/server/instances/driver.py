@@ -26,6 +26,7 @@ class InstanceSpec:
     volume: Path
     nics: Mapping[str, str] = field(default_factory=dict)  # nic device -> the host bridge it joins
     idmap: tuple[IdRange, ...] = ()  # empty: privileged (no user namespace)
+    volumes: Mapping[str, Path] = field(default_factory=dict)  # disk device -> its custom volume's directory
 
     @property
     def runtime_name(self) -> str:
@@ -116,6 +117,9 @@ class InstanceDriver(ABC):
     @abstractmethod
     async def undefine(self, spec: InstanceSpec) -> None: ...
 
+    async def hotplug(self, old: InstanceSpec | None, new: InstanceSpec) -> None:  # noqa: B027 - optional
+        """A running instance's attached custom volumes changed (`volumes`): apply it at once."""
+
     @abstractmethod
     async def start(self, spec: InstanceSpec) -> None: ...
 
@@ -139,6 +143,15 @@ class InstanceDriver(ABC):
     @abstractmethod
     async def exec(self, spec: InstanceSpec, request: ExecRequest, stdio: tuple[Any, Any, Any]
                    ) -> asyncio.subprocess.Process: ...
+
+    # How the driver's report that an exec's command could not be executed starts (b"": it has none).
+    exec_failure_prefix: ClassVar[bytes] = b""
+
+    def exec_failure(self, head: bytes, code: int) -> str | None:
+        """Why an exec's command never ran ("Command not found"), when its exit status `code` and `head`, the
+        first output it wrote, are the driver's own report of that (which the user is not shown); None when
+        the command ran."""
+        return None
 
     @abstractmethod
     def log_files(self, spec: InstanceSpec) -> dict[str, Path]: ...

@@ -4,8 +4,9 @@ The tools are spawned asynchronously, so nothing blocks the event loop, and each
 lxcpath (`-P`) and cgroup directory names, so two servers on one host never collide.
 
 Live migration goes through `lxc-checkpoint` (liblxc drives CRIU: cgroups, veths, the rootfs). What a
-checkpoint needs from a container is decided when it starts: no console pty (`lxc.console.path = none`:
-liblxc cannot hand a restored container its console), no AppArmor line on a host without AppArmor (CRIU's
+checkpoint needs from a container is decided when it starts: no console pty of LXC's (`lxc.console.path =
+none`: liblxc 5.0 cannot hand a restored container its console; the server's own pty is its /dev/console, see
+console.py), no AppArmor line on a host without AppArmor (CRIU's
 restore fails on it), and an unprivileged root mounted id-mapped by the server itself (see idmapped.py).
 """
 
@@ -31,7 +32,7 @@ from stapes.api.errors import BadRequest, InternalError
 from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.coalesce import Coalesced
-from stapes.server.instances import criu_images, idmapped
+from stapes.server.instances import console, criu_images, hotplug, idmapped
 from stapes.server.instances.criu import CriuSupport, parse_dump_stats
 from stapes.server.instances.driver import (
     ExecRequest,
@@ -112,6 +113,7 @@ def _memory_limit(spec: InstanceSpec) -> int | None:
 
 
 ROOT_MOUNT = "rootfs"  # in the container's LXC directory: the server's id-mapped mount of an unprivileged root
+VOLUME_MOUNTS = "volumes"  # beside it: one id-mapped mount per attached custom volume (hotplug.mount_dir)
 CHECKPOINT_READY = "lxc.console.path = none"  # in the config a container started with: it can be checkpointed
 
 
@@ -144,6 +146,7 @@ def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2:
         CHECKPOINT_READY,
         "lxc.tty.max = 0",
         "lxc.pty.max = 1024",
+        console.mount_entry(lxc_dir, _fstab),  # the server's pty as /dev/console (console.py)
     ]
     prefix = "lxc.cgroup2" if cgroup2 else "lxc.cgroup"
     config = spec.config
@@ -159,6 +162,12 @@ def render_config(spec: InstanceSpec, *, lxc_dir: Path, server_id: str, cgroup2:
         if device.get("type") == "disk" and device.get("path") != "/":
             target = device["path"].lstrip("/")
             options = "bind,create=dir" + (",ro" if device.get("readonly") in ("true", "1") else "")
+            if dev_name in spec.volumes:  # a custom volume: through the server's id-mapped mount when unprivileged
+                source = (hotplug.mount_dir(lxc_dir / VOLUME_MOUNTS, dev_name) if spec.idmap
+                          else spec.volumes[dev_name])
+                lines.append(f"lxc.mount.entry = {_fstab(str(source))} {_fstab(target)} none {options} 0 0  "
+                             f"# device {dev_name}")
+                continue
             if not Path(device["source"]).is_dir():
                 options = options.replace("create=dir", "create=file")
             lines.append(f"lxc.mount.entry = {_fstab(device['source'])} {_fstab(target)} none {options} 0 0  "
@@ -255,6 +264,7 @@ class LxcDriver(InstanceDriver):
         self.criu = CriuSupport(None, "", "CRIU was not probed yet")
         self._lazy: dict[str, asyncio.subprocess.Process] = {}  # lazy-pages daemons feeding restored containers
         self._dumping: dict[str, asyncio.subprocess.Process] = {}  # checkpoints in progress
+        self.consoles = console.Consoles(lxc_path)
 
     def use_criu(self, support: CriuSupport) -> None:
         """What the daemon's probe at start found."""
@@ -292,16 +302,43 @@ class LxcDriver(InstanceDriver):
                 await asyncio.to_thread(_kill_cgroups, self.server_id, spec.runtime_name, KILL_TIMEOUT)
             # The root mount first: removing the directory must never reach into the container's files.
             await asyncio.to_thread(idmapped.unmount, directory / ROOT_MOUNT)
+            await self.consoles.close(spec)
+            await asyncio.to_thread(_unmount_volumes, directory)
             await process.run(["rm", "-rf", "--one-file-system", "--", str(directory)])
 
     async def _mount_root(self, spec: InstanceSpec) -> None:
+        for dev_name, path in spec.volumes.items():
+            if path.is_symlink() or not path.is_dir():
+                raise InternalError(f"Failed to start {spec.name!r}: the storage volume of disk device {dev_name!r} "
+                                    f"is missing ({path})")
         if spec.idmap:
             started = time.monotonic()
             await asyncio.to_thread(idmapped.mount, spec.volume / "rootfs", self._dir(spec) / ROOT_MOUNT, spec.idmap)
             log.info("id-mapped root of %s mounted in %.3fs", spec.name, time.monotonic() - started)
+            if spec.volumes:
+                await asyncio.to_thread(_mount_volumes, spec, self._dir(spec))
 
     async def _unmount_root(self, spec: InstanceSpec) -> None:
         await asyncio.to_thread(idmapped.unmount, self._dir(spec) / ROOT_MOUNT)
+        await asyncio.to_thread(_unmount_volumes, self._dir(spec))
+
+    async def hotplug(self, old: InstanceSpec | None, new: InstanceSpec) -> None:
+        """Custom volumes attached to or detached from a running container take effect at once: the server's
+        mount of the volume (as at start) is attached inside the container (hotplug.py)."""
+        if hotplug.plugs(old) == hotplug.plugs(new):
+            return
+        state = await self.state(new, detail=False)
+        if state.status == StatusCode.FROZEN:
+            raise BadRequest(f"Instance {new.name!r} is frozen: unfreeze it before attaching or detaching volumes")
+        if state.status != StatusCode.RUNNING or state.pid <= 0:
+            return
+
+        async def mkdir(path: str) -> str:
+            made = await process.run(self._tool("lxc-attach", new, "--clear-env", "--", "mkdir", "-p", path),
+                                     check=False, timeout=30)
+            return made.error_text if made.returncode else ""
+
+        await hotplug.replug(old, new, pid=state.pid, mounts=self._dir(new) / VOLUME_MOUNTS, mkdir=mkdir)
 
     async def _mark_started(self, spec: InstanceSpec) -> None:
         """Keep the configuration the container runs with: whether it can be checkpointed depends on it."""
@@ -316,6 +353,7 @@ class LxcDriver(InstanceDriver):
             await asyncio.to_thread(_check_reachable, spec)
         await self._mount_root(spec)
         await asyncio.to_thread(_remove_stale_cgroups, self.server_id, spec.runtime_name)
+        await self.consoles.prepare(spec, self._dir(spec))
         result = await process.run(self._tool("lxc-start", spec), check=False, timeout=60)
         if result.returncode != 0:
             detail = _last_errors(self._dir(spec) / "lxc.log")
@@ -349,7 +387,9 @@ class LxcDriver(InstanceDriver):
         for line in result.stdout.decode(errors="replace").splitlines():
             key, _, value = line.partition(":")
             fields[key.strip()] = value.strip()
-        status = _STATES.get(fields.get("State", "STOPPED"), StatusCode.ERROR)
+        if result.returncode != 0 or "State" not in fields:  # a failed look is no news: never "stopped"
+            return RuntimeState(StatusCode.ERROR, error=f"its state could not be read: lxc-info: {result.error_text}")
+        status = _STATES.get(fields["State"], StatusCode.ERROR)
         state = RuntimeState(status, pid=int(fields.get("PID", "-1") or -1))
         if detail and status == StatusCode.RUNNING:
             state.memory = {"usage": _int(fields.get("Memory use")), "usage_peak": 0}
@@ -377,14 +417,27 @@ class LxcDriver(InstanceDriver):
 
             alone = await asyncio.gather(*(one(spec) for spec in specs))
             return {spec.runtime_name: state for spec, state in zip(specs, alone, strict=True)}
-        return {spec.runtime_name: RuntimeState(found.get(spec.runtime_name, StatusCode.STOPPED)) for spec in specs}
+        states: dict[str, RuntimeState] = {}
+        for spec in specs:
+            status = (found or {}).get(spec.runtime_name)
+            if status is None and not (self._dir(spec) / "config").exists():
+                status = StatusCode.STOPPED  # not defined: it cannot run (as state() says)
+            # Defined yet missing from the listing, or no listing at all (lxc-ls failed): unknown, never "stopped".
+            states[spec.runtime_name] = RuntimeState(status) if status is not None else RuntimeState(
+                StatusCode.ERROR, error="its state could not be read: " + (
+                    "lxc-ls failed" if found is None else "lxc-ls did not list it"))
+        return states
 
-    async def _list_states(self) -> dict[str, StatusCode]:
-        """Every container under our lxcpath, in one `lxc-ls` (shared by concurrent listings)."""
+    async def _list_states(self) -> dict[str, StatusCode] | None:
+        """Every container under our lxcpath, in one `lxc-ls` (shared by concurrent listings); None when lxc-ls
+        failed (then nothing is known of any)."""
         result = await process.run(
             ["lxc-ls", "-P", str(self.lxc_path), "--fancy", "--fancy-format", "NAME,STATE"], check=False,
             timeout=STATE_TIMEOUT,
         )
+        if result.returncode != 0:
+            log.warning("lxc-ls failed: %s", result.error_text)
+            return None
         found: dict[str, StatusCode] = {}
         for line in result.stdout.decode(errors="replace").splitlines()[1:]:
             parts = line.split()
@@ -396,6 +449,11 @@ class LxcDriver(InstanceDriver):
                    ) -> asyncio.subprocess.Process:
         env = exec_environment(spec.config, request)
         argv = self._tool("lxc-attach", spec, "--clear-env", "-u", str(request.user), "-g", str(request.group))
+        if request.interactive:
+            # The pty on stdin becomes lxc-attach's controlling terminal (a new session): only then does
+            # lxc-attach give the command a pty of the container's own, as its controlling terminal, and relay
+            # window sizes (SIGWINCH) to it; typed ^C then reaches the command through that pty.
+            argv = ["setsid", "--ctty", *argv]
         for key, value in env.items():
             argv += ["-v", f"{key}={value}"]
         argv.append("--")
@@ -404,8 +462,12 @@ class LxcDriver(InstanceDriver):
             argv += ["/bin/sh", "-c", 'cd -- "$0" && exec "$@"', request.cwd]
         argv += request.command
         stdin, stdout, stderr = stdio
-        return await process.spawn(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd="/",
-                                   start_new_session=request.interactive)
+        return await process.spawn(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd="/")
+
+    exec_failure_prefix = b"lxc-attach: "  # how its report of a command it cannot execute starts
+
+    def exec_failure(self, head: bytes, code: int) -> str | None:
+        return exec_failure(head, code)
 
     def log_files(self, spec: InstanceSpec) -> dict[str, Path]:
         return {"lxc.log": self._dir(spec) / "lxc.log"}
@@ -452,6 +514,16 @@ class LxcDriver(InstanceDriver):
             # liblxc maps the v1 controllers' cgroups to this server's names, not the unified hierarchy's: CRIU
             # would put the processes back into the source server's cgroup path (on one host, a live one).
             config += f"cgroup-root /stapes-{self.server_id}.payload.{spec.runtime_name}\n"
+            # A process that held the console open (a getty) gets the new console's slave (console.py).
+            tty, tty_fds = await asyncio.to_thread(self.consoles.restore_options, spec, state)
+            config, pass_fds = config + tty, pass_fds + tty_fds
+        elif stopping:
+            config += await asyncio.to_thread(self.consoles.dump_options, spec)
+            if (held := self.consoles.get(spec)) is not None:
+                # The tool holds the console's master too: killed while the dump runs, this server takes its
+                # pty along, and the dump would record the container's /dev/console as a deleted file, which
+                # no restore can mount again (the restart's restore from this checkpoint).
+                pass_fds = (*pass_fds, os.dup(held.master))
         if config:
             path = state / f"criu-{'restore' if restoring else 'dump'}.conf"
             path.write_text(f"{_read(self.criu.config_file) if self.criu.config_file else ''}{config}")
@@ -559,8 +631,8 @@ class LxcDriver(InstanceDriver):
         try:
             await self._checkpoint_tool(spec, state, "-s", *previous, config=lazy, pass_fds=fds)
         except InternalError as err:
-            raise InternalError(f"CRIU could not checkpoint {spec.name!r} (it keeps running here): {err.message}") \
-                from None
+            raise InternalError(f"CRIU could not checkpoint {spec.name!r} (it keeps running here): "
+                                f"{console.explain_dump_failure(spec.name, err.message)}") from None
         finally:
             if watch is not None:
                 watch.cancel()
@@ -571,6 +643,8 @@ class LxcDriver(InstanceDriver):
             await self._unmount_root(spec)
             return
         await self._mount_root(spec)
+        if self.consoles.get(spec) is None:
+            await self.consoles.prepare(spec, self._dir(spec))
         try:
             await self._checkpoint_tool(spec, state, "-r")
         except InternalError as err:
@@ -585,6 +659,7 @@ class LxcDriver(InstanceDriver):
 
     async def restore(self, spec: InstanceSpec, state: Path, lazy_socket: socket.socket | None = None) -> None:
         await self._mount_root(spec)
+        await self.consoles.prepare(spec, self._dir(spec))
         try:
             if lazy_socket is not None:
                 await self._start_lazy_pages(spec, state, lazy_socket)
@@ -849,6 +924,19 @@ def _read(path: Path) -> str:
         return ""
 
 
+# What lxc-attach's child writes (to the command's stderr or pty) when the command cannot be executed.
+_ATTACH_EXEC_FAILED = re.compile(rb"lxc-attach: [^\n]*Failed to exec ")
+_EXEC_FAILURES = {127: "Command not found", 126: "Command not executable"}
+
+
+def exec_failure(head: bytes, code: int) -> str | None:
+    """Incus's words for a command lxc-attach could not execute (exit status 127 or 126), when `head`, the
+    first output, is lxc-attach's own message about it (pure: unit-tested)."""
+    if code in _EXEC_FAILURES and _ATTACH_EXEC_FAILED.match(head.lstrip(b"\r\n")):
+        return _EXEC_FAILURES[code]
+    return None
+
+
 def exec_environment(config: Mapping[str, str], request: ExecRequest) -> dict[str, str]:
     """Incus's defaults, then the instance's environment.* keys, then what the caller asked for."""
     env = {"PATH": DEFAULT_PATH, "HOME": "/root" if request.user == 0 else "/", "LANG": "C.UTF-8"}
@@ -987,7 +1075,7 @@ def _check_reachable(spec: InstanceSpec) -> None:
     through the server's id-mapped mount in its LXC directory: their volume stays root's alone.)"""
     paths = {}
     for name, device in spec.devices.items():
-        if device.get("type") == "disk" and device.get("source"):
+        if device.get("type") == "disk" and device.get("source") and name not in spec.volumes:
             paths[f"the source of disk device {name!r}"] = Path(device["source"])
     for what, path in paths.items():
         closed = _untraversable_parent(path)
@@ -996,6 +1084,25 @@ def _check_reachable(spec: InstanceSpec) -> None:
                 f"Failed to start {spec.name!r}: {closed} is mode {closed.stat().st_mode & 0o777:04o}, so the "
                 f"container's root (host uid {spec.idmap[0].host}) cannot reach {what}: 'chmod o+x {closed}' "
                 "(0711 is enough), or run it privileged (security.privileged=true)")
+
+
+def _mount_volumes(spec: InstanceSpec, lxc_dir: Path) -> None:
+    """Each attached custom volume id-mapped below the container's LXC directory, as its root is: the files
+    stay unshifted in the pool (whose directories stay root's alone), and show with their owners inside."""
+    mounts = lxc_dir / VOLUME_MOUNTS
+    mounts.mkdir(mode=0o711, exist_ok=True)
+    for dev_name, path in sorted(spec.volumes.items()):
+        idmapped.mount(path, hotplug.mount_dir(mounts, dev_name), spec.idmap)
+
+
+def _unmount_volumes(lxc_dir: Path) -> None:
+    mounts = lxc_dir / VOLUME_MOUNTS
+    if not mounts.is_dir():
+        return
+    for entry in sorted(mounts.iterdir()):
+        idmapped.unmount(entry)
+        with contextlib.suppress(OSError):
+            entry.rmdir()
 
 
 def _untraversable_parent(path: Path) -> Path | None:

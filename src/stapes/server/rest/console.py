@@ -1,0 +1,57 @@
+"""/1.0/instances/<name>/console: attach (a websocket operation), read and clear the console's log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from stapes.api.errors import BadRequest
+from stapes.api.requests import Body
+from stapes.server.instances import console
+from stapes.server.operations import Operation
+from stapes.server.rest.common import async_operation, body, daemon, instance_url, project, sync
+
+
+class ConsolePost(Body):
+    width: int | None = None
+    height: int | None = None
+    type: str = "console"
+
+
+def routes(r: web.RouteTableDef) -> None:
+    @r.post("/1.0/instances/{name}/console")
+    async def attach(request: web.Request) -> web.Response:
+        d = daemon(request)
+        proj = await project(request)
+        name = request.match_info["name"]
+        data = await body(request, ConsolePost)
+        if data.type != "console":
+            raise BadRequest(f"Console type {data.type!r} is not supported: containers have a text console only "
+                             "(type 'console')")
+        width, height = data.width or 80, data.height or 24
+        if not (0 < width <= console.MAX_WINDOW and 0 < height <= console.MAX_WINDOW):
+            raise BadRequest("console 'width' and 'height' must be between 0 and 10000")
+        driver, spec = await d.instances.runtime(proj, name)
+        session = await console.session_console(driver, spec)
+        op = d.operations.create(op_class="websocket", description="Showing console", project=proj,
+                                 resources={"instances": [instance_url(name, proj)]}, channels=("0", "control"))
+        op.metadata["fds"] = dict(op.secrets)
+
+        async def work(op: Operation) -> dict[str, Any]:
+            return await console.run_console(op, session, width, height)
+
+        op.start(work)
+        return async_operation(op)
+
+    @r.get("/1.0/instances/{name}/console")
+    async def show_log(request: web.Request) -> web.Response:
+        driver, spec = await daemon(request).instances.runtime(await project(request), request.match_info["name"])
+        text = await console.consoles_of(driver).log(spec)
+        return web.Response(body=text, content_type="application/octet-stream")
+
+    @r.delete("/1.0/instances/{name}/console")
+    async def clear_log(request: web.Request) -> web.Response:
+        driver, spec = await daemon(request).instances.runtime(await project(request), request.match_info["name"])
+        await console.consoles_of(driver).clear(spec)
+        return sync()
