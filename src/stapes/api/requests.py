@@ -183,6 +183,7 @@ class ImagesPost(Body):
     source: BuiltinImageSource | None = None
     aliases: list[ImageAlias] | None = None
     public: bool = False
+    properties: dict[str, str] | None = None  # publish: over the instance's metadata.yaml properties
 
 
 class ImageAliasesPost(Body):

@@ -14,10 +14,11 @@ from aiohttp import web
 from stapes.api.errors import BadRequest, Conflict, NotFound, RequestTooLarge
 from stapes.api.names import validate_alias_name
 from stapes.api.requests import BuiltinImageSource, ImageAlias, ImageAliasesPost, ImagesPost
-from stapes.api.timefmt import iso
+from stapes.api.timefmt import NEVER, iso
 from stapes.server.images.busybox import build_busybox_image
 from stapes.server.images.debian import build_debian_image, release_of
 from stapes.server.operations import Operation
+from stapes.server.rest import publish
 from stapes.server.rest.common import body, daemon, recursion, start_task, sync
 from stapes.server.store.db import ImageRow
 
@@ -47,7 +48,7 @@ async def render_image(request: web.Request, row: ImageRow) -> dict[str, Any]:
         "architecture": row.architecture, "properties": row.properties, "public": row.public,
         "aliases": [{"name": n, "description": desc} for n, (fp, desc) in aliases.items() if fp == row.fingerprint],
         "created_at": iso(created), "uploaded_at": iso(created), "last_used_at": iso(0),
-        "expires_at": iso(0), "auto_update": False, "cached": False, "profiles": ["default"],
+        "expires_at": NEVER, "auto_update": False, "cached": False, "profiles": ["default"],
     }
 
 
@@ -66,6 +67,8 @@ def routes(r: web.RouteTableDef) -> None:
         build: Builder | None = None
         if request.content_type == "application/json":
             data = await body(request, ImagesPost)
+            if data.source is not None and data.source.type in publish.SOURCE_TYPES:
+                return await publish.start(request, data)  # an image from an instance or a snapshot
             aliases = list(data.aliases or [])
             build, default_alias = _builder(data.source or BuiltinImageSource())
             if not aliases and default_alias:
