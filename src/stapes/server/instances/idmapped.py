@@ -30,6 +30,7 @@ _AT_RECURSIVE = 0x8000
 _OPEN_TREE_CLONE = 1
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_IDMAP = 0x00100000
+_MOUNT_ATTR_NODEV = 0x00000004  # no device node opens: an unprivileged root never legitimately has one
 _MNT_DETACH = 2
 
 
@@ -99,7 +100,8 @@ def mount(source: Path, target: Path, ranges: Sequence[IdRange]) -> None:
                                 _OPEN_TREE_CLONE | os.O_CLOEXEC), f"open_tree {source}")
     try:
         with _user_namespace(ranges) as userns:
-            attr = _MountAttr(attr_set=_MOUNT_ATTR_IDMAP, attr_clr=0, propagation=0, userns_fd=userns)
+            attr = _MountAttr(attr_set=_MOUNT_ATTR_IDMAP | _MOUNT_ATTR_NODEV, attr_clr=0, propagation=0,
+                              userns_fd=userns)
             _check(_libc.syscall(_SYS_MOUNT_SETATTR, tree, b"", _AT_EMPTY_PATH, ctypes.byref(attr),
                                  ctypes.sizeof(attr)), f"mount_setattr (idmap) on {source}")
         _check(_libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH),

@@ -29,6 +29,7 @@ from stapes.server.instances.driver import ExecRequest
 from stapes.server.migration.protocol import PREFERENCE as TRANSPORTS
 from stapes.server.migration.service import channel_names
 from stapes.server.operations import Operation
+from stapes.server.rest import backups
 from stapes.server.rest.common import (
     async_operation,
     body,
@@ -61,6 +62,8 @@ def routes(r: web.RouteTableDef) -> None:
 
     @r.post("/1.0/instances")
     async def create_instance(request: web.Request) -> web.Response:
+        if request.content_type == backups.BACKUP_CONTENT_TYPE:  # `import`: a backup tarball as the body
+            return await backups.import_backup(request)
         d = daemon(request)
         proj = await project(request)
         data = await body(request, InstancesPost)
@@ -131,6 +134,8 @@ def routes(r: web.RouteTableDef) -> None:
             changes["profiles"] = list(data.profiles or [])
         if data.description is not None:
             changes["description"] = data.description
+        if data.ephemeral is not None:
+            changes["ephemeral"] = data.ephemeral
         await d.instances.update(proj, name, changes, replace=replace)
         if replace:  # Incus answers PUT with an (already finished) operation
             return start_task(request, "Updating instance", proj, None, name)
@@ -290,11 +295,6 @@ def routes(r: web.RouteTableDef) -> None:
             raise BadRequest("Migrating a single snapshot is not supported: copy the instance")
         await d.instances.rename_snapshot(proj, name, snapshot, data.name)
         return start_task(request, "Renaming snapshot", proj, None, name)
-
-    @r.get("/1.0/instances/{name}/backups")
-    async def list_backups(request: web.Request) -> web.Response:
-        await daemon(request).instances.get(await project(request), request.match_info["name"])
-        return sync([])  # backups are not implemented: an instance never has any
 
     @r.get("/1.0/instances/{name}/logs")
     async def list_logs(request: web.Request) -> web.Response:
