@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from stapes.api.errors import BadRequest
+from stapes.api.names import validate_entity_name
 from stapes.api.networks import check_interface_name, check_mac
 
 Devices = dict[str, dict[str, str]]
@@ -19,11 +20,18 @@ _DEVICE_KEYS: dict[str, dict[str, bool]] = {
 NIC_TYPES = ("bridged",)
 
 
+def check_device_name(name: str) -> None:
+    """Entity rules (no '/', '\\', spaces or control characters) and no leading dot: '.' and '..' could
+    otherwise reach a path. (The LXC driver never uses a device name as a path part either.)"""
+    if (not name or len(name) > 64 or name.startswith(".") or "/" in name or "\\" in name
+            or any(ord(c) < 33 or c == "\x7f" for c in name)):
+        raise BadRequest(f"Invalid device name {name!r}: 1 to 64 characters, not starting with '.', without '/', "
+                         "'\\', spaces or control characters")
+
+
 def validate_devices(devices: Mapping[str, Mapping[str, str]]) -> None:
     for name, device in devices.items():
-        if not name or len(name) > 64 or "/" in name or any(ord(c) < 33 or c == "\x7f" for c in name):
-            raise BadRequest(f"Invalid device name {name!r}: 1 to 64 characters, without '/', spaces or control "
-                             "characters")
+        check_device_name(name)
         kind = device.get("type", "")
         allowed = _DEVICE_KEYS.get(kind)
         if allowed is None:
@@ -58,7 +66,13 @@ def _validate_disk(name: str, device: Mapping[str, str]) -> None:
         if device.get("source"):
             raise BadRequest(f"Invalid device {name!r}: the root disk takes a pool, not a source")
     elif not device.get("source"):
-        raise BadRequest(f"Invalid device {name!r}: a disk other than the root disk needs a host 'source' path")
+        raise BadRequest(f"Invalid device {name!r}: a disk other than the root disk needs a host 'source' path, "
+                         "or a 'pool' and the custom volume's name as 'source'")
+    elif device.get("pool"):  # a custom storage volume (stapes storage volume attach)
+        try:
+            validate_entity_name("storage volume", device["source"])
+        except BadRequest as err:
+            raise BadRequest(f"Invalid device {name!r}: {err.message}") from None
 
 
 def _validate_nic(name: str, device: Mapping[str, str]) -> None:
@@ -97,6 +111,12 @@ def expand_devices(profile_devices: Sequence[Mapping[str, Mapping[str, str]]], l
         expanded.update({name: dict(dev) for name, dev in devices.items()})
     expanded.update({name: dict(dev) for name, dev in local.items()})
     return {name: dev for name, dev in expanded.items() if dev.get("type") != "none"}
+
+
+def volume_disks(devices: Mapping[str, Mapping[str, str]]) -> dict[str, Mapping[str, str]]:
+    """The disks that attach a custom storage volume: `pool` plus the volume's name as `source`."""
+    return {name: dev for name, dev in sorted(devices.items())
+            if dev.get("type") == "disk" and dev.get("path") != "/" and dev.get("pool") and dev.get("source")}
 
 
 def root_disk(devices: Mapping[str, Mapping[str, str]]) -> tuple[str, Mapping[str, str]] | None:

@@ -24,6 +24,18 @@ def _validate_config(config: dict[str, str]) -> None:
     validate_config(config, {}, SERVER_NAMESPACES, "project configuration")
 
 
+async def _refuse_not_empty(request: web.Request, name: str) -> None:
+    """Instances and custom storage volumes belong to their project (a volume's directory is named by it)."""
+    d = daemon(request)
+    if await d.store.instances(name):
+        raise BadRequest(f"Project {name!r} is not empty: delete or move its instances first")
+    volumes = [f"{v.pool}/{v.name}" for v in await d.store.volumes() if v.project == name]
+    if volumes:
+        raise BadRequest(f"Project {name!r} is not empty: it holds storage volumes {', '.join(sorted(volumes))}; "
+                         "delete them first ('stapes storage volume delete POOL NAME --project "
+                         f"{name}')")
+
+
 def routes(r: web.RouteTableDef) -> None:
     @r.get("/1.0/projects")
     async def list_projects(request: web.Request) -> web.Response:
@@ -79,8 +91,7 @@ def routes(r: web.RouteTableDef) -> None:
         await d.store.project(name)
         if name == "default":
             raise BadRequest("The default project cannot be renamed")
-        if await d.store.instances(name):
-            raise BadRequest(f"Project {name!r} is not empty: delete or move its instances first")
+        await _refuse_not_empty(request, name)
         try:
             await d.store.rename_project(name, new)
         except Conflict:
@@ -94,7 +105,6 @@ def routes(r: web.RouteTableDef) -> None:
         await d.store.project(name)
         if name == "default":
             raise BadRequest("The default project cannot be deleted")
-        if await d.store.instances(name):
-            raise BadRequest(f"Project {name!r} is not empty: delete or move its instances first")
+        await _refuse_not_empty(request, name)
         await d.store.delete_project(name)
         return sync()

@@ -11,6 +11,7 @@ from stapes.api.errors import BadRequest
 from stapes.api.requests import EntityPost, EntityPut
 from stapes.server.rest.common import body, daemon, instance_url, recursion, sync
 from stapes.server.storage.base import TUNABLE_KEYS, check_tunables
+from stapes.server.storage.volumes import volume_url
 from stapes.server.store.db import PoolRow
 
 
@@ -22,6 +23,7 @@ async def used_by(request: web.Request, pool: str) -> list[str]:
         spec_root = root_disk((await d.instances.expand(row))[1])
         if spec_root and spec_root[1].get("pool") == pool:
             users.append(instance_url(row.name, row.project))
+    users += [volume_url(pool, v.name, v.project) for v in await d.store.volumes(pool)]  # custom volumes
     return users
 
 

@@ -36,6 +36,8 @@ def volume_name(project: str, name: str) -> str:
 
 
 VOLUME_KINDS = {"container": "containers", "virtual-machine": "virtual-machines"}
+CUSTOM = "custom"  # custom volumes (storage/volumes.py) live in <pool>/custom/, as Incus's do
+ALL_KINDS = (*VOLUME_KINDS.values(), CUSTOM)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class PoolDriver(ABC):
         0100; here the directories of every volume kind are root's alone, whatever mode a peer sent a volume
         with. Set at every activation (an older server made them 0711)."""
         def seal_directories() -> None:
-            for kind in VOLUME_KINDS.values():
+            for kind in ALL_KINDS:
                 for name in (kind, f"{kind}-snapshots"):
                     directory = self.root / name
                     directory.mkdir(mode=0o700, parents=True, exist_ok=True)

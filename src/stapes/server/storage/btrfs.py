@@ -55,6 +55,7 @@ class BtrfsSendReceive(Transport):
                  bwlimit: str | None = None) -> None:
         super().__init__(channel, progress, features, bwlimit)
         self._sent: list[Path] = []
+        self._staging: dict[Path, Path] = {}  # receiving: this transfer's private directory beside each target
 
     async def send(self, path: Path) -> None:
         frozen = path.parent / f".stapes-send-{uuid.uuid4().hex[:12]}"
@@ -67,36 +68,54 @@ class BtrfsSendReceive(Transport):
                               "Sending the files (btrfs send)")
 
     async def receive(self, path: Path, *, snapshot: bool) -> None:
-        # Received into the final directory: a read-only subvolume cannot move to another directory later.
-        # --chroot: whatever paths the stream names, it writes below this directory only.
-        before = set(path.parent.iterdir())
+        # Received into a private staging directory of this transfer, beside the target (the same filesystem):
+        # whatever appears there is the stream's, and nothing else is ever deleted on a failure (a volume created
+        # meanwhile beside it is not). --chroot: whatever paths the stream names, it writes below it only.
+        # A received (read-only) subvolume cannot move to another directory: the target is a snapshot of it,
+        # and the received one stays in staging until the transfer ends (the next stream's parent, found by its
+        # received UUID).
+        staging = await self._staging_dir(path.parent)
+        before = set(staging.iterdir())
         try:
-            await channel_to_tool(["btrfs", "receive", "-q", "--chroot", str(path.parent)], self.channel,
+            await channel_to_tool(["btrfs", "receive", "-q", "--chroot", str(staging)], self.channel,
                                   self.progress, "Receiving the files (btrfs receive)",
                                   self.bound.stream if self.bound else None)
-            new = set(path.parent.iterdir()) - before
+            new = set(staging.iterdir()) - before
             if len(new) != 1 or not _SENT_NAME.match(next(iter(new)).name) or not next(iter(new)).is_dir():
                 raise InternalError("Protocol error: the btrfs stream did not hold exactly one subvolume as "
                                     f"Stapes sends it (got {sorted(p.name for p in new)[:3]})")
         except BaseException:
-            for partial in set(path.parent.iterdir()) - before:
+            for partial in set(staging.iterdir()) - before:
                 with contextlib.suppress(Exception):
                     await delete_subvolume(partial)
             raise
         received = new.pop()
         # The next stream's `receive` looks this one up as its parent in the UUID tree: commit it first.
-        await process.run(["btrfs", "filesystem", "sync", str(path.parent)])
+        await process.run(["btrfs", "filesystem", "sync", str(staging)])
         await delete_subvolume(path)  # the empty subvolume made for us
-        if snapshot:
-            received.rename(path)
-        else:
-            await process.run(["btrfs", "subvolume", "snapshot", str(received), str(path)])
-            self._sent.append(received)  # removed at close: nothing follows the volume itself
+        readonly = ["-r"] if snapshot else []
+        await process.run(["btrfs", "subvolume", "snapshot", *readonly, str(received), str(path)])
+
+    async def _staging_dir(self, parent: Path) -> Path:
+        """One per directory the transfer receives into (the volume's and its snapshots'), all on the pool's
+        filesystem: a stream finds its parent by received UUID, wherever that one was received."""
+        if parent not in self._staging:
+            staging = parent / f".stapes-receive-{uuid.uuid4().hex[:12]}"
+            await asyncio.to_thread(staging.mkdir, 0o700)
+            self._staging[parent] = staging
+        return self._staging[parent]
 
     async def close(self) -> None:
         for frozen in self._sent:
             with contextlib.suppress(Exception):
                 await delete_subvolume(frozen)
+        stagings, self._staging = list(self._staging.values()), {}
+        for staging in stagings:  # only what this transfer received: the staging directories are its own
+            for received in await asyncio.to_thread(sorted, staging.iterdir()):
+                with contextlib.suppress(Exception):
+                    await delete_subvolume(received)
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(staging.rmdir)
 
 
 class BtrfsPool(PoolDriver):
@@ -168,7 +187,7 @@ class BtrfsPool(PoolDriver):
             self.source.unlink(missing_ok=True)
             await asyncio.to_thread(shutil.rmtree, self.root, True)
         else:
-            for kind in ("containers", "containers-snapshots"):
+            for kind in ("containers", "containers-snapshots", "custom", "custom-snapshots"):
                 await asyncio.to_thread(shutil.rmtree, self.root / kind, True)
 
     async def create_volume(self, volume: Volume) -> Path:

@@ -55,8 +55,12 @@ CREATE TABLE IF NOT EXISTS networks (
     config TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS trust_tokens (
     secret TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at REAL NOT NULL, operation TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS storage_volumes (
+    pool TEXT NOT NULL, project TEXT NOT NULL, name TEXT NOT NULL, description TEXT NOT NULL DEFAULT '',
+    content_type TEXT NOT NULL DEFAULT 'filesystem', config TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL,
+    PRIMARY KEY (pool, project, name));
 """
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version -> statements that bring a database of the previous version to it (version 1 is SCHEMA itself).
 # 2: managed networks (the `networks` table, which SCHEMA's CREATE ... IF NOT EXISTS adds), and containers
 #    unprivileged by default: those made before keep running privileged, as they were made.
@@ -65,7 +69,9 @@ MIGRATIONS: dict[int, list[str]] = {2: [
        WHERE json_extract(config, '$."security.privileged"') IS NULL""",
     """UPDATE snapshots SET config = json_set(config, '$."security.privileged"', 'true')
        WHERE json_extract(config, '$."security.privileged"') IS NULL""",
-]}
+],
+    # 3: custom storage volumes (the `storage_volumes` table, which SCHEMA's CREATE ... IF NOT EXISTS adds).
+    3: []}
 Statement = tuple[str, tuple[Any, ...]]
 
 
@@ -110,6 +116,19 @@ class PoolRow:
     driver: str
     description: str = ""
     config: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class VolumeRow:
+    """A custom storage volume (the instances' own volumes have no row: their instance is the record)."""
+
+    pool: str
+    project: str
+    name: str
+    description: str = ""
+    content_type: str = "filesystem"
+    config: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
 
 
 @dataclass
@@ -310,6 +329,45 @@ class Store:
 
     async def delete_pool(self, name: str) -> None:
         await self._write("DELETE FROM storage_pools WHERE name=?", (name,))
+
+    # custom storage volumes
+    @staticmethod
+    def _volume(r: aiosqlite.Row) -> VolumeRow:
+        return VolumeRow(r["pool"], r["project"], r["name"], r["description"], r["content_type"],
+                         json.loads(r["config"]), r["created_at"])
+
+    async def volumes(self, pool: str | None = None) -> list[VolumeRow]:
+        if pool is None:
+            rows = await self._all("SELECT * FROM storage_volumes ORDER BY pool, project, name")
+        else:
+            rows = await self._all("SELECT * FROM storage_volumes WHERE pool=? ORDER BY project, name", (pool,))
+        return [self._volume(r) for r in rows]
+
+    async def volume(self, pool: str, project: str, name: str) -> VolumeRow:
+        rows = await self._all("SELECT * FROM storage_volumes WHERE pool=? AND project=? AND name=?",
+                               (pool, project, name))
+        if not rows:
+            raise NotFound(f"Storage volume {name!r} not found in pool {pool!r}")
+        return self._volume(rows[0])
+
+    async def create_volume(self, row: VolumeRow) -> None:
+        row.created_at = row.created_at or time.time()
+        await self._write("INSERT INTO storage_volumes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (row.pool, row.project, row.name, row.description, row.content_type,
+                           json.dumps(row.config), row.created_at),
+                          conflict=f"Storage volume {row.name!r} already exists in pool {row.pool!r}")
+
+    async def update_volume(self, row: VolumeRow) -> None:
+        await self._write("UPDATE storage_volumes SET description=?, config=? WHERE pool=? AND project=? AND name=?",
+                          (row.description, json.dumps(row.config), row.pool, row.project, row.name))
+
+    async def rename_volume(self, pool: str, project: str, old: str, new: str) -> None:
+        await self._write("UPDATE storage_volumes SET name=? WHERE pool=? AND project=? AND name=?",
+                          (new, pool, project, old),
+                          conflict=f"Storage volume {new!r} already exists in pool {pool!r}")
+
+    async def delete_volume(self, pool: str, project: str, name: str) -> None:
+        await self._write("DELETE FROM storage_volumes WHERE pool=? AND project=? AND name=?", (pool, project, name))
 
     # networks
     async def networks(self) -> list[NetworkRow]:

@@ -1,0 +1,147 @@
+"""Moving a custom storage volume between servers: the source and target halves, on the same channels,
+header negotiation and transports as an instance's migration (control + fs websockets; btrfs, tar-stream or
+rsync as both pools' drivers declare). No snapshots, no live state: a volume is files only.
+
+Source: `POST /1.0/storage-pools/<p>/volumes/custom/<v> {migration: true}` offers the header, sends the
+volume with the transport the target chose, says "all sent" and waits for the target's word. Target:
+`POST /1.0/storage-pools/<p>/volumes/custom {name, source: {type: migration, ...}}` reserves the name,
+answers, receives into a new volume, records it and confirms; on any failure it removes what it received
+(`VolumeService.create_with`). The source volume is never modified; a move deletes it only after both sides
+reported success (the client's step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from stapes.api.errors import InternalError, StapesError
+from stapes.api.requests import InstanceSource, MigrationTarget
+from stapes.server.migration import protocol
+from stapes.server.migration.service import (
+    MigrationService,
+    _failure_reason,
+    _peer_reason,
+    _progress,
+    _reason_from,
+    _receive_control,
+    _send_control,
+    _source_finished,
+    _stream_bytes,
+)
+from stapes.server.operations import Operation
+from stapes.server.storage.base import PoolDriver
+from stapes.server.storage.bound import DeclaredSizeExceeded, PoolFull, ReceiveBound
+from stapes.server.storage.service import open_transport
+from stapes.server.storage.volumes import VolumeService
+from stapes.server.store.db import VolumeRow
+from stapes.server.streams import Channel, ChannelClosed
+
+CHANNELS = ("control", "fs")
+
+
+class VolumeMigration:
+    def __init__(self, volumes: VolumeService, migration: MigrationService) -> None:
+        self._volumes = volumes
+        self._migration = migration  # its channels: dialled (pull target, push source) or waited for
+
+    async def run_source(self, op: Operation, pool: str, project: str, name: str,
+                         target: MigrationTarget | None) -> None:
+        row = await self._volumes.get(pool, project, name)
+        path = await self._volumes.path(row)
+        driver = await self._volumes.driver(row.pool)
+        async with self._migration._channels(op, target, "target", CHANNELS) as channels:
+            await self._send(op, channels, path, driver)
+            op.settle()
+
+    async def _send(self, op: Operation, channels: dict[str, Channel], path: Path, pool: PoolDriver) -> None:
+        control, fs = channels["control"], channels["fs"]
+        total = await _stream_bytes(path)
+        header = protocol.offer_header(pool.migration_transports, refresh=False, total_bytes=total)
+        await control.send(header.SerializeToString())
+        answer = protocol.parse_header(await control.receive(), "target")
+        transport = protocol.check_answer(answer, list(header.stapesTransports), [])
+        op.update_metadata(transport=transport)
+        progress = _progress(op, "fs", total)
+        sender = open_transport(transport, fs, progress, protocol.rsync_features(answer),
+                                pool.config.get("rsync.bwlimit"))
+        try:
+            await sender.send(path)
+        except (StapesError, OSError) as err:
+            reason = await _peer_reason(control, err)
+            with contextlib.suppress(Exception):
+                await _send_control(control, False, reason)
+            raise InternalError(f"Transfer to the target failed: {reason}") from None
+        finally:
+            await asyncio.shield(sender.close())
+        progress.finish()
+        await _send_control(control, True)
+        result = await _receive_control(control)
+        if not result.success:
+            raise InternalError(f"The target failed: {result.message}")
+
+    async def run_sink(self, op: Operation, row: VolumeRow, source: InstanceSource) -> None:
+        peer = source if source.mode == "pull" else None
+        async with self._migration._channels(op, peer, "source", CHANNELS) as channels:
+            control = channels["control"]
+
+            async def fill(path: Path, pool: PoolDriver) -> None:
+                await self._receive(op, channels, path, pool)
+
+            async def confirm() -> None:
+                await _send_control(control, True)
+
+            try:
+                await self._volumes.create_with(row, fill, confirm)
+            except BaseException as err:
+                message = err.message if isinstance(err, StapesError) else (
+                    "cancelled" if isinstance(err, asyncio.CancelledError) else str(err))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(_send_control(control, False, message))
+                if isinstance(err, ChannelClosed):
+                    raise InternalError(f"The source went away during the transfer: {err.message}") from None
+                raise
+            op.settle()
+            await _source_finished(control)
+
+    async def _receive(self, op: Operation, channels: dict[str, Channel], path: Path, pool: PoolDriver) -> None:
+        control, fs = channels["control"], channels["fs"]
+        offer = protocol.parse_header(await control.receive(), "source")
+        protocol.check_offer(offer)
+        if offer.snapshotNames:
+            raise protocol.ProtocolError("Volume snapshots are not supported yet: copy the volume without them "
+                                         "(--volume-only)")
+        answer, transport = protocol.answer_header(offer, pool.migration_transports, [])
+        await control.send(answer.SerializeToString())
+        op.update_metadata(transport=transport)
+        progress = _progress(op, "fs", offer.stapesTotalBytes)
+        receiver = open_transport(transport, fs, progress, protocol.rsync_features(answer))
+        declared = offer.stapesTotalBytes if offer.stapesTransports and transport != protocol.RSYNC else None
+        receiver.bound = ReceiveBound(pool.pool, pool.root, declared)
+        said = asyncio.create_task(_receive_control(control))
+        transfer = asyncio.create_task(receiver.receive(path, snapshot=False))
+        try:
+            await asyncio.wait({said, transfer}, return_when=asyncio.FIRST_COMPLETED)
+            if not transfer.done():
+                reason = _failure_reason(said)
+                if reason is not None:
+                    raise InternalError(f"The source failed: {reason}")
+            try:
+                await transfer
+            except (PoolFull, DeclaredSizeExceeded):
+                raise
+            except (StapesError, OSError) as err:
+                raise InternalError(f"Receiving from the source failed: {await _reason_from(said, err)}") from None
+            if protocol.sender_reports_completion(offer):
+                result = await said
+                if not result.success:
+                    raise InternalError(f"The source failed: {result.message}")
+            if path.is_symlink() or not path.is_dir():
+                raise InternalError("The received volume is not a directory")
+        finally:
+            for task in (said, transfer):
+                task.cancel()
+            await asyncio.gather(said, transfer, return_exceptions=True)
+            await asyncio.shield(receiver.close())
+        progress.finish()
