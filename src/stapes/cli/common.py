@@ -9,7 +9,7 @@ import click
 
 from stapes.api.errors import BadRequest
 from stapes.client.client import Client
-from stapes.client.config import ClientConfig, Remote
+from stapes.client.config import LOCAL, ClientConfig, Remote
 
 
 def config() -> ClientConfig:
@@ -26,8 +26,19 @@ def project_override() -> str | None:
     return str(value) if value else None
 
 
+def global_option(name: str) -> bool:
+    return bool(click.get_current_context().find_root().params.get(name))
+
+
+def quiet() -> bool:
+    """`-q` on the line (global): print only the essential result."""
+    return global_option("quiet")
+
+
 @contextmanager
 def client_for(remote: Remote) -> Iterator[Client]:
+    if global_option("force_local"):  # Incus's --force-local: the local unix socket, whatever was named
+        remote = config().remote(LOCAL)
     client = Client(remote.name, config(), project_override())
     try:
         yield client

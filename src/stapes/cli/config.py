@@ -13,7 +13,8 @@ import yaml
 
 from stapes.api.errors import BadRequest
 from stapes.cli import render
-from stapes.cli.common import client_for, config, key_values, parse
+from stapes.cli.common import client_for, config, key_values, parse, quiet
+from stapes.cli.devices import register_device_commands
 
 _INSTANCE_EDITABLE = ("config", "devices", "profiles", "description")
 
@@ -151,6 +152,12 @@ def register(cli: click.Group) -> None:
             else:
                 client.update_server_config(new.get("config") or {}, replace=True)
 
+    @config_group.group(name="device")
+    def config_device() -> None:
+        """An instance's devices (disks, nics): add, remove, list, show, get, set, unset, override."""
+
+    register_device_commands(config_device, "instance", "INSTANCE")
+
     @config_group.group(name="trust")
     def trust() -> None:
         """Clients trusted by a server."""
@@ -164,17 +171,23 @@ def register(cli: click.Group) -> None:
         Examples:
           stapes config trust add laptop
           stapes config trust add s1:laptop
+          T=$(stapes config trust add s1:laptop -q)      (-q: only the token)
         """
         remote, client_name = parse(name)
         with client_for(remote) as client:
             token = client.create_token(client_name)
-        click.echo(f"Client {client_name} certificate add token:\n{token}")
+        click.echo(token if quiet() else f"Client {client_name} certificate add token:\n{token}")
 
     @trust.command(name="list")
     @click.argument("remote", required=False)
     @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
     def trust_list(remote: str | None, fmt: str) -> None:
-        """List trusted client certificates."""
+        """List trusted client certificates.
+
+        \b
+        Example:
+          stapes config trust list s1:
+        """
         target, _ = _target(remote if remote is None or remote.endswith(":") else remote + ":")
         with client_for(target) as client:
             certs = client.certificates()

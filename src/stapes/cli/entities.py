@@ -7,9 +7,10 @@ from typing import Any
 import click
 
 from stapes.api.errors import BadRequest
-from stapes.cli import render
+from stapes.cli import render, units, volume
 from stapes.cli.common import client_for, config, key_values, parse, parse_remote_only
 from stapes.cli.config import _edit_yaml
+from stapes.cli.devices import register_device_commands
 
 
 def _listing(kind: str, items: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -26,7 +27,19 @@ def _listing(kind: str, items: list[dict[str, Any]]) -> tuple[list[str], list[li
                                                  for i, n in zip(items, used, strict=True)]
 
 
+# An entity and a key of it that the generated commands' examples use, per kind.
+_SAMPLES = {"profile": ("default", "user.note", "web"), "project": ("staging", "user.note", "web"),
+            "pool": ("default", "rsync.bwlimit", "50MiB"), "network": ("stapesbr0", "ipv4.nat", "true")}
+
+
+def _example(*lines: str) -> str:
+    return "\n\n\b\nExamples:\n" + "".join(f"  {line}\n" for line in lines)
+
+
 def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, editable: tuple[str, ...]) -> click.Group:
+    sample, key, value = _SAMPLES.get(kind, ("NAME", "user.note", "web"))
+    g = f"stapes {group_name}"
+
     @cli.group(name=group_name, help=f"Manage {noun}s.")
     def group() -> None:
         pass
@@ -40,14 +53,15 @@ def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, edita
         headers, rows = _listing(kind, items)
         render.table(headers, rows, fmt, raw=items)
 
-    @group.command(name="show", help=f"Show a {noun} as YAML.")
+    @group.command(name="show", help=f"Show a {noun} as YAML." + _example(f"{g} show s1:{sample}"))
     @click.argument("name")
     def show(name: str) -> None:
         remote, entity = parse(name)
         with client_for(remote) as client:
             render.show_yaml(client.entity(kind, entity))
 
-    @group.command(name="get", help=f"Print one configuration key of a {noun}.")
+    @group.command(name="get", help=f"Print one configuration key of a {noun}."
+                   + _example(f"{g} get s1:{sample} {key}"))
     @click.argument("name")
     @click.argument("key")
     def get(name: str, key: str) -> None:
@@ -55,7 +69,8 @@ def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, edita
         with client_for(remote) as client:
             click.echo(client.entity(kind, entity)["config"].get(key, ""))
 
-    @group.command(name="set", help=f"Set configuration keys of a {noun} (KEY=VALUE or KEY VALUE).")
+    @group.command(name="set", help=f"Set configuration keys of a {noun} (KEY=VALUE or KEY VALUE)."
+                   + _example(f"{g} set s1:{sample} {key}={value}", f"{g} set {sample} {key} {value}"))
     @click.argument("name")
     @click.argument("args", nargs=-1, required=True)
     def set_cmd(name: str, args: tuple[str, ...]) -> None:
@@ -64,7 +79,8 @@ def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, edita
         with client_for(remote) as client:
             client.update_entity(kind, entity, {"config": values})
 
-    @group.command(name="unset", help=f"Remove configuration keys of a {noun}.")
+    @group.command(name="unset", help=f"Remove configuration keys of a {noun}."
+                   + _example(f"{g} unset s1:{sample} {key}"))
     @click.argument("name")
     @click.argument("keys", nargs=-1, required=True)
     def unset(name: str, keys: tuple[str, ...]) -> None:
@@ -75,7 +91,8 @@ def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, edita
             body["config"] = {k: v for k, v in current["config"].items() if k not in keys}
             client.update_entity(kind, entity, body, patch=False)
 
-    @group.command(name="edit", help=f"Edit a {noun} as YAML in $EDITOR (or from standard input).")
+    @group.command(name="edit", help=f"Edit a {noun} as YAML in $EDITOR (or from standard input)."
+                   + _example(f"{g} edit s1:{sample}", f"{g} edit {sample} < {sample}.yaml"))
     @click.argument("name")
     def edit(name: str) -> None:
         remote, entity = parse(name)
@@ -84,7 +101,7 @@ def _entity_group(cli: click.Group, kind: str, group_name: str, noun: str, edita
             new = _edit_yaml({k: current[k] for k in editable})
             client.update_entity(kind, entity, {k: new.get(k, current[k]) for k in editable}, patch=False)
 
-    @group.command(name="delete", help=f"Delete a {noun}.")
+    @group.command(name="delete", help=f"Delete a {noun}." + _example(f"{g} delete s1:old"))
     @click.argument("name")
     def delete(name: str) -> None:
         remote, entity = parse(name)
@@ -115,7 +132,12 @@ def register(cli: click.Group) -> None:
     @click.argument("name")
     @click.argument("new_name")
     def profile_rename(name: str, new_name: str) -> None:
-        """Rename a profile that no instance uses."""
+        """Rename a profile that no instance uses.
+
+        \b
+        Examples:
+          stapes profile rename s1:small tiny
+        """
         remote, entity = parse(name)
         with client_for(remote) as client:
             client.rename_entity("profile", entity, new_name)
@@ -150,46 +172,19 @@ def register(cli: click.Group) -> None:
     @click.argument("instance")
     @click.argument("profile_name")
     def profile_remove(instance: str, profile_name: str) -> None:
-        """Remove a profile from an instance."""
+        """Remove a profile from an instance.
+
+        \b
+        Examples:
+          stapes profile remove s1:c1 small
+        """
         _assign(instance, profile_name, False)
 
     @profile.group(name="device")
     def profile_device() -> None:
-        """Devices of a profile."""
+        """Devices of a profile: add, remove, list, show, get, set, unset."""
 
-    @profile_device.command(name="add")
-    @click.argument("name")
-    @click.argument("device")
-    @click.argument("device_type")
-    @click.argument("settings", nargs=-1)
-    def profile_device_add(name: str, device: str, device_type: str, settings: tuple[str, ...]) -> None:
-        """Add a device to a profile.
-
-        \b
-        Example:
-          stapes profile device add default data disk source=/srv/data path=/data
-        """
-        remote, entity = parse(name)
-        with client_for(remote) as client:
-            devices = client.entity("profile", entity)["devices"]
-            if device in devices:
-                raise BadRequest(f"Device {device!r} already exists in profile {entity!r}")
-            devices[device] = {"type": device_type, **key_values(settings)}
-            client.update_entity("profile", entity, {"devices": devices})
-
-    @profile_device.command(name="remove")
-    @click.argument("name")
-    @click.argument("device")
-    def profile_device_remove(name: str, device: str) -> None:
-        """Remove a device from a profile."""
-        remote, entity = parse(name)
-        with client_for(remote) as client:
-            current = client.entity("profile", entity)
-            if device not in current["devices"]:
-                raise BadRequest(f"Device {device!r} is not in profile {entity!r}")
-            del current["devices"][device]
-            client.update_entity("profile", entity, {k: current[k] for k in ("config", "devices", "description")},
-                                 patch=False)
+    register_device_commands(profile_device, "profile", "PROFILE")
 
     project = _entity_group(cli, "project", "project", "project", ("config", "description"))
 
@@ -211,7 +206,12 @@ def register(cli: click.Group) -> None:
     @click.argument("name")
     @click.argument("new_name")
     def project_rename(name: str, new_name: str) -> None:
-        """Rename an empty project."""
+        """Rename an empty project.
+
+        \b
+        Examples:
+          stapes project rename s1:staging testing
+        """
         remote, entity = parse(name)
         with client_for(remote) as client:
             client.rename_entity("project", entity, new_name)
@@ -233,6 +233,7 @@ def register(cli: click.Group) -> None:
         conf.save()
 
     storage = _entity_group(cli, "pool", "storage", "storage pool", ("config", "description"))
+    volume.register(storage)  # `stapes storage volume ...` (cli/volume.py)
 
     @storage.command(name="create")
     @click.argument("name")
@@ -255,11 +256,17 @@ def register(cli: click.Group) -> None:
     @storage.command(name="info")
     @click.argument("name")
     def storage_info(name: str) -> None:
-        """Show a pool's space usage."""
+        """Show a pool's space used and its total space.
+
+        \b
+        Examples:
+          stapes storage info s1:default
+        """
         remote, entity = parse(name)
         with client_for(remote) as client:
             usage: dict[str, Any] = client.pool_resources(entity)
-        click.echo(f"space used: {usage['space']['used']}\nspace total: {usage['space']['total']}")
+        click.echo(f"space used: {units.size(usage['space']['used'])}\n"
+                   f"total space: {units.size(usage['space']['total'])}")
 
     network = _entity_group(cli, "network", "network", "network", ("config", "description"))
 
@@ -285,7 +292,12 @@ def register(cli: click.Group) -> None:
     @network.command(name="info")
     @click.argument("name")
     def network_info(name: str) -> None:
-        """Show a network's bridge: addresses, MAC, MTU, traffic."""
+        """Show a network's bridge: addresses, MAC, MTU, traffic.
+
+        \b
+        Examples:
+          stapes network info s1:stapesbr0
+        """
         remote, entity = parse(name)
         with client_for(remote) as client:
             net = client.entity("network", entity)
@@ -302,7 +314,13 @@ def register(cli: click.Group) -> None:
     @click.argument("name")
     @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
     def network_leases(name: str, fmt: str) -> None:
-        """List the addresses the network's DHCP server handed out."""
+        """List the addresses the network's DHCP server handed out to this server's instances.
+
+        \b
+        Examples:
+          stapes network list-leases s1:stapesbr0
+          stapes network list-leases stapesbr0 --format json
+        """
         remote, entity = parse(name)
         with client_for(remote) as client:
             leases = client.network_leases(entity)

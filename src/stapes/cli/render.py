@@ -18,11 +18,42 @@ from rich.status import Status
 from rich.table import Table
 
 FORMATS = ("table", "json", "yaml", "csv", "compact")
+FORMAT_OPTIONS = ("noheader", "header", "raw")
 _err_console = Console(stderr=True)
 
 
+def split_format(spec: str) -> tuple[str, set[str]]:
+    """Incus's `-f csv,noheader`: the format and its options (csv has no header unless `header`)."""
+    fmt, *options = spec.split(",")
+    if fmt not in FORMATS:
+        raise click.BadParameter(f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="'--format'")
+    unknown = [o for o in options if o not in FORMAT_OPTIONS]
+    if unknown:
+        raise click.BadParameter(f"unknown format option {unknown[0]!r}: use {', '.join(FORMAT_OPTIONS)}",
+                                 param_hint="'--format'")
+    return fmt, set(options)
+
+
+class FormatType(click.ParamType):  # type: ignore[type-arg]
+    """-f FORMAT[,noheader|header|raw] as Incus's list commands take it."""
+
+    name = "format"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        split_format(str(value))
+        return str(value)
+
+
+def global_flag(name: str) -> bool:
+    """A global option (`stapes -q ...`, or anywhere on the line: see argv.normalise)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get(name))
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str = "table", raw: Any = None) -> None:
-    """Render rows; json and yaml render `raw` (the API objects) like Incus does."""
+    """Render rows; json and yaml render `raw` (the API objects) like Incus does. `fmt` may carry Incus's
+    options: `csv,header`, `table,noheader`."""
+    fmt, options = split_format(fmt)
     if fmt == "json":
         click.echo(json.dumps(raw if raw is not None else [dict(zip(headers, r, strict=True)) for r in rows]))
     elif fmt == "yaml":
@@ -30,14 +61,24 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str = "tab
                                   sort_keys=False), nl=False)
     elif fmt == "csv":
         out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows(rows)
+        writer = csv.writer(out, lineterminator="\n")
+        if "header" in options:
+            writer.writerow(headers)
+        writer.writerows(rows)
         click.echo(out.getvalue(), nl=False)
     else:
         styles = {"table": box.ASCII, "compact": box.SIMPLE_HEAD}
-        t = Table(*headers, box=styles.get(fmt, box.ASCII), show_lines=fmt == "table", header_style="bold")
+        t = Table(*headers, box=styles.get(fmt, box.ASCII), show_lines=fmt == "table", header_style="bold",
+                  show_header="noheader" not in options)
         for row in rows:
             t.add_row(*row)
         Console(width=200 if not sys.stdout.isatty() else None).print(t)
+
+
+def debug(message: str) -> None:
+    """A --debug line on stderr."""
+    if global_flag("debug"):
+        click.echo(f"DEBUG: {message}", err=True)
 
 
 def show_yaml(data: Any) -> None:
@@ -49,7 +90,7 @@ def error(message: str) -> None:
 
 
 def success(message: str, quiet: bool = False) -> None:
-    if not quiet:
+    if not quiet and not global_flag("quiet"):
         click.echo(message)
 
 
@@ -66,7 +107,7 @@ def progress(label: str, quiet: bool = False) -> Iterator[Callable[[dict[str, An
         if status is not None and last:
             status.update(f"{label}: {last}")
 
-    if quiet:
+    if quiet or global_flag("quiet"):
         yield lambda op: None
         return
     if sys.stderr.isatty():
@@ -82,4 +123,5 @@ def _progress_text(op: dict[str, Any]) -> str:
     detail = (op.get("metadata") or {}).get("progress")
     if not isinstance(detail, dict):
         return ""
-    return str(detail.get("text") or "")
+    from stapes.cli.units import transfer  # figures as people read them (issue 17)
+    return transfer(detail) or str(detail.get("text") or "")

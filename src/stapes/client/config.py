@@ -47,6 +47,7 @@ class ClientConfig:
     directory: Path
     default_remote: str = LOCAL
     remotes: dict[str, Remote] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)  # Incus's CLI aliases: 'NAME [WORDS]' -> command line
 
     @classmethod
     def load(cls, directory: Path | None = None) -> ClientConfig:
@@ -60,6 +61,7 @@ class ClientConfig:
             conf.remotes[name] = Remote(name, str(body.get("addr", "")), str(body.get("project") or ""),
                                         str(body.get("protocol") or "stapes"))
         conf.remotes.setdefault(LOCAL, Remote(LOCAL, "unix://"))
+        conf.aliases = {str(k): str(v) for k, v in (data.get("aliases") or {}).items()}
         return conf
 
     def save(self) -> None:
@@ -72,6 +74,8 @@ class ClientConfig:
                 for r in self.remotes.values()
             },
         }
+        if self.aliases:
+            data["aliases"] = dict(self.aliases)
         tmp = self.directory / "config.yml.tmp"
         tmp.write_text(yaml.safe_dump(data, sort_keys=True))
         tmp.replace(self.directory / "config.yml")
@@ -99,6 +103,24 @@ class ClientConfig:
     @property
     def client_key(self) -> Path:
         return self.directory / "client.key"
+
+    def rename_remote(self, old: str, new: str) -> None:
+        """Rename a remote with its pinned certificate; the default remote follows (the caller saves)."""
+        remote = self.remote(old)
+        if new in self.remotes:
+            raise BadRequest(f"Remote {new!r} already exists")
+        if not new or ":" in new or "/" in new:
+            raise BadRequest(f"Invalid remote name {new!r}: it cannot be empty or contain ':' or '/'")
+        if old == LOCAL:
+            raise BadRequest("The local remote cannot be renamed")
+        cert = self.server_cert(old)
+        if cert.exists():
+            cert.replace(self.server_cert(new))
+        del self.remotes[old]
+        remote.name = new
+        self.remotes[new] = remote
+        if self.default_remote == old:
+            self.default_remote = new
 
     def server_cert(self, remote: str) -> Path:
         return self.directory / "servercerts" / f"{remote}.crt"

@@ -96,8 +96,17 @@ async def transfer(source: AsyncClient, name: str, target: AsyncClient, new_name
         await source.rename_instance(name, new_name)
         return TransferResult(f"Renamed {name} to {new_name}", None)
     landing = f"{name[:50]}-moving-{secrets.token_hex(3)}" if steps.through_landing else new_name
+    # Stopping an ephemeral instance deletes it: it is persistent while it moves, ephemeral again after.
+    ephemeral = steps.stop_first and bool(instance.get("ephemeral"))
+    if ephemeral:
+        await source.update_instance(name, {"ephemeral": False})
     if steps.stop_first:
-        await source.change_state(name, "stop", timeout=30)
+        try:
+            await source.change_state(name, "stop", timeout=30)
+        except BaseException:
+            if ephemeral:
+                await asyncio.shield(source.update_instance(name, {"ephemeral": True}))
+            raise
     try:
         result = await copy_instance(source, name, target, landing, mode=mode, overrides=overrides,
                                      progress=progress, move=move, live=steps.live,
@@ -105,6 +114,8 @@ async def transfer(source: AsyncClient, name: str, target: AsyncClient, new_name
     except BaseException:
         if steps.stop_first:
             await asyncio.shield(source.change_state(name, "start"))
+        if ephemeral:
+            await asyncio.shield(source.update_instance(name, {"ephemeral": True}))
         raise
     if steps.delete_source:
         await source.delete_instance(name)
@@ -115,6 +126,9 @@ async def transfer(source: AsyncClient, name: str, target: AsyncClient, new_name
             await target.change_state(new_name, "start")
         else:
             await source.change_state(name, "start")
+        if ephemeral:
+            await (target.update_instance(new_name, {"ephemeral": True}) if move
+                   else source.update_instance(name, {"ephemeral": True}))
     how = f"{mode}, {result.transport}" + (f", live: frozen {result.frozen_s:.2f}s" if steps.live else "")
     lines = [f"{'Moved' if move else 'Copied'} {where} ({how})", *precopy_lines(result.source)]
     return TransferResult("\n".join(lines), result)

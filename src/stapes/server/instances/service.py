@@ -13,28 +13,31 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stapes.api.config_keys import is_true, validate_instance_config
-from stapes.api.devices import Devices, expand_devices, nic_devices, root_disk, validate_devices
+from stapes.api.devices import Devices, expand_devices, nic_devices, root_disk, validate_devices, volume_disks
 from stapes.api.errors import BadRequest, Conflict, NotFound, PreconditionFailed, StapesError
 from stapes.api.names import validate_entity_name, validate_instance_name
 from stapes.api.requests import check_exec_ids
 from stapes.api.status import StatusCode
-from stapes.api.timefmt import iso
+from stapes.api.timefmt import NEVER, iso
 from stapes.server import rootfs
 from stapes.server.events import EventHub
 from stapes.server.idmap import IdRange, NoAllocation, container_map, ids_from_zero
 from stapes.server.images.store import ARCHITECTURE, ImageStore
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
 from stapes.server.instances.exec_session import run_exec
+from stapes.server.instances.hotplug import VolumesHeld
 from stapes.server.instances.volatile import kept_from_peer, missing_volatile
 from stapes.server.networks.service import NetworkService
 from stapes.server.operations import Operation
 from stapes.server.storage.base import PoolDriver, Volume
 from stapes.server.storage.service import StorageService
+from stapes.server.storage.volumes import HELD, IDMAP_LAST, Key, check_idmap_kind, custom_volume, idmap_text
 from stapes.server.store.db import InstanceRow, ProfileRow, SnapshotRow, Store
 
 log = logging.getLogger(__name__)
 INCOMPLETE = "volatile.incomplete"  # Stapes's own crash marker: never shown, never taken from a client or peer
 DEFAULT_STOP_TIMEOUT = 30.0
+EPHEMERAL_POLL = 2.0  # seconds between looks at running ephemeral instances (one lxc-ls, only while any exist)
 
 
 def _shown(config: dict[str, str]) -> dict[str, str]:
@@ -58,6 +61,15 @@ class InstanceService:
         # Instances taking part in a migration (either side), with the operation that holds them: anything
         # else that would change them is refused at once, as Incus's operation lock does.
         self._busy: dict[tuple[str, str], str] = {}
+        # Called with (project, name, new name) after a rename, (project, name, None) after a delete (backups).
+        self.on_removed: list[Callable[[str, str, str | None], Awaitable[None]]] = []
+        self._ephemeral_watch: asyncio.Task[None] | None = None
+        # Ephemeral instances the watch leaves alone: those restore_power_state has not started yet, and those
+        # whose deletion failed (with why; tried again only after they are started again).
+        self._restoring: set[tuple[str, str]] = set()
+        self._undeletable: dict[tuple[str, str], str] = {}
+        # The locks of custom volumes an instance change attaches (storage/volumes.py sets it).
+        self.volume_claim: Callable[[list[Key]], contextlib.AbstractAsyncContextManager[None]] = _no_claim
 
     # lookups and expansion
     def driver(self, instance_type: str) -> InstanceDriver:
@@ -96,7 +108,9 @@ class InstanceService:
                 for name, dev in nic_devices(devices).items()}
         idmap = () if is_true(config.get("security.privileged")) else tuple(await self._container_map())
         volume = pool.volume_path(Volume.of(row.type, row.project, row.name))
-        return InstanceSpec(row.project, row.name, config, devices, volume, nics, idmap)
+        volumes = {name: (await _one(pools, dev["pool"], self._storage.driver, "Storage pool")).volume_path(
+            custom_volume(row.project, dev["source"])) for name, dev in volume_disks(devices).items()}
+        return InstanceSpec(row.project, row.name, config, devices, volume, nics, idmap, volumes)
 
     async def _container_map(self) -> list[IdRange]:
         """Root's subordinate ids, read once (a change to /etc/subuid takes a daemon restart, as for Incus)."""
@@ -122,6 +136,26 @@ class InstanceService:
             if device.get("network"):
                 await self._networks.require(device["network"], name)
 
+    async def _check_volumes(self, project: str, devices: Mapping[str, Mapping[str, str]],
+                             config: Mapping[str, str] | None = None, instance: str = "",
+                             record: tuple[IdRange, ...] | None = None) -> None:
+        """Disks that attach a custom volume name one this server has (a moved instance's too: Incus's rule),
+        last used by an instance of the same kind (`config`'s security.privileged); `record`: the id map the
+        instance uses them with from now on (volatile.idmap.last)."""
+        for name, device in volume_disks(devices).items():
+            try:
+                volume = await self._store.volume(device["pool"], project, device["source"])
+                if config is not None:
+                    check_idmap_kind(volume, is_true(config.get("security.privileged")), name, instance)
+                if record is not None and volume.config.get(IDMAP_LAST) != idmap_text(record):
+                    volume.config[IDMAP_LAST] = idmap_text(record)
+                    await self._store.update_volume(volume)
+            except NotFound:
+                raise BadRequest(
+                    f"Disk device {name!r} attaches storage volume {device['source']!r} of pool {device['pool']!r}, "
+                    "which this server lacks: create it, or copy it here first with 'stapes storage volume copy "
+                    f"SOURCE:{device['pool']}/{device['source']} {device['pool']}/{device['source']}'") from None
+
     async def add_volatile(self, row: InstanceRow, *, applying: bool) -> bool:
         """Record what the instance runs with (its nics' MACs, its id map) before it first runs with it;
         `applying`: it is being created or started with it now."""
@@ -135,6 +169,8 @@ class InstanceService:
         """An instance arriving by migration keeps its config and MACs, not the other server's volatile state."""
         _, devices = await self.expand(row)
         row.config = kept_from_peer(row.config, devices)
+        if row.ephemeral:
+            self.watch_ephemeral()
 
     @contextlib.asynccontextmanager
     async def locked(self, project: str, name: str) -> AsyncIterator[None]:
@@ -264,6 +300,7 @@ class InstanceService:
             raise BadRequest(f"The root disk device {root[0]!r} names no storage pool")
         await self._store.pool(root[1]["pool"])
         await self._check_networks(devices)
+        await self._check_volumes(row.project, devices, config, row.name)
         if not is_true(config.get("security.privileged")):
             await self._container_map()
         with contextlib.suppress(NotFound):
@@ -356,7 +393,7 @@ class InstanceService:
             "name": snap.name, "description": snap.description, "config": snap.config, "devices": snap.devices,
             "profiles": snap.profiles, "expanded_config": snap.config, "expanded_devices": snap.devices,
             "architecture": instance.architecture, "ephemeral": False, "stateful": False,
-            "created_at": iso(snap.created_at), "last_used_at": iso(0), "expires_at": iso(0), "size": -1,
+            "created_at": iso(snap.created_at), "last_used_at": iso(0), "expires_at": NEVER, "size": -1,
         }
 
     async def create_snapshot(self, project: str, name: str, snapshot: str | None, description: str = "") -> str:
@@ -447,6 +484,9 @@ class InstanceService:
                 row.config = config if replace else {**row.config, **config}
                 for key, value in volatile.items():
                     row.config.setdefault(key, value)
+                row.config.pop(HELD, None)  # the server's record of what the container still mounts, alone
+                if HELD in old.config:
+                    row.config[HELD] = old.config[HELD]
             if "devices" in changes:
                 devices = dict(changes["devices"] or {})
                 row.devices = devices if replace else {**row.devices, **devices}
@@ -454,15 +494,42 @@ class InstanceService:
                 row.profiles = list(changes["profiles"] or [])
             if "description" in changes:
                 row.description = str(changes["description"] or "")
+            if changes.get("ephemeral") is not None:
+                row.ephemeral = bool(changes["ephemeral"])
             new_spec = await self.validate_row(row)
+            old_spec: InstanceSpec | None
             try:
-                old_volume: Path | None = (await self.spec(old)).volume
+                old_spec = await self.spec(old)
+                old_volume: Path | None = old_spec.volume
             except StapesError:
-                old_volume = None  # a broken instance being repaired: its volume is where the fix points
+                old_spec, old_volume = None, None  # a broken instance being repaired: the fix points to its volume
             if old_volume is not None and old_volume != new_spec.volume:
                 raise BadRequest("The root disk's pool cannot change this way: move the instance with '-s POOL'")
-            await self._store.update_instance(row)
+            held: VolumesHeld | None = None
+            before = {(d["pool"], d["source"]) for d in volume_disks(old_spec.devices if old_spec else {}).values()}
+            keys = [(d["pool"], project, d["source"]) for d in volume_disks(new_spec.devices).values()
+                    if (d["pool"], d["source"]) not in before]  # newly attached ones
+            async with self.volume_claim(keys):  # no delete, rename or move of them meanwhile: checked again
+                await self._check_volumes(project, new_spec.devices, new_spec.config, name, new_spec.idmap)
+                try:
+                    await self.driver(row.type).hotplug(old_spec, new_spec)  # attached volumes, at once if running
+                except VolumesHeld as err:  # detached, but mounted elsewhere inside: in use until it stops
+                    held = err
+                    still = held_by(old_spec, err.devices) | set(filter(None, row.config.get(HELD, "").split(",")))
+                    row.config[HELD] = ",".join(sorted(still))
+                try:
+                    await self._store.update_instance(row)
+                except BaseException:
+                    if held is None and old_spec is not None:  # the running container as the row still says
+                        with contextlib.suppress(Exception):
+                            await asyncio.shield(self.driver(row.type).hotplug(new_spec, old_spec))
+                    raise
             await self.driver(row.type).define(new_spec)
+            if row.ephemeral:  # made ephemeral while it runs: it goes when its init ends, as if started so
+                self.watch_ephemeral()
+            if held is not None:
+                self._events.lifecycle("instance-updated", f"/1.0/instances/{name}", project)
+                raise held
         self._events.lifecycle("instance-updated", f"/1.0/instances/{name}", project)
 
     async def update_unlocked(self, new: InstanceRow) -> None:
@@ -485,6 +552,7 @@ class InstanceService:
         validate_instance_config(dict(spec.config))
         await self._store.pool(root_disk(spec.devices)[1]["pool"])  # type: ignore[index]
         await self._check_networks(spec.devices)
+        await self._check_volumes(row.project, spec.devices, spec.config, row.name)
         if await self.add_volatile(row, applying=False):
             spec = await self.spec(row)
         return spec
@@ -537,6 +605,8 @@ class InstanceService:
             new_spec = await self.spec(row)
             await asyncio.to_thread(_set_hostname, new_spec.volume / "rootfs", new_name)
             await driver.define(new_spec)
+            for hook in self.on_removed:
+                await hook(project, name, new_name)
         self._events.lifecycle("instance-renamed", f"/1.0/instances/{new_name}", project, {"old_name": name})
 
     async def delete(self, project: str, name: str) -> None:
@@ -550,11 +620,17 @@ class InstanceService:
                 driver = self.driver(row.type)
                 if (await driver.state(spec, detail=False)).status != StatusCode.STOPPED:
                     raise BadRequest(f"Instance {name!r} is running: stop it first, or delete it with --force")
-                pool = await self.pool_of(spec)
-                await driver.undefine(spec)
-                await pool.delete_volume(Volume.of(row.type, project, name))
-                await self._store.delete_instance(project, name)
+                await self._delete_stopped(row, spec)
         self._events.lifecycle("instance-deleted", f"/1.0/instances/{name}", project)
+
+    async def _delete_stopped(self, row: InstanceRow, spec: InstanceSpec) -> None:
+        """A stopped instance, its LXC definition, its volume and its row (the caller holds its lock)."""
+        pool = await self.pool_of(spec)
+        await self.driver(row.type).undefine(spec)
+        await pool.delete_volume(Volume.of(row.type, row.project, row.name))
+        await self._store.delete_instance(row.project, row.name)
+        for hook in self.on_removed:
+            await hook(row.project, row.name, None)
 
     async def _delete_broken(self, row: InstanceRow) -> None:
         """An instance whose row no longer expands (a lost profile or pool): remove what can be found of it,
@@ -570,6 +646,8 @@ class InstanceService:
         with contextlib.suppress(StapesError):
             await self.driver(row.type).undefine(bare)
         await self._store.delete_instance(row.project, row.name)
+        for hook in self.on_removed:
+            await hook(row.project, row.name, None)
 
     async def change_state(self, project: str, name: str, action: str, *, timeout: float | None = None,
                            force: bool = False) -> None:
@@ -588,21 +666,33 @@ class InstanceService:
                 if status == StatusCode.FROZEN:
                     raise BadRequest(f"Instance {name!r} is frozen: use 'unfreeze' (or 'start' after 'stop')")
                 await self._check_networks(spec.devices)
+                await self._check_volumes(project, spec.devices, spec.config, name, spec.idmap)
                 if await self.add_volatile(row, applying=True):
                     spec = await self.spec(row)
                 await driver.define(spec)
                 await driver.start(spec)
                 row.last_used_at = time.time()
                 row.config["volatile.last_state.power"] = "RUNNING"
+                row.config.pop(HELD, None)  # a new mount namespace: nothing detached is mounted any more
+                self._undeletable.pop((project, name), None)
+                if row.ephemeral:
+                    self.watch_ephemeral()
             elif action == "stop":
                 if status == StatusCode.STOPPED:
                     raise BadRequest(f"Instance {name!r} is already stopped")
                 await driver.stop(spec, timeout=stop_timeout, force=force)
                 row.config["volatile.last_state.power"] = "STOPPED"
+                row.config.pop(HELD, None)  # its mounts ended with it
+                if row.ephemeral:  # as Incus: an ephemeral instance goes when it stops (not on a restart)
+                    await self._delete_stopped(row, spec)
+                    self._events.lifecycle("instance-stopped", f"/1.0/instances/{name}", project)
+                    self._events.lifecycle("instance-deleted", f"/1.0/instances/{name}", project)
+                    return
             elif action == "restart":
                 if status == StatusCode.STOPPED:
                     raise BadRequest(f"Instance {name!r} is not running: use 'start'")
                 await driver.stop(spec, timeout=stop_timeout, force=force)
+                row.config.pop(HELD, None)
                 if await self.add_volatile(row, applying=True):
                     spec = await self.spec(row)
                     await driver.define(spec)
@@ -643,6 +733,11 @@ class InstanceService:
         if status != StatusCode.RUNNING:
             raise BadRequest(f"Instance {name!r} is not running: start it first")
 
+    async def runtime(self, project: str, name: str) -> tuple[InstanceDriver, InstanceSpec]:
+        """The driver and the spec of an instance (its console: stapes.server.instances.console)."""
+        row = await self._store.instance(project, name)
+        return self.driver(row.type), await self.spec(row)
+
     async def log_files(self, project: str, name: str) -> dict[str, Path]:
         row = await self._store.instance(project, name)
         return self.driver(row.type).log_files(await self.spec(row))
@@ -682,9 +777,105 @@ class InstanceService:
         row.config["volatile.last_state.power"] = "RUNNING" if running else "STOPPED"
         await self._store.update_instance(row)
 
+    def watch_ephemeral(self) -> None:
+        """Start (once) the watch that deletes ephemeral instances whose init ended on its own (a poweroff
+        inside): LXC tells nobody, so running ephemeral instances are looked at every EPHEMERAL_POLL seconds."""
+        if self._ephemeral_watch is None or self._ephemeral_watch.done():
+            self._ephemeral_watch = asyncio.get_running_loop().create_task(self._watch_ephemeral())
+
+    async def stop_watching(self) -> None:
+        task, self._ephemeral_watch = self._ephemeral_watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch_ephemeral(self) -> None:
+        stopped_once: set[tuple[str, str]] = set()
+        while True:
+            await asyncio.sleep(EPHEMERAL_POLL)
+            try:
+                rows = [r for r in await self._store.instances() if r.ephemeral
+                        and r.config.get("volatile.last_state.power") == "RUNNING" and r.config.get(INCOMPLETE) is None
+                        and (r.project, r.name) not in self._restoring and (r.project, r.name) not in self._undeletable]
+                if not rows:
+                    if not stopped_once:
+                        return  # nothing to watch: the next ephemeral start begins a new watch
+                    stopped_once.clear()
+                    continue
+                stopped_once = await self._reap_ephemeral(rows, stopped_once)
+            except Exception as err:  # the watch never dies of one bad look; it tries again next time
+                log.warning("watching ephemeral instances: %s", err)
+
+    async def _reap_ephemeral(self, rows: list[InstanceRow], stopped_once: set[tuple[str, str]]
+                              ) -> set[tuple[str, str]]:
+        """Delete those seen stopped twice in a row (a reboot inside passes through STOPPED for a moment) that
+        nothing else holds: a move, a restart, a stop in progress holds the instance and is left alone."""
+        specs: dict[tuple[str, str], tuple[InstanceRow, InstanceSpec]] = {}
+        for row in rows:
+            with contextlib.suppress(StapesError):
+                specs[(row.project, row.name)] = (row, await self.spec(row))
+        by_type: dict[str, list[InstanceSpec]] = defaultdict(list)
+        for row, spec in specs.values():
+            by_type[row.type].append(spec)
+        states: dict[str, RuntimeState] = {}
+        for instance_type, type_specs in by_type.items():
+            states.update(await self.driver(instance_type).states(type_specs))
+        now_stopped = set()
+        for key, (row, spec) in specs.items():
+            state = states.get(spec.runtime_name)
+            if state is None or state.status != StatusCode.STOPPED or key in self._busy:
+                continue
+            lock = self._locks.get(key)
+            if lock is not None and lock.locked():
+                continue
+            if key not in stopped_once:
+                now_stopped.add(key)
+                continue
+            await self._delete_ended(row)
+        return now_stopped
+
+    async def _delete_ended(self, row: InstanceRow) -> None:
+        name, project = row.name, row.project
+        try:
+            async with self.changing(project, name):
+                current = await self._store.instance(project, name)
+                spec = await self.spec(current)
+                if (not current.ephemeral or current.config.get("volatile.last_state.power") != "RUNNING"
+                        or (await self.driver(current.type).state(spec, detail=False)).status != StatusCode.STOPPED):
+                    return  # changed meanwhile (started again, made persistent, stopped by a request)
+                await self.driver(current.type).stop(spec, timeout=0, force=True)  # unmounts an idmapped root
+                try:
+                    await self._delete_stopped(current, spec)
+                except Exception as err:
+                    # Not tried again every poll: said once; it stays, stopped, for 'stapes delete' (or a start).
+                    reason = err.message if isinstance(err, StapesError) else str(err)
+                    self._undeletable[(project, name)] = reason
+                    log.warning("%s/%s: ephemeral, its init ended, but deleting it failed: %s (left stopped; "
+                                "delete it by hand)", project, name, reason)
+                    with contextlib.suppress(StapesError):
+                        current.config["volatile.last_state.power"] = "STOPPED"
+                        await self._store.update_instance(current)
+                    return
+        except (NotFound, Conflict):
+            return
+        log.info("%s/%s: ephemeral, its init ended: deleted", project, name)
+        self._events.lifecycle("instance-shutdown", f"/1.0/instances/{name}", project)
+        self._events.lifecycle("instance-deleted", f"/1.0/instances/{name}", project)
+
     async def restore_power_state(self) -> None:
-        """After a host reboot: start what was running, and what asks to start with the server."""
-        for row in await self._store.instances():
+        """After a host reboot: start what was running, and what asks to start with the server. The ephemeral
+        watch looks at none of them before its start was tried (a slow start is no poweroff)."""
+        rows = await self._store.instances()
+        self._restoring = {(row.project, row.name) for row in rows}
+        try:
+            await self._restore_each(rows)
+        finally:
+            self._restoring = set()
+            self.watch_ephemeral()
+
+    async def _restore_each(self, rows: list[InstanceRow]) -> None:
+        for row in rows:
             try:
                 wanted = row.config.get("volatile.last_state.power") == "RUNNING" or is_true(
                     (await self.expand(row))[0].get("boot.autostart"))
@@ -697,6 +888,8 @@ class InstanceService:
                     await driver.start(spec)
             except Exception as err:  # one broken instance never keeps the server (or the others) down
                 log.warning("could not start %s/%s at server start: %s", row.project, row.name, err)
+            finally:
+                self._restoring.discard((row.project, row.name))
 
 
 T = TypeVar("T")
@@ -731,3 +924,15 @@ def _set_hostname(root: Path, name: str) -> None:
         rootfs.write_text(root, "etc/hostname", name + "\n")
     except OSError as err:
         log.info("not setting the hostname file of %s: %s", name, err)
+
+
+@contextlib.asynccontextmanager
+async def _no_claim(keys: list[Key]) -> AsyncIterator[None]:
+    yield
+
+
+def held_by(spec: InstanceSpec | None, devices: list[str]) -> set[str]:
+    """`POOL/VOLUME` of these disk devices (HELD's entries)."""
+    if spec is None:
+        return set()
+    return {f"{spec.devices[d]['pool']}/{spec.devices[d]['source']}" for d in devices if d in spec.devices}
