@@ -192,6 +192,36 @@ run "$BIN/stapes" stop s1:c1 --force
 run "$BIN/stapes" stop s1:c1 || true
 run "$BIN/stapes" config set s1:c1 limits.bogus=1 || true
 
+say "Daily use: a shell on a terminal, files, volumes, backups, images from instances, ephemeral instances"
+run "$BIN/stapes" launch s1:busybox daily
+echo '# a shell on a terminal of its own (what "stapes exec daily -- sh" opens in yours), fed by a pipe here'
+printf 'tty; echo $((6*7)); exit 4\n' | run "$BIN/stapes" exec -t s1:daily -- sh || echo "exit status: $?"
+echo "greetings from the host" > "$ROOT/hello.txt"
+run "$BIN/stapes" file push "$ROOT/hello.txt" s1:daily/root/hello.txt --mode 0640 --uid 1000
+run "$BIN/stapes" exec s1:daily -- ls -ln /root/hello.txt
+run "$BIN/stapes" file pull s1:daily/etc/hostname -
+run "$BIN/stapes" storage volume create s1:default shared
+run "$BIN/stapes" storage volume attach s1:default shared daily /srv/shared
+run "$BIN/stapes" exec s1:daily -- sh -c 'echo kept > /srv/shared/note; cat /srv/shared/note'
+run "$BIN/stapes" config device list s1:daily
+run "$BIN/stapes" list s1: status=running -c ns4 -f csv
+echo "# export to a backup tarball, import it on s2 under a new name"
+run "$BIN/stapes" storage volume detach s1:default shared daily
+run "$BIN/stapes" stop s1:daily
+run "$BIN/stapes" export s1:daily "$ROOT/daily.tar.gz" -q
+run "$BIN/stapes" import s2: "$ROOT/daily.tar.gz" restored
+run "$BIN/stapes" list s2: restored
+echo "# publish an instance as an image, launch from it"
+run "$BIN/stapes" publish s1:daily s1: --alias daily-image
+run "$BIN/stapes" launch s1:daily-image fromimage -e
+run "$BIN/stapes" exec s1:fromimage -- cat /root/hello.txt
+echo "# an ephemeral instance goes away when it stops"
+run "$BIN/stapes" stop s1:fromimage
+run "$BIN/stapes" list s1: fromimage
+run "$BIN/stapes" delete s1:daily s2:restored
+run "$BIN/stapes" storage volume delete s1:default shared
+run "$BIN/stapes" version s1:
+
 "$BIN/python" scripts/demo_incus.py
 
 say "Stopping and deleting"

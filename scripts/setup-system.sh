@@ -11,7 +11,7 @@ fi
 . /etc/os-release
 codename="${VERSION_CODENAME:-}"
 packages=(lxc busybox-static rsync btrfs-progs nftables tar gzip xz-utils python3 python3-venv python3-dev gcc
-          ca-certificates curl incus-client incus-base iproute2 util-linux dnsmasq-base uidmap mmdebstrap zstd
+          ca-certificates curl incus-client incus-base iproute2 util-linux dnsmasq-base uidmap mmdebstrap zstd bzip2
           iputils-ping)
 
 backports=()
@@ -70,4 +70,6 @@ fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || {
     echo "setup-system: python3 lacks venv/ensurepip; install python3-venv" >&2; exit 1; }
 bash "$(dirname "$0")/setup-criu.sh"
+# The systemd unit stapes.service: installed (and daemon-reload), never started or enabled here.
+bash "$(dirname "$0")/install-service.sh"
 echo "setup-system: all system packages present"

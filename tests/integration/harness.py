@@ -6,6 +6,7 @@ PID, and every container a server ran is killed, even when the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -240,6 +241,10 @@ class Cluster:
         return Cli(self.root / "client", default_server, netns)
 
     def close(self) -> None:
+        if os.environ.get("STAPES_KEEP_LOGS"):  # debugging a test: its servers' logs survive it
+            for server in self.servers:
+                with contextlib.suppress(OSError):
+                    shutil.copy(server.log_path, Path(os.environ["STAPES_KEEP_LOGS"]) / f"{server.name}.log")
         for server in self.servers:
             # The server first: stopping in the middle of a move, it may still run a container again from its
             # checkpoint, which a kill before the stop would miss.

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime
 
+NEVER = "0001-01-01T00:00:00Z"  # Incus's zero time (Go's): no expiry, never used
 
-def iso(timestamp: float) -> str:
+
+def iso(timestamp: float, zero: str = NEVER) -> str:
+    """No time at all (never used, no expiry) is Incus's zero time, which its client shows as nothing."""
     if not timestamp:
-        return "1970-01-01T00:00:00Z"
+        return zero
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat().replace("+00:00", "Z")

@@ -72,7 +72,13 @@ def register(cli: click.Group) -> None:
     @image.command(name="delete")
     @click.argument("names", nargs=-1, required=True)
     def delete(names: tuple[str, ...]) -> None:
-        """Delete images (by alias or fingerprint)."""
+        """Delete images (by alias or fingerprint).
+
+        \b
+        Examples:
+          stapes image delete s1:debian/12
+          stapes image delete 3f5a9c
+        """
         for spec in names:
             remote, name = parse(spec)
             with client_for(remote) as client:
@@ -81,7 +87,12 @@ def register(cli: click.Group) -> None:
     @image.command(name="show")
     @click.argument("name")
     def show(name: str) -> None:
-        """Show an image as YAML."""
+        """Show an image as YAML.
+
+        \b
+        Examples:
+          stapes image show s1:busybox
+        """
         remote, image_name = parse(name)
         with client_for(remote) as client:
             render.show_yaml(client.image(image_name))
@@ -108,7 +119,12 @@ def register(cli: click.Group) -> None:
     @alias.command(name="delete")
     @click.argument("name")
     def alias_delete(name: str) -> None:
-        """Delete an alias."""
+        """Delete an alias.
+
+        \b
+        Examples:
+          stapes image alias delete s1:old-busybox
+        """
         remote, alias_name = parse(name)
         with client_for(remote) as client:
             client.delete_alias(alias_name)
@@ -117,7 +133,12 @@ def register(cli: click.Group) -> None:
     @click.argument("remote", required=False)
     @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
     def alias_list(remote: str | None, fmt: str) -> None:
-        """List aliases."""
+        """List aliases.
+
+        \b
+        Examples:
+          stapes image alias list s1:
+        """
         with client_for(parse_remote_only(remote)) as client:
             aliases = client.aliases()
         render.table(["ALIAS", "FINGERPRINT", "DESCRIPTION"],

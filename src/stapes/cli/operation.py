@@ -22,7 +22,13 @@ def register(cli: click.Group) -> None:
     @click.argument("remote", required=False)
     @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
     def list_ops(remote: str | None, fmt: str) -> None:
-        """List operations (finished ones are kept five minutes)."""
+        """List operations (finished ones are kept five minutes).
+
+        \b
+        Examples:
+          stapes operation list s1:
+          stapes operation list --format json
+        """
         with client_for(parse_remote_only(remote)) as client:
             ops = client.operations()
         rows = [[o["id"], o["class"].upper(), o["description"], o["status"].upper(),
@@ -32,7 +38,12 @@ def register(cli: click.Group) -> None:
     @operation.command(name="show")
     @click.argument("op_id")
     def show(op_id: str) -> None:
-        """Show an operation as YAML."""
+        """Show an operation as YAML.
+
+        \b
+        Examples:
+          stapes operation show s1:4f1c2b9e-0d6a-4c1e-9a55-2f9d3e7b8c10
+        """
         remote, name = parse(op_id)
         with client_for(remote) as client:
             render.show_yaml(client.operation(name))

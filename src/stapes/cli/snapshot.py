@@ -31,7 +31,13 @@ def register(cli: click.Group) -> None:
     @click.argument("instance")
     @click.option("-f", "--format", "fmt", type=click.Choice(render.FORMATS), default="table")
     def list_snapshots(instance: str, fmt: str) -> None:
-        """List an instance's snapshots."""
+        """List an instance's snapshots.
+
+        \b
+        Examples:
+          stapes snapshot list s1:c1
+          stapes snapshot list c1 --format json
+        """
         remote, instance_name = parse(instance)
         with client_for(remote) as client:
             snaps = client.snapshots(instance_name)
@@ -56,7 +62,12 @@ def register(cli: click.Group) -> None:
     @click.argument("instance")
     @click.argument("names", nargs=-1, required=True)
     def delete(instance: str, names: tuple[str, ...]) -> None:
-        """Delete snapshots."""
+        """Delete snapshots.
+
+        \b
+        Examples:
+          stapes snapshot delete s1:c1 snap0 snap1
+        """
         remote, instance_name = parse(instance)
         with client_for(remote) as client:
             for name in names:
@@ -67,7 +78,12 @@ def register(cli: click.Group) -> None:
     @click.argument("name")
     @click.argument("new_name")
     def rename(instance: str, name: str, new_name: str) -> None:
-        """Rename a snapshot."""
+        """Rename a snapshot.
+
+        \b
+        Examples:
+          stapes snapshot rename s1:c1 snap0 before-upgrade
+        """
         remote, instance_name = parse(instance)
         with client_for(remote) as client:
             client.rename_snapshot(instance_name, name, new_name)

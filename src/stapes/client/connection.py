@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import ssl
 from collections.abc import AsyncIterator
@@ -13,10 +14,12 @@ from typing import Any
 import aiohttp
 
 from stapes.api.errors import BadRequest, StapesError, Unavailable, error_for_status
+from stapes.api.redact import redact
 from stapes.certs import client_ssl_context
 from stapes.client.config import ClientConfig, Remote
 
 Json = Any
+http_log = logging.getLogger("stapes.client.http")  # `stapes --debug` shows each request and response here
 
 
 class Connection:
@@ -65,8 +68,10 @@ class Connection:
         if data is not None:
             kwargs["data"] = data
         try:
+            http_log.debug("%s %s %s%s", method, url, kwargs["params"] or "", f" {json.dumps(body)}" if body else "")
             async with self.session.request(method, url, **kwargs) as response:
                 text = await response.text()
+            http_log.debug("%s %s -> %s %s", method, path, response.status, text[:2000].strip())
         except aiohttp.ClientConnectorCertificateError:
             raise Unavailable(f"The certificate of {self.description} does not match the pinned one: "
                               "if the server was re-created, remove and add the remote again") from None
@@ -149,7 +154,7 @@ class Connection:
         try:
             ws = await self.session.ws_connect(url, params=params or {}, max_msg_size=0, autoping=True)
         except (aiohttp.ClientConnectionError, aiohttp.WSServerHandshakeError, OSError) as err:
-            raise Unavailable(f"Cannot open websocket {path} on {self.description}: {err}") from None
+            raise Unavailable(f"Cannot open websocket {path} on {self.description}: {redact(str(err))}") from None
         try:
             yield ws
         finally:

@@ -16,9 +16,10 @@ from typing import Any
 
 import aiohttp
 
-from stapes.api.errors import BadRequest, StapesError
+from stapes.api.errors import BadRequest, Conflict, StapesError
 from stapes.client.client import AsyncClient
 from stapes.client.connection import Json
+from stapes.client.failures import SideFailure, failure_message
 
 MODES = ("pull", "push", "relay")
 CHANNELS = ("control", "fs")
@@ -150,10 +151,10 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
             secrets = {k: source_op["metadata"][k] for k in channels}
             body["source"] = {**migration, "mode": "pull", "operation": f"{source_url}{_op_path(source_op)}",
                               "certificate": source_cert, "secrets": secrets}
-            target_op = await target.conn.request("POST", "/1.0/instances", body)
+            target_op = await _create_target(target, new_name, body)
         else:
             body["source"] = {**migration, "mode": "push"}
-            target_op = await target.conn.request("POST", "/1.0/instances", body)
+            target_op = await _create_target(target, new_name, body)
             if mode == "push":
                 target_url, target_cert = await _server_address(target)
                 secrets = {k: target_op["metadata"][k] for k in channels}
@@ -165,6 +166,19 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
     except BaseException:
         await asyncio.shield(_cancel(source, source_op, target, target_op))
         raise
+
+
+async def _create_target(target: AsyncClient, new_name: str, body: dict[str, Any]) -> Json:
+    """The target's operation; a name taken there says which server and what to do (the user's own name for
+    that server: only the client knows it)."""
+    try:
+        return await target.conn.request("POST", "/1.0/instances", body)
+    except Conflict as err:
+        if "already exists" not in err.message:
+            raise
+        remote = target.remote.name
+        raise Conflict(f"Instance {new_name!r} already exists on {remote}: choose another name "
+                       f"({remote}:NEWNAME) or delete the one there (a copy can update it: copy --refresh)") from None
 
 
 PEER_GRACE = 15.0  # how long the other side may take to fail on its own after one side failed
@@ -225,14 +239,10 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
                 await relay_task
     failures = [(side, op) for side, op in results.items() if op["status_code"] != 200]
     if failures:
-        # The target usually has the more telling message (it names the source's failure too); when both
-        # failed, the source's own reason follows.
-        failures.sort(key=lambda f: f[0] != "target")
-        parts = []
-        for side, op in failures:
-            server = (target if side == "target" else source).remote.name
-            parts.append(f"the {side} ({server}): {op.get('err') or op['status']}")
-        raise MigrationFailed("Migration failed on " + "; and on ".join(parts))
+        # The root cause first, the other side's consequential failure short after it (client/failures.py).
+        raise MigrationFailed(failure_message([
+            SideFailure(side, (target if side == "target" else source).remote.name, op.get("err") or op["status"])
+            for side, op in failures]))
     source_meta = results["source"].get("metadata") or {}
     target_meta = results["target"].get("metadata") or {}
     return MigrationResult(str(target_meta.get("transport", "rsync")),

@@ -13,23 +13,27 @@ from pathlib import Path
 
 from aiohttp import web
 
+from stapes import __version__
 from stapes.api.config_keys import validate_server_config
 from stapes.api.errors import BadRequest, NotFound
 from stapes.certs import ensure_certificate, fingerprint_pem
-from stapes.server import process, tls
+from stapes.server import logfile, process, tls
 from stapes.server.auth import TrustStore
 from stapes.server.events import EventHub
 from stapes.server.images.busybox import build_busybox_image
 from stapes.server.images.store import ImageStore
 from stapes.server.instances import criu
+from stapes.server.instances.backups import BackupService
 from stapes.server.instances.lxc import LxcDriver
 from stapes.server.instances.service import InstanceService
 from stapes.server.migration.service import MigrationService
+from stapes.server.migration.volumes import VolumeMigration
 from stapes.server.networks.service import DEFAULT_NETWORK, NetworkService
 from stapes.server.operations import OperationRegistry
 from stapes.server.paths import StatePaths
 from stapes.server.rest.app import build_app
 from stapes.server.storage.service import StorageService
+from stapes.server.storage.volumes import VolumeService
 from stapes.server.store.db import ProfileRow, ProjectRow, Store
 
 log = logging.getLogger("stapesd")
@@ -49,6 +53,10 @@ class Daemon:
         self.instances = InstanceService(store, self.storage, self.images, self.events, {"container": self.lxc},
                                          self.networks)
         self.migration = MigrationService(self.instances, paths)
+        self.backups = BackupService(store, self.instances, self.storage, paths.root)
+        self.instances.on_removed.append(self.backups.instance_removed)
+        self.volumes = VolumeService(store, self.storage, self.instances)
+        self.volume_migration = VolumeMigration(self.volumes, self.migration)
         self.certificate_pem = paths.server_cert.read_text()
         self.certificate_fingerprint = fingerprint_pem(self.certificate_pem)
         self.lxc_version = ""
@@ -139,6 +147,8 @@ class Daemon:
         await self.lxc.seal()
         left = await self.migration.remove_leftovers()
         await self.instances.remove_incomplete()
+        await self.backups.start()
+        await self.volumes.remove_incomplete()
         await self.networks.start_all()
         await self.migration.recover(left)
         app = build_app(self)
@@ -164,7 +174,9 @@ class Daemon:
         log.info("stapesd ready: unix socket %s, https %s", sock, self._https_address or "off")
 
     async def shutdown(self) -> None:
+        await self.instances.stop_watching()
         await self.operations.shutdown()
+        await self.backups.shutdown()
         await self.networks.shutdown()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -186,7 +198,8 @@ def make_private_directories(paths: StatePaths) -> None:
         os.chmod(paths.server_key, 0o600)
 
 
-async def run(state_dir: Path, https_address: str | None) -> None:
+async def run(state_dir: Path, https_address: str | None,
+              log_file: logfile.PrivateRotatingFileHandler | None = None) -> None:
     paths = StatePaths(state_dir.resolve())
     await asyncio.to_thread(make_private_directories, paths)
     await asyncio.to_thread(ensure_certificate, paths.server_cert, paths.server_key, server=True)
@@ -196,10 +209,13 @@ async def run(state_dir: Path, https_address: str | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if log_file is not None:  # logrotate moved the file away: write to a new one at the path
+        loop.add_signal_handler(signal.SIGHUP, log_file.reopen)
     try:
         await daemon.initialise()
         await daemon.serve(https_address)
         await stop.wait()
+        log.info("stapesd stopping (its instances keep running; they are not stopped with the server)")
     finally:
         with contextlib.suppress(Exception):
             await daemon.shutdown()
@@ -212,13 +228,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--https-address", default=None,
                         help="listen for HTTPS on HOST:PORT (stored as core.https_address)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log at debug level")
+    parser.add_argument("--version", action="version", version=f"stapesd {__version__}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if os.geteuid() != 0:
         sys.exit("stapesd: must run as root (it runs containers)")
+    # stderr (journald under systemd) and <state>/logs/stapesd.log, 0600, rotated; reopened on SIGHUP
+    log_file = logfile.setup(Path(args.state_dir), verbose=args.verbose)
     try:
-        asyncio.run(run(Path(args.state_dir), args.https_address))
+        asyncio.run(run(Path(args.state_dir), args.https_address, log_file))
     except BadRequest as err:
         sys.exit(f"stapesd: {err.message}")
 

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from stapes.api.errors import BadRequest, Forbidden, NotFound, StapesError
+from stapes.api.redact import redact
 from stapes.api.status import StatusCode
 from stapes.server.events import EventHub, now_iso
 
@@ -104,12 +105,12 @@ class Operation:
             log.warning("operation %s (%s, %s) cancelled", self.id, self.description, self._subject())
         except StapesError as err:
             self.status = StatusCode.FAILURE
-            self.err = err.message
+            self.err = redact(err.message)  # it travels to clients, peers and logs: never a secret in it
             log.warning("operation %s (%s, %s) failed: %s", self.id, self.description, self._subject(), err.message)
         except Exception as err:  # an operation must always end with a status, never vanish
             log.exception("operation %s (%s) failed", self.id, self.description)
             self.status = StatusCode.FAILURE
-            self.err = f"Internal error: {err or type(err).__name__}"
+            self.err = redact(f"Internal error: {err or type(err).__name__}")
         finally:
             self.settle()
             for fut in self._sockets.values():

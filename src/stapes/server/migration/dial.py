@@ -11,15 +11,16 @@ from pathlib import Path
 import aiohttp
 
 from stapes.api.errors import BadRequest, Unavailable
+from stapes.api.redact import redact, url_without_query
 from stapes.certs import client_ssl_context
 from stapes.server.streams import CLOSE_TIMEOUT, MAX_MESSAGE, Channel
 
 
 @contextlib.asynccontextmanager
 async def dial(operation_url: str, secrets: dict[str, str], names: tuple[str, ...], certificate: str,
-               cert: Path, key: Path) -> AsyncIterator[dict[str, Channel]]:
+               cert: Path, key: Path, peer: str = "peer") -> AsyncIterator[dict[str, Channel]]:
     if not operation_url.startswith("https://"):
-        raise BadRequest(f"The peer operation {operation_url!r} must be an https:// URL")
+        raise BadRequest(f"The peer operation {url_without_query(operation_url)!r} must be an https:// URL")
     missing = [n for n in names if n not in secrets]
     if missing:
         raise BadRequest(f"No secret given for the {', '.join(missing)} websocket(s)")
@@ -36,8 +37,14 @@ async def dial(operation_url: str, secrets: dict[str, str], names: tuple[str, ..
                     ws = await session.ws_connect(f"{operation_url}/websocket", params={"secret": secrets[name]},
                                                   max_msg_size=MAX_MESSAGE, heartbeat=30,
                                                   timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT))
+                except aiohttp.WSServerHandshakeError as err:
+                    # The peer answered, and refused: its operation has ended (it failed, and says why
+                    # itself) or the secret was spent. Never its URL: aiohttp's text carries the secret.
+                    raise Unavailable(f"The {peer} refused the {name} websocket with HTTP {err.status} (its "
+                                      "operation had ended)") from None
                 except (aiohttp.ClientError, OSError) as err:
-                    raise Unavailable(f"Cannot open the {name} websocket of {operation_url}: {err}") from None
+                    raise Unavailable(f"Cannot open the {name} websocket of {url_without_query(operation_url)}: "
+                                      f"{redact(str(err))}") from None
                 channels[name] = Channel(name, ws)
             yield channels
         finally:

@@ -340,7 +340,7 @@ class MigrationService:
         way, a peer that goes silent for IDLE_TIMEOUT ends the migration."""
         if peer is not None:
             async with dial(peer.operation, dict(peer.secrets or {}), tuple(names), peer.certificate,
-                            self._paths.server_cert, self._paths.server_key) as channels, \
+                            self._paths.server_cert, self._paths.server_key, peer_name) as channels, \
                     idle_timeout(channels.values(), IDLE_TIMEOUT, peer_name):
                 yield channels
             return

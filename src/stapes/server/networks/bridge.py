@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import grp
+import hashlib
 import ipaddress
 import logging
 import os
@@ -109,8 +110,19 @@ def _ensure_bridge(spec: BridgeSpec) -> int | None:
         return made
 
 
+def bridge_mac(alias: str) -> str:
+    """The bridge's own MAC address, stable for the server and network (pure): a bridge without ports has
+    none on some kernels (00:00:00:00:00:00) and otherwise takes its lowest port's, changing as instances come
+    and go. Incus gives its bridges a generated address too (bridge.hwaddr); 00:16:3e is its prefix."""
+    digest = hashlib.sha256(alias.encode()).digest()
+    return "00:16:3e:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
 def _configure_bridge(ipr: IPRoute, index: int, spec: BridgeSpec) -> None:
     ipr.link("set", index=index, ifalias=spec.alias)
+    mac = bridge_mac(spec.alias)
+    if str(ipr.get_links(index)[0].get("IFLA_ADDRESS", "")).lower() != mac:
+        ipr.link("set", index=index, address=mac)
     if ipr.get_links(index)[0].get("IFLA_IFALIAS") != spec.alias:  # what removes it later looks for this mark
         raise InternalError(f"The bridge of network {spec.name!r} did not keep this server's mark (ifalias)")
     if mtu := spec.config.get("bridge.mtu"):

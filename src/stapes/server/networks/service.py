@@ -179,7 +179,12 @@ class NetworkService:
         return await self._driver.state(self._spec(await self._store.network(name)))
 
     async def leases(self, name: str) -> list[dict[str, str]]:
-        return await self._driver.leases(self._spec(await self._store.network(name)))
+        """dnsmasq keeps a lease until it expires, whoever held it: only those of instances that still exist
+        (by their nics' MAC addresses) are listed, as Incus lists its instances' leases."""
+        leases = await self._driver.leases(self._spec(await self._store.network(name)))
+        macs = {value.lower() for row in await self._store.instances() for key, value in row.config.items()
+                if key.startswith("volatile.") and key.endswith(".hwaddr")}
+        return [lease for lease in leases if lease["hwaddr"].lower() in macs]
 
     async def start_all(self) -> None:
         """At daemon start: every network's bridge (kept from before, or made again) and its dnsmasq."""

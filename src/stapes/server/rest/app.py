@@ -10,9 +10,13 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from stapes.api.errors import Forbidden, InternalError, NotFound, StapesError
+from stapes.api.redact import redact
 from stapes.server.auth import identify
 from stapes.server.rest import (
+    backups,
     certificates,
+    console,
+    files,
     images,
     instances,
     networks,
@@ -21,6 +25,7 @@ from stapes.server.rest import (
     projects,
     root,
     storage,
+    volumes,
 )
 from stapes.server.rest.common import error
 
@@ -62,14 +67,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception as err:
         log.exception("%s %s failed", request.method, request.path)
-        return error(InternalError(f"Internal error: {err}"))
+        return error(InternalError(redact(f"Internal error: {err}")))  # aiohttp's errors carry URLs, secrets
 
 
 def build_app(daemon: Daemon) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=1 << 40)
     app["daemon"] = daemon
     table = web.RouteTableDef()
-    for module in (root, instances, operations, images, storage, profiles, projects, certificates, networks):
+    for module in (root, instances, backups, operations, images, storage, profiles, projects, certificates, networks,
+                   volumes, files, console):
         module.routes(table)
     app.add_routes(table)
     return app

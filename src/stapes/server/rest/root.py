@@ -20,6 +20,10 @@ API_EXTENSIONS = [
     "api_filtering", "container_full", "container_backup", "instance_all_projects", "resources",
     "server_info_pid", "instance_create_start", "network", "network_state", "network_leases",
     "container_push", "container_push_target", "container_only_migration", "migration_progress",
+    "storage_api_volume_rename", "storage_api_local_volume_handling", "storage_api_remote_volume_handling",
+    "custom_block_volumes", "storage_volumes_created_at",
+    "container_backup_override_pool", "backup_compression_algorithm", "backup_override_name",
+    "console",
 ]
 
 
