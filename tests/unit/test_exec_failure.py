@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stapes.server.instances.exec_session import _Head, _window
+from stapes.server.instances.exec_session import _Head, window_size
 from stapes.server.instances.lxc import LxcDriver, exec_failure
 
 REPORT = b'lxc-attach: c1: ../src/lxc/attach.c: lxc_attach_run_command: 1841 No such file or directory - ' \
@@ -35,6 +35,6 @@ def test_head_holds_only_what_starts_as_the_report() -> None:
 
 
 def test_window_sizes_from_control_messages() -> None:
-    assert _window("80") == 80 and _window(24) == 24
+    assert window_size("80") == 80 and window_size(24) == 24
     for bad in (0, -1, 10001, "x", None, True, [80], 1.5):
-        assert _window(bad) is None
+        assert window_size(bad) is None

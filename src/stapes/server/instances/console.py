@@ -53,6 +53,7 @@ from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.instances import criu_images
 from stapes.server.instances.driver import InstanceDriver, InstanceSpec
+from stapes.server.instances.exec_session import window_size
 from stapes.server.operations import Operation
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ FLUSH_DELAY = 0.2  # seconds between output and its copy in console.log
 CLIENT_BACKLOG = 1 << 20  # bytes queued for one session that does not read: beyond, it is detached
 CONNECT_TIMEOUT = 30.0
 MAX_CONTROL_MESSAGE = 64 * 1024
-MAX_WINDOW = 10000
 
 
 def mount_entry(lxc_dir: Path, fstab: Any) -> str:
@@ -360,16 +360,6 @@ class Consoles:
         self._open.clear()
 
 
-def _window(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        return None
-    return number if 0 < number <= MAX_WINDOW else None
-
-
 async def run_console(op: Operation, console: Console, width: int, height: int) -> dict[str, Any]:
     """One session: the console's output to websocket "0", what arrives on it to the console, until the client
     closes "0" or "control" (a detach: the container goes on)."""
@@ -405,7 +395,7 @@ async def run_console(op: Operation, console: Console, width: int, height: int) 
                 command = json.loads(msg.data)
                 if command.get("command") == "window-resize":
                     args = command.get("args") or {}
-                    w, h = _window(args.get("width")), _window(args.get("height"))
+                    w, h = window_size(args.get("width")), window_size(args.get("height"))
                     if w and h:
                         console.resize(w, h)
 

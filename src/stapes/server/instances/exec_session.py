@@ -240,12 +240,12 @@ async def _control_messages(ws: web.WebSocketResponse, proc: asyncio.subprocess.
                     proc.send_signal(signum)
             elif command.get("command") == "window-resize" and master is not None:
                 args = command.get("args") or {}
-                width, height = _window(args.get("width")), _window(args.get("height"))
+                width, height = window_size(args.get("width")), window_size(args.get("height"))
                 if width and height:
                     _resize(master, width, height)
 
 
-def _window(value: object) -> int | None:
+def window_size(value: object) -> int | None:
     """A width or height from a control message: a whole number (Incus's client sends strings) in range."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         return None

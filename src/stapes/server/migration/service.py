@@ -272,6 +272,28 @@ async def _source_finished(control: Channel) -> None:
                 await control.receive()
 
 
+async def received_alongside_control(said: asyncio.Task[pb.MigrationControl], transfer: asyncio.Task[None],
+                                     offer: pb.MigrationHeader) -> None:
+    """The target's wait for the files and for the source's one control message: a failure the source reports
+    at any time ends it; an error of the transfer is told with the source's reason when it gave one; a Stapes
+    source's "all sent" must arrive and say success."""
+    await asyncio.wait({said, transfer}, return_when=asyncio.FIRST_COMPLETED)
+    if not transfer.done():  # the source spoke first: unless it says it sent everything, stop
+        reason = _failure_reason(said)
+        if reason is not None:
+            raise InternalError(f"The source failed: {reason}")
+    try:
+        await transfer
+    except (PoolFull, DeclaredSizeExceeded):
+        raise
+    except (StapesError, OSError) as err:
+        raise InternalError(f"Receiving from the source failed: {await _reason_from(said, err)}") from None
+    if protocol.sender_reports_completion(offer):
+        result = await said
+        if not result.success:
+            raise InternalError(f"The source failed: {result.message}")
+
+
 def _failure_reason(said: asyncio.Task[pb.MigrationControl]) -> str | None:
     """What a finished read of the peer's control message says went wrong; None when it reported success."""
     if (failure := said.exception()) is not None:
@@ -907,21 +929,7 @@ class MigrationService:
         transfer = asyncio.create_task(self._receive_volumes(row, volume, pool, receiver, offer, answer,
                                                                 refresh=refresh, channels=channels, live=live))
         try:
-            await asyncio.wait({said, transfer}, return_when=asyncio.FIRST_COMPLETED)
-            if not transfer.done():  # the source spoke first: unless it says it sent everything, stop
-                reason = _failure_reason(said)
-                if reason is not None:
-                    raise InternalError(f"The source failed: {reason}")
-            try:
-                await transfer
-            except (PoolFull, DeclaredSizeExceeded):
-                raise
-            except (StapesError, OSError) as err:
-                raise InternalError(f"Receiving from the source failed: {await _reason_from(said, err)}") from None
-            if protocol.sender_reports_completion(offer):
-                result = await said
-                if not result.success:
-                    raise InternalError(f"The source failed: {result.message}")
+            await received_alongside_control(said, transfer, offer)
         finally:
             for task in (said, transfer):
                 task.cancel()

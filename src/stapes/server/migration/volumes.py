@@ -21,18 +21,17 @@ from stapes.api.requests import InstanceSource, MigrationTarget
 from stapes.server.migration import protocol
 from stapes.server.migration.service import (
     MigrationService,
-    _failure_reason,
     _peer_reason,
     _progress,
-    _reason_from,
     _receive_control,
     _send_control,
     _source_finished,
     _stream_bytes,
+    received_alongside_control,
 )
 from stapes.server.operations import Operation
 from stapes.server.storage.base import PoolDriver
-from stapes.server.storage.bound import DeclaredSizeExceeded, PoolFull, ReceiveBound
+from stapes.server.storage.bound import ReceiveBound
 from stapes.server.storage.service import open_transport
 from stapes.server.storage.volumes import VolumeService
 from stapes.server.store.db import VolumeRow
@@ -122,21 +121,7 @@ class VolumeMigration:
         said = asyncio.create_task(_receive_control(control))
         transfer = asyncio.create_task(receiver.receive(path, snapshot=False))
         try:
-            await asyncio.wait({said, transfer}, return_when=asyncio.FIRST_COMPLETED)
-            if not transfer.done():
-                reason = _failure_reason(said)
-                if reason is not None:
-                    raise InternalError(f"The source failed: {reason}")
-            try:
-                await transfer
-            except (PoolFull, DeclaredSizeExceeded):
-                raise
-            except (StapesError, OSError) as err:
-                raise InternalError(f"Receiving from the source failed: {await _reason_from(said, err)}") from None
-            if protocol.sender_reports_completion(offer):
-                result = await said
-                if not result.success:
-                    raise InternalError(f"The source failed: {result.message}")
+            await received_alongside_control(said, transfer, offer)
             if path.is_symlink() or not path.is_dir():
                 raise InternalError("The received volume is not a directory")
         finally:

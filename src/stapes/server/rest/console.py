@@ -9,6 +9,7 @@ from aiohttp import web
 from stapes.api.errors import BadRequest
 from stapes.api.requests import Body
 from stapes.server.instances import console
+from stapes.server.instances.exec_session import window_size
 from stapes.server.operations import Operation
 from stapes.server.rest.common import async_operation, body, daemon, instance_url, project, sync
 
@@ -30,7 +31,7 @@ def routes(r: web.RouteTableDef) -> None:
             raise BadRequest(f"Console type {data.type!r} is not supported: containers have a text console only "
                              "(type 'console')")
         width, height = data.width or 80, data.height or 24
-        if not (0 < width <= console.MAX_WINDOW and 0 < height <= console.MAX_WINDOW):
+        if window_size(width) is None or window_size(height) is None:
             raise BadRequest("console 'width' and 'height' must be between 0 and 10000")
         driver, spec = await d.instances.runtime(proj, name)
         session = await console.session_console(driver, spec)
