@@ -194,6 +194,21 @@ async def _receive_control(control: Channel) -> pb.MigrationControl:
     return protocol.parse_control(await control.receive(), "other side")
 
 
+async def send_over(control: Channel, sender: Transport, paths: list[Path]) -> None:
+    """The source's files, each path in order; a failure is told to the target (with the target's own reason
+    when it gave one) before it is raised, and the transport is closed whatever happens."""
+    try:
+        for path in paths:
+            await sender.send(path)
+    except (StapesError, OSError) as err:
+        reason = await _peer_reason(control, err)
+        with contextlib.suppress(Exception):
+            await _send_control(control, False, reason)
+        raise InternalError(f"Transfer to the target failed: {reason}") from None
+    finally:
+        await asyncio.shield(sender.close())
+
+
 async def _peer_reason(control: Channel, fallback: StapesError | BaseException) -> str:
     """When a transfer breaks, the other side usually said why on the control channel: prefer that."""
     said = asyncio.create_task(_receive_control(control))
@@ -456,17 +471,7 @@ class MigrationService:
         progress = _progress(op, "fs", total)
         features = protocol.rsync_features(answer)
         sender = open_transport(transport, fs, progress, features, pool.config.get("rsync.bwlimit"))
-        try:
-            for snapshot in answer.snapshotNames:
-                await sender.send(paths[snapshot])
-            await sender.send(volume)
-        except (StapesError, OSError) as err:
-            reason = await _peer_reason(control, err)
-            with contextlib.suppress(Exception):
-                await _send_control(control, False, reason)
-            raise InternalError(f"Transfer to the target failed: {reason}") from None
-        finally:
-            await asyncio.shield(sender.close())
+        await send_over(control, sender, [*(paths[snapshot] for snapshot in answer.snapshotNames), volume])
         progress.finish()
         if live is not None and live.lazy:
             await self._send_lazy_state(op, channels, volume, features, live)

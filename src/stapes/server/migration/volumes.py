@@ -21,13 +21,13 @@ from stapes.api.requests import InstanceSource, MigrationTarget
 from stapes.server.migration import protocol
 from stapes.server.migration.service import (
     MigrationService,
-    _peer_reason,
     _progress,
     _receive_control,
     _send_control,
     _source_finished,
     _stream_bytes,
     received_alongside_control,
+    send_over,
 )
 from stapes.server.operations import Operation
 from stapes.server.storage.base import PoolDriver
@@ -65,15 +65,7 @@ class VolumeMigration:
         progress = _progress(op, "fs", total)
         sender = open_transport(transport, fs, progress, protocol.rsync_features(answer),
                                 pool.config.get("rsync.bwlimit"))
-        try:
-            await sender.send(path)
-        except (StapesError, OSError) as err:
-            reason = await _peer_reason(control, err)
-            with contextlib.suppress(Exception):
-                await _send_control(control, False, reason)
-            raise InternalError(f"Transfer to the target failed: {reason}") from None
-        finally:
-            await asyncio.shield(sender.close())
+        await send_over(control, sender, [path])
         progress.finish()
         await _send_control(control, True)
         result = await _receive_control(control)
