@@ -27,6 +27,7 @@ class InstanceSpec:
     nics: Mapping[str, str] = field(default_factory=dict)  # nic device -> the host bridge it joins
     idmap: tuple[IdRange, ...] = ()  # empty: privileged (no user namespace)
     volumes: Mapping[str, Path] = field(default_factory=dict)  # disk device -> its custom volume's directory
+    disk: Path | None = None  # a block root disk (a VM's raw image, inside `volume`); None: `volume` is the root
 
     @property
     def runtime_name(self) -> str:
