@@ -1,13 +1,20 @@
 """Transport negotiation, from what the storage drivers at both ends declare (pure functions).
 
-The sender offers its transports best first; the receiver takes the first one it can receive. Plain rsync is
-always the fallback, since every driver and every Incus server can do it. A refresh always uses rsync: it is
-the one transport that updates an existing copy in place, sending only what changed.
+The sender offers its transports best first; the receiver takes the first one it can receive. Only transports
+that carry the volume's content (filesystem for a container, block for a VM) take part. The fallback is the
+transport an Incus peer speaks for that content (each transport declares its Incus fs type): plain rsync for a
+filesystem volume, block-and-rsync for a VM's (Incus's BLOCK_AND_RSYNC: an Incus server offers and accepts
+nothing else for a VM). A refresh uses a transport that updates an existing copy in place (rsync between Stapes
+servers: only what changed travels).
+
+A block volume's size (its disk's apparent size) is in the header's `volumeSize` (Incus's field, set by Incus
+for VMs only) and each snapshot's in its `size` config item (Incus's too); the target checks them before
+anything is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError
@@ -18,12 +25,17 @@ from stapes.api.errors import BadRequest, StapesError
 from stapes.api.names import validate_entity_name
 from stapes.server.idmap import IdRange, check_ranges
 from stapes.server.migration import migrate_pb2 as pb
+from stapes.server.storage.base import BLOCK, CONTENTS, FILESYSTEM
+from stapes.server.storage.service import TRANSFER_TYPES
+from stapes.server.storage.transfer import Transport
 from stapes.server.store.db import SnapshotRow
 
 RSYNC = "rsync"
 TAR_STREAM = "tar-stream"
 BTRFS = "btrfs"
-PREFERENCE = (BTRFS, TAR_STREAM, RSYNC)
+BLOCK_AND_RSYNC = "block-and-rsync"
+PREFERENCE = (BTRFS, TAR_STREAM, RSYNC, BLOCK_AND_RSYNC)
+SIZE_KEY = "size"  # Incus's item in a block volume snapshot's localConfig: that snapshot's disk size
 RSYNC_FEATURES = ("xattrs", "delete", "compress", "bidirectional", "stapesHardLinks")
 MAX_CONTROL_MESSAGE = 1 << 20  # a header with thousands of snapshots fits; anything larger is hostile
 MAX_SNAPSHOTS = 4096
@@ -91,7 +103,7 @@ def check_offer(offer_: pb.MigrationHeader) -> None:
         for name in names:
             validate_entity_name("snapshot", name)
         for snap in offer_.snapshots:
-            config = {c.key: c.value for c in snap.localConfig}
+            config = {c.key: c.value for c in snap.localConfig if c.key != SIZE_KEY}
             validate_instance_config(config)
             devices = {d.name: {c.key: c.value for c in d.config} for d in snap.localDevices}
             for device in devices:
@@ -132,9 +144,15 @@ def check_snapshot_raw_keys(snap: pb.Snapshot, instance_config: dict[str, str]) 
                                 "--instance-only)")
 
 
-def check_answer(answer: pb.MigrationHeader, offered: Sequence[str], snapshots: Sequence[str]) -> str:
-    """The transport the target chose, which must be one we offered, and snapshots we have."""
-    transport = chosen_transport(answer)
+def check_answer(answer: pb.MigrationHeader, offered: Sequence[str], snapshots: Sequence[str],
+                 content: str = FILESYSTEM) -> str:
+    """The transport the target chose, which must be one we offered, and snapshots we have. An Incus target
+    names its fs type only: the one it speaks for the volume's content, or it cannot take the volume."""
+    if not answer.stapesTransports and answer.fs != incus_fs(content):
+        raise ProtocolError(
+            f"The target (an Incus server) answered with fs type {_fs_name(answer.fs)} for {_what(content)}, for "
+            f"which Incus uses {_fs_name(incus_fs(content))}: it cannot take this instance")
+    transport = chosen_transport(answer, content)
     if transport not in offered:
         raise ProtocolError(f"Protocol error: the target chose transport {transport!r}, which was not offered")
     unknown = [n for n in answer.snapshotNames if n not in snapshots]
@@ -143,25 +161,71 @@ def check_answer(answer: pb.MigrationHeader, offered: Sequence[str], snapshots: 
     return transport
 
 
-def offer(sendable: Sequence[str], *, refresh: bool) -> list[str]:
-    if refresh:
-        return [RSYNC]
-    ordered = [t for t in PREFERENCE if t in sendable]
-    if RSYNC not in ordered:
-        ordered.append(RSYNC)
+def _declared(transport: str) -> type[Transport] | None:
+    return TRANSFER_TYPES.get(transport)
+
+
+def carries(transport: str, content: str) -> bool:
+    declared = _declared(transport)
+    return declared is not None and content in declared.carries
+
+
+def refreshes(transport: str) -> bool:
+    declared = _declared(transport)
+    return declared is not None and declared.refreshes
+
+
+def fallback(content: str) -> str:
+    """The transport every peer can do for this content: the one Incus speaks for it."""
+    for name in PREFERENCE:
+        declared = _declared(name)
+        if declared is not None and content in declared.incus:
+            return name
+    raise ProtocolError(f"No transport moves {content} volumes")  # a driver declaration is missing
+
+
+def incus_fs(content: str) -> pb.MigrationFSType:
+    """The header's `fs` for this content: Incus's fs type of the fallback."""
+    declared = _declared(fallback(content))
+    assert declared is not None
+    return declared.incus[content]
+
+
+def _fs_name(fs: int) -> str:
+    names: dict[int, str] = {int(value): str(name) for name, value in pb.MigrationFSType.items()}
+    return names.get(fs, str(fs))
+
+
+def _what(content: str) -> str:
+    return "a virtual machine's volume" if content == BLOCK else "a container's volume"
+
+
+def offer(sendable: Sequence[str], *, refresh: bool, content: str = FILESYSTEM) -> list[str]:
+    ordered = [t for t in PREFERENCE if t in sendable and carries(t, content) and (refreshes(t) or not refresh)]
+    if fallback(content) not in ordered:
+        ordered.append(fallback(content))
     return ordered
 
 
-def choose(offered: Sequence[str], receivable: Sequence[str]) -> str:
+def choose(offered: Sequence[str], receivable: Sequence[str], content: str = FILESYSTEM, *,
+           refresh: bool = False) -> str:
+    last_resort = fallback(content)
     for transport in offered:
-        if transport in receivable or transport == RSYNC:
+        if not carries(transport, content) or (refresh and not refreshes(transport)):
+            continue
+        if transport in receivable or transport == last_resort:
             return transport
-    return RSYNC
+    return last_resort
 
 
-def snapshot_message(row: SnapshotRow) -> pb.Snapshot:
+def snapshot_message(row: SnapshotRow, block_size: int | None = None) -> pb.Snapshot:
+    """`block_size`: a VM snapshot's disk size, sent as Incus does (its `size` item, which an Incus target
+    extends the snapshot's disk to)."""
+    config = {k: v for k, v in row.config.items() if k != SIZE_KEY}
+    if block_size is not None:
+        config[SIZE_KEY] = str(block_size)
     return pb.Snapshot(
-        name=row.name, localConfig=[pb.Config(key=k, value=v) for k, v in sorted(row.config.items())],
+        name=row.name, localConfig=[pb.Config(key=k, value=v) for k, v in sorted(config.items())],
         profiles=list(row.profiles), ephemeral=False,
         localDevices=[pb.Device(name=n, config=[pb.Config(key=k, value=v) for k, v in sorted(d.items())])
                       for n, d in sorted(row.devices.items())],
@@ -172,7 +236,7 @@ def snapshot_message(row: SnapshotRow) -> pb.Snapshot:
 def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotRow:
     return SnapshotRow(
         project=project, instance=instance, name=message.name, description=message.description,
-        config={c.key: c.value for c in message.localConfig},
+        config={c.key: c.value for c in message.localConfig if c.key != SIZE_KEY},
         devices={d.name: {c.key: c.value for c in d.config} for d in message.localDevices},
         profiles=list(message.profiles), created_at=float(message.creation_date),
     )
@@ -180,21 +244,30 @@ def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotR
 
 def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
                  snapshots: Sequence[SnapshotRow] = (), live: bool = False, predump: bool = False,
-                 lazy: bool = False, streamed_state: bool = False) -> pb.MigrationHeader:
+                 lazy: bool = False, streamed_state: bool = False, content: str = FILESYSTEM,
+                 volume_size: int | None = None, snapshot_sizes: Mapping[str, int] | None = None
+                 ) -> pb.MigrationHeader:
     """`fs` says rsync: an Incus receiver reads only that field and would expect its own btrfs stream format
     for BTRFS, which Stapes's btrfs transport is not; Stapes receivers read `stapesTransports`. A stopped
     instance says no `criu` (to Incus, CRIU type NONE means a running instance, whose volume follows a second
     time); a live one says CRIU_RSYNC, Incus's type for a state sent on the criu websocket, and `predump` when
     pre-copy rounds come before the final checkpoint, and `stapesStreamedState` when it can send the memory
-    pages while the checkpoint writes them (never with lazy pages: the memory then follows the restore)."""
-    transports = offer(sendable, refresh=refresh)
+    pages while the checkpoint writes them (never with lazy pages: the memory then follows the restore).
+    A block volume (`content`) says BLOCK_AND_RSYNC, Incus's type for a VM, with its disk's size in
+    `volume_size` and each snapshot's in `snapshot_sizes` (both required then)."""
+    transports = offer(sendable, refresh=refresh, content=content)
+    sizes = dict(snapshot_sizes or {})
+    if content == BLOCK and (volume_size is None or any(s.name not in sizes for s in snapshots)):
+        raise ValueError("a block volume's offer needs its size and its snapshots' sizes")
     header = pb.MigrationHeader(
-        fs=pb.RSYNC, snapshotNames=[s.name for s in snapshots],
-        snapshots=[snapshot_message(s) for s in snapshots], refresh=refresh,
+        fs=incus_fs(content), snapshotNames=[s.name for s in snapshots],
+        snapshots=[snapshot_message(s, sizes.get(s.name)) for s in snapshots], refresh=refresh,
         rsyncFeatures=pb.rsyncFeatures(xattrs=True, delete=True, compress=False, bidirectional=False,
                                        stapesHardLinks=True),
         stapesTransports=transports, stapesTotalBytes=total_bytes, indexHeaderVersion=0,
     )
+    if content == BLOCK:
+        header.volumeSize = volume_size or 0
     if live:
         header.criu = pb.CRIU_RSYNC
         header.predump = predump
@@ -226,21 +299,24 @@ def live_accepted(answer: pb.MigrationHeader) -> bool:
 
 
 def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_snapshots: Sequence[str] | None = None,
-                  *, refresh: bool = False, streamed_state: bool = False) -> tuple[pb.MigrationHeader, str]:
+                  *, refresh: bool = False, streamed_state: bool = False,
+                  content: str = FILESYSTEM) -> tuple[pb.MigrationHeader, str]:
     """The receiver's reply and the transport it chose. An Incus sender offers no Stapes transports: rsync
     then, whatever its `fs` field says (Incus's own btrfs stream format is not Stapes's). The reply's `fs`
     always says rsync for the same reason; Stapes senders read `stapesTransports`. A running Incus sender's
     CRIU type NONE is echoed: the volume then arrives twice (see `final_sync`). `wanted_snapshots` (default:
     all offered) are the snapshots the receiver asks for, in the sender's order. `streamed_state`: the
-    receiver's driver takes state files while the checkpoint writes them; said yes only if offered."""
+    receiver's driver takes state files while the checkpoint writes them; said yes only if offered.
+    `content`: the volume's (check_volume checked that the source sends that); a block volume's reply says
+    BLOCK_AND_RSYNC, the only type an Incus sender of a VM matches."""
     wanted = list(offer_.snapshotNames) if wanted_snapshots is None else [
         n for n in offer_.snapshotNames if n in wanted_snapshots]
-    # Transports we do not know (a newer peer's) are skipped; rsync stays the fallback.
-    offered = [t for t in offer_.stapesTransports if t in PREFERENCE] or [RSYNC]
-    chosen = RSYNC if refresh else choose(offered, receivable)
+    # Transports we do not know (a newer peer's) are skipped; the content's fallback stays.
+    offered = [t for t in offer_.stapesTransports if t in PREFERENCE] or [fallback(content)]
+    chosen = choose(offered, receivable, content, refresh=refresh)
     features = offer_.rsyncFeatures if offer_.HasField("rsyncFeatures") else pb.rsyncFeatures()
     reply = pb.MigrationHeader(
-        fs=pb.RSYNC, refresh=refresh, snapshotNames=wanted,
+        fs=incus_fs(content), refresh=refresh, snapshotNames=wanted,
         # No compression, even when an Incus sender offers it: rsync's zlib is CPU-bound at ~25 MB/s here,
         # four times slower than sending the bytes (measured by bench/interop.py).
         rsyncFeatures=pb.rsyncFeatures(xattrs=features.xattrs, delete=features.delete, compress=False,
@@ -283,11 +359,83 @@ def sender_reports_completion(offer_: pb.MigrationHeader) -> bool:
     return bool(offer_.stapesTransports)
 
 
-def chosen_transport(answer: pb.MigrationHeader) -> str:
-    """What the sender learns from the reply; an Incus receiver names no Stapes transport, and takes rsync."""
+def chosen_transport(answer: pb.MigrationHeader, content: str = FILESYSTEM) -> str:
+    """What the sender learns from the reply; an Incus receiver names no Stapes transport, and takes the
+    content's fallback (rsync, or block-and-rsync for a VM)."""
     if answer.stapesTransports:
         return str(answer.stapesTransports[0])
-    return RSYNC
+    return fallback(content)
+
+
+def offered_content(offer_: pb.MigrationHeader) -> str:
+    """What the source sends: a block volume says its size (Incus sets `volumeSize` for VMs only) or
+    BLOCK_AND_RSYNC; anything else is a filesystem volume."""
+    return BLOCK if offer_.HasField("volumeSize") or offer_.fs == pb.BLOCK_AND_RSYNC else FILESYSTEM
+
+
+def snapshot_block_size(offer_: pb.MigrationHeader, name: str) -> int | None:
+    """A VM snapshot's disk size from its `size` item (None when the source gave none)."""
+    for snap in offer_.snapshots:
+        if snap.name == name:
+            for item in snap.localConfig:
+                if item.key == SIZE_KEY:
+                    return _size(item.value, f"snapshot {name!r}")
+    return None
+
+
+def volume_block_size(offer_: pb.MigrationHeader) -> int | None:
+    """The volume's disk size (the header's volumeSize), None for a filesystem volume."""
+    return offer_.volumeSize if offer_.HasField("volumeSize") else None
+
+
+def _size(text: str, what: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise ProtocolError(f"Protocol error: the source's disk size of {what} is not a number: {text[:40]!r}") \
+            from None
+    if not 0 <= size <= MAX_TOTAL_BYTES:
+        raise ProtocolError(f"Protocol error: an impossible disk size of {what} ({size} bytes)")
+    return size
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def check_volume(offer_: pb.MigrationHeader, content: str, free: int, pool: str) -> int | None:
+    """The target's checks of what the source sends against the instance it creates, before anything is
+    written: the content (a VM's volume for a VM, a container's for a container), what an Incus source offers
+    that Stapes cannot take, and a block volume's declared sizes, each within the pool's `free` bytes. Returns
+    the volume's disk size (None for a filesystem volume)."""
+    if content not in CONTENTS:
+        raise ValueError(content)
+    sent = offered_content(offer_)
+    if sent != content:
+        raise ProtocolError(f"The source sends {_what(sent)}, but the instance created here is "
+                            f"{'a virtual machine' if content == BLOCK else 'a container'}: create the target with "
+                            "the source's instance type")
+    incus = not offer_.stapesTransports
+    if incus and offer_.HasField("criu") and offer_.criu == pb.VM_QEMU:
+        raise ProtocolError("The Incus source offers a live move of the virtual machine (its QEMU state), which "
+                            "Stapes does not take from Incus yet: stop the VM first, or move it with --stateless")
+    if content != BLOCK:
+        return None
+    for snap in offer_.snapshots:
+        if snap.stateful:
+            raise ProtocolError(f"The source's snapshot {snap.name!r} is stateful (it holds the VM's running "
+                                "state), which Stapes cannot restore: delete that snapshot there, or copy with "
+                                "--instance-only")
+    size = _size(str(offer_.volumeSize), "the volume")
+    if size <= 0:
+        raise ProtocolError("Protocol error: the source sends a virtual machine's disk without its size")
+    sizes = [("the disk", size)] + [(f"snapshot {name!r}'s disk", s) for name in offer_.snapshotNames
+                                    if (s := snapshot_block_size(offer_, name)) is not None]
+    for what, declared in sizes:
+        if declared > free:
+            raise ProtocolError(f"Storage pool {pool!r} has {_gib(free)} free, and {what} of the instance is "
+                                f"{_gib(declared)}: free space in the pool, or choose another pool with -s")
+    return size
 
 
 def rsync_features(header: pb.MigrationHeader) -> list[str]:

@@ -2,6 +2,10 @@
 two btrfs pools use `btrfs send | btrfs receive` (incremental from one snapshot to the next), a transfer
 type this driver declares beside the shared ones.
 
+A VM's volume is a subvolume with copy-on-write off (`chattr +C` on it, so that root.img, created empty
+inside it, inherits nodatacow before any data is written, as Incus does); its snapshots are subvolume snapshots
+like a container's.
+
 The pool lives on a loop file the server creates (`size=`, default 5GiB, sparse) or on an existing btrfs
 directory (`source=/path/on/btrfs`); a loop-file pool is mounted again when the server starts.
 """
@@ -22,7 +26,17 @@ from stapes.api.config_keys import parse_size
 from stapes.api.errors import BadRequest, Conflict, InternalError
 from stapes.server import process
 from stapes.server.progress import Progress
-from stapes.server.storage.base import TUNABLE_KEYS, PoolDriver, Volume, check_tunables
+from stapes.server.storage.base import (
+    ALL_KINDS,
+    BLOCK_FILE,
+    TUNABLE_KEYS,
+    PoolDriver,
+    Volume,
+    check_tunables,
+    create_block_file,
+    is_nocow,
+)
+from stapes.server.storage.block import BlockAndRsync
 from stapes.server.storage.transfer import Rsync, TarStream, Transport
 from stapes.server.streams import Channel, channel_to_tool, tool_to_channel
 
@@ -38,6 +52,31 @@ async def delete_subvolume(path: Path) -> None:
     if path.exists():
         await process.run(["btrfs", "property", "set", "-f", "-ts", str(path), "ro", "false"], check=False)
         await process.run(["btrfs", "subvolume", "delete", str(path)])
+
+
+async def set_nocow(path: Path) -> None:
+    """Copy-on-write off for the files created in `path` from now on (a VM's disk: a database-like write pattern
+    that copy-on-write fragments)."""
+    await process.run(["chattr", "+C", str(path)])
+
+
+async def nocow_disk(volume: Path) -> None:
+    """A received VM volume: btrfs send carries no inode flags, so its disk arrives copy-on-write. Its data is
+    copied once into a nodatacow file (holes kept), as a VM's disk is made here; the received snapshots keep
+    theirs (they are never written)."""
+    await set_nocow(volume)
+    disk = volume / BLOCK_FILE
+    if disk.is_symlink() or not disk.is_file() or await asyncio.to_thread(is_nocow, disk):
+        return  # check_layout refuses a disk that is not a regular file
+    staged = volume / f".{BLOCK_FILE}.nocow"
+    staged.unlink(missing_ok=True)
+    await create_block_file(staged, 0, nocow=True)
+    try:
+        await process.run(["cp", "--sparse=always", "--reflink=never", "--preserve=mode,ownership,timestamps",
+                           "--", str(disk), str(staged)])
+        await asyncio.to_thread(os.rename, staged, disk)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 _SENT_NAME = re.compile(r"^\.stapes-send-[0-9a-f]{12}$")
@@ -67,7 +106,7 @@ class BtrfsSendReceive(Transport):
         await tool_to_channel(["btrfs", "send", "-q", *parent, str(frozen)], self.channel, self.progress,
                               "Sending the files (btrfs send)")
 
-    async def receive(self, path: Path, *, snapshot: bool) -> None:
+    async def receive(self, path: Path, *, snapshot: bool, size: int | None = None) -> None:
         # Received into a private staging directory of this transfer, beside the target (the same filesystem):
         # whatever appears there is the stream's, and nothing else is ever deleted on a failure (a volume created
         # meanwhile beside it is not). --chroot: whatever paths the stream names, it writes below it only.
@@ -92,9 +131,12 @@ class BtrfsSendReceive(Transport):
         received = new.pop()
         # The next stream's `receive` looks this one up as its parent in the UUID tree: commit it first.
         await process.run(["btrfs", "filesystem", "sync", str(staging)])
+        nocow = await asyncio.to_thread(is_nocow, path)  # a VM's volume was made so (a stream never says)
         await delete_subvolume(path)  # the empty subvolume made for us
         readonly = ["-r"] if snapshot else []
         await process.run(["btrfs", "subvolume", "snapshot", *readonly, str(received), str(path)])
+        if nocow and not snapshot:
+            await nocow_disk(path)
 
     async def _staging_dir(self, parent: Path) -> Path:
         """One per directory the transfer receives into (the volume's and its snapshots'), all on the pool's
@@ -120,7 +162,7 @@ class BtrfsSendReceive(Transport):
 
 class BtrfsPool(PoolDriver):
     name: ClassVar[str] = "btrfs"
-    transports: ClassVar[tuple[type[Transport], ...]] = (BtrfsSendReceive, TarStream, Rsync)
+    transports: ClassVar[tuple[type[Transport], ...]] = (BtrfsSendReceive, TarStream, Rsync, BlockAndRsync)
 
     @classmethod
     def fill_defaults(cls, pool: str, config: dict[str, str], default_source: Path) -> dict[str, str]:
@@ -164,7 +206,7 @@ class BtrfsPool(PoolDriver):
             image = self.source
             if image.exists():
                 raise Conflict(f"The pool image {image} already exists")
-            await asyncio.to_thread(image.parent.mkdir, 0o700, True)
+            await asyncio.to_thread(image.parent.mkdir, 0o700, True, True)  # a second pool shares it
             await process.run(["truncate", "-s", str(parse_size(self.config["size"])), str(image)])
             try:
                 await process.run(["mkfs.btrfs", "-q", str(image)])
@@ -172,7 +214,7 @@ class BtrfsPool(PoolDriver):
             except BaseException:
                 image.unlink(missing_ok=True)
                 raise
-        for kind in ("containers", "containers-snapshots"):
+        for kind in ("containers", "containers-snapshots", "virtual-machines", "virtual-machines-snapshots"):
             await asyncio.to_thread((self.root / kind).mkdir, 0o711, True, True)
 
     async def activate(self) -> None:
@@ -187,14 +229,22 @@ class BtrfsPool(PoolDriver):
             self.source.unlink(missing_ok=True)
             await asyncio.to_thread(shutil.rmtree, self.root, True)
         else:
-            for kind in ("containers", "containers-snapshots", "custom", "custom-snapshots"):
-                await asyncio.to_thread(shutil.rmtree, self.root / kind, True)
+            for kind in ALL_KINDS:
+                for name in (kind, f"{kind}-snapshots"):
+                    await asyncio.to_thread(shutil.rmtree, self.root / name, True)
 
-    async def create_volume(self, volume: Volume) -> Path:
+    async def create_volume(self, volume: Volume, size: int | None = None) -> Path:
         path = self.volume_path(volume)
         if path.exists():
             raise Conflict(f"A volume for {volume.name!r} already exists in pool {self.pool!r} ({path})")
         await process.run(["btrfs", "subvolume", "create", str(path)])
+        if volume.block:
+            try:
+                await set_nocow(path)
+                await create_block_file(path / BLOCK_FILE, size or 0, nocow=True)
+            except BaseException:
+                await delete_subvolume(path)
+                raise
         return path
 
     async def delete_volume(self, volume: Volume) -> None:
@@ -232,4 +282,6 @@ class BtrfsPool(PoolDriver):
             raise Conflict(f"Snapshot {snapshot!r} of {volume.name!r} already exists in pool {self.pool!r}")
         await asyncio.to_thread(path.parent.mkdir, 0o711, True, True)
         await process.run(["btrfs", "subvolume", "create", str(path)])
+        if volume.block:  # a restore makes the volume a writable snapshot of it: its disk must be nodatacow
+            await set_nocow(path)
         return path

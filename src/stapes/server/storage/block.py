@@ -1,0 +1,176 @@
+"""Incus's way of moving a virtual machine's volume: fs type BLOCK_AND_RSYNC (docs/migration.md, "VM volumes").
+
+For the volume and each snapshot (snapshots first, oldest first, as for every transport), on the one fs
+websocket:
+1. the config directory by rsync, root.img left out (`--exclude`), with no rsync features (Incus's MatchTypes
+   keeps no features for this fs type, so neither end passes --xattrs or --delete);
+2. the raw disk: its bytes, front to back, as binary messages, ended by an empty text message (a barrier).
+   Nothing comes back for it.
+
+The raw part has no map of holes, so a sender must send the zeros between its data. This one never reads a
+hole (it finds the data with SEEK_DATA/SEEK_HOLE and sends zeros from memory in between) and stops after the
+last data: the receiver extends the file to the declared size (the header's `volumeSize`, a snapshot's `size`),
+as Incus's receiver does (`enlargeVolumeBlockFile`). The receiver writes sparse: all-zero blocks are skipped
+(seeked over), so the holes stay holes; it never writes past the declared size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+from stapes.api.errors import BadRequest
+from stapes.server.migration import migrate_pb2 as pb
+from stapes.server.progress import Progress
+from stapes.server.storage.base import BLOCK_FILE
+from stapes.server.storage.bound import DeclaredSizeExceeded
+from stapes.server.storage.transfer import Transport, rsync_receive, rsync_send
+from stapes.server.streams import Admit, Channel
+
+CHUNK = 1 << 20  # one websocket message
+ZERO_GRAIN = 4096  # the receiver skips all-zero blocks of this size (a filesystem block)
+_ZEROS = bytes(CHUNK)
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of data in an open file, holes left out (SEEK_DATA/SEEK_HOLE; a filesystem
+    without them reports the whole file as data)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after offset
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        offset = end
+
+
+def sent_bytes(path: Path) -> int:
+    """What `send_block` puts on the wire for a disk file: up to the end of its last data, holes between as zeros."""
+    with open(path, "rb", buffering=0) as file:
+        size = os.fstat(file.fileno()).st_size
+        last = 0
+        for _, end in data_extents(file.fileno(), size):
+            last = end
+        return last
+
+
+def data_bytes(path: Path) -> int:
+    """The data of a file, its holes not counted: what a sparse-aware transport (tar --sparse, btrfs send) sends
+    of it."""
+    with open(path, "rb", buffering=0) as file:
+        size = os.fstat(file.fileno()).st_size
+        return sum(end - start for start, end in data_extents(file.fileno(), size))
+
+
+def _chunks(fd: int) -> Iterator[tuple[int, int, bool]]:
+    """(offset, length, is_data) pieces of at most CHUNK bytes, up to the end of the last data."""
+    size = os.fstat(fd).st_size
+    position = 0
+    for start, end in data_extents(fd, size):
+        for is_data, (low, high) in ((False, (position, start)), (True, (start, end))):
+            while low < high:
+                length = min(CHUNK, high - low)
+                yield low, length, is_data
+                low += length
+        position = end
+
+
+async def send_block(path: Path, channel: Channel, progress: Progress | None) -> int:
+    """The raw disk, then a barrier; returns the bytes sent."""
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    sent = 0
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadRequest(f"{path} is not a regular file")
+        pieces = await asyncio.to_thread(lambda: list(_chunks(fd)))
+        for offset, length, is_data in pieces:
+            data = await asyncio.to_thread(os.pread, fd, length, offset) if is_data else _ZEROS[:length]
+            if len(data) != length:
+                raise BadRequest(f"{path} shrank while it was being sent")
+            await channel.send(data)
+            sent += length
+            if progress is not None:
+                progress.advance(length)
+    finally:
+        os.close(fd)
+    await channel.barrier()
+    return sent
+
+
+def write_sparse(fd: int, offset: int, data: bytes) -> int:
+    """Write `data` at `offset`, skipping its all-zero blocks (left as holes); returns the bytes written."""
+    written = 0
+    run_start: int | None = None  # the start (in data) of the non-zero run being gathered
+    length = len(data)
+    for low in range(0, length, ZERO_GRAIN):
+        high = min(low + ZERO_GRAIN, length)
+        if data[low:high] == _ZEROS[:high - low]:
+            if run_start is not None:
+                written += os.pwrite(fd, data[run_start:low], offset + run_start)
+                run_start = None
+        elif run_start is None:
+            run_start = low
+    if run_start is not None:
+        written += os.pwrite(fd, data[run_start:], offset + run_start)
+    return written
+
+
+async def receive_block(path: Path, channel: Channel, progress: Progress | None, admit: Admit | None,
+                        size: int | None) -> int:
+    """The raw disk into `path` (a regular file or none; reset first, as Incus does), sparse; at the end the file
+    is as long as the declared `size` (or what arrived, when none was declared). Returns the bytes received."""
+    def open_disk() -> int:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):  # the config directory's rsync must not have put anything there
+            raise BadRequest(f"Protocol error: the source's config volume held a {BLOCK_FILE} that is not a "
+                             "regular file")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, 0)
+        return fd
+
+    fd = await asyncio.to_thread(open_disk)
+    received = 0
+    try:
+        async for chunk in channel.stream():
+            if size is not None and received + len(chunk) > size:
+                raise DeclaredSizeExceeded(
+                    f"The source sent more of the disk than its declared size ({size} bytes): the transfer was "
+                    "stopped and what it wrote removed; the source is misbehaving")
+            if admit is not None:
+                await admit(len(chunk))
+            await asyncio.to_thread(write_sparse, fd, received, chunk)
+            received += len(chunk)
+            if progress is not None:
+                progress.advance(len(chunk))
+        await asyncio.to_thread(os.ftruncate, fd, max(received, size or 0))
+    finally:
+        os.close(fd)
+    return received
+
+
+class BlockAndRsync(Transport):
+    """Incus's BLOCK_AND_RSYNC: a VM volume's config directory by rsync, then its raw disk (see above)."""
+
+    name: ClassVar[str] = "block-and-rsync"
+    carries: ClassVar[frozenset[str]] = frozenset({"block"})
+    refreshes: ClassVar[bool] = True  # the config by rsync, the disk whole again (Incus refreshes a VM so)
+    incus: ClassVar[dict[str, pb.MigrationFSType]] = {"block": pb.BLOCK_AND_RSYNC}
+
+    async def send(self, path: Path) -> None:
+        await rsync_send(path, self.channel, self.progress, (), self.bwlimit, extra=[f"--exclude=/{BLOCK_FILE}"])
+        await send_block(path / BLOCK_FILE, self.channel, self.progress)
+
+    async def receive(self, path: Path, *, snapshot: bool, size: int | None = None) -> None:
+        # The disk is held to its declared size, not to the stream's (the zeros between its data travel too).
+        admit = self.bound.delta if self.bound else None
+        await rsync_receive(path, self.channel, self.progress, (), admit)
+        await receive_block(path / BLOCK_FILE, self.channel, self.progress, admit, size)
