@@ -40,7 +40,8 @@ def register(cli: click.Group) -> None:
     @click.option("--alias", "aliases", multiple=True, help="Alias for the new image (repeatable)")
     @click.option("-q", "--quiet", is_flag=True)
     def import_image(tarball: Path, remote: str | None, aliases: tuple[str, ...], quiet: bool) -> None:
-        """Import a unified image tarball (metadata.yaml + rootfs/).
+        """Import a unified image tarball: metadata.yaml + rootfs/ (a container) or + rootfs.img, a qcow2 disk (a
+        virtual machine).
 
         \b
         Example:
@@ -51,22 +52,31 @@ def register(cli: click.Group) -> None:
         render.success(f"Image imported with fingerprint: {op['metadata']['fingerprint']}", quiet)
 
     @image.command(name="build")
-    @click.argument("name", type=click.Choice(["busybox", "debian/12", "debian/13"]))
+    @click.argument("name", type=click.Choice(["busybox", "busybox-vm", "debian/12", "debian/13"]))
     @click.argument("remote", required=False)
+    @click.option("--vm", is_flag=True, help="A virtual-machine image (busybox --vm is busybox-vm)")
     @click.option("--alias", "aliases", multiple=True,
-                  help="Alias for the new image (repeatable; a Debian image is called debian/N unless given)")
+                  help="Alias for the new image (repeatable; a Debian image is called debian/N, a Debian VM "
+                       "image debian/N/vm, the tiny VM busybox-vm, unless given)")
     @click.option("-q", "--quiet", is_flag=True)
-    def build(name: str, remote: str | None, aliases: tuple[str, ...], quiet: bool) -> None:
-        """Build an image on the server: busybox (from the host's busybox, no network needed), or a minimal
-        Debian system from the Debian archive (mmdebstrap; cached on the server for a week).
+    def build(name: str, remote: str | None, vm: bool, aliases: tuple[str, ...], quiet: bool) -> None:
+        """Build an image on the server: busybox (from the host's busybox, no network needed), a minimal
+        Debian system from the Debian archive (mmdebstrap; cached on the server for a week), or with --vm their
+        virtual-machine images: busybox-vm (a Debian kernel, busybox and the guest agent; boots in seconds and
+        prints a heartbeat on its console) and a Debian VM (systemd, the guest agent, UEFI).
 
         \b
         Examples:
           stapes image build busybox s1: --alias bb
           stapes image build debian/12 s1: && stapes launch s1:debian/12 d1
+          stapes image build busybox --vm s1: && stapes launch s1:busybox-vm v1 --vm
+          stapes image build debian/12 --vm s1: && stapes launch s1:debian/12/vm v2 --vm
         """
-        with client_for(parse_remote_only(remote)) as client, render.progress(f"Building {name}", quiet) as update:
-            op = client.build_image(name, list(aliases), update)
+        builtin = name
+        if vm or name == "busybox-vm":
+            builtin = "busybox-vm" if name.startswith("busybox") else f"{name}/vm"
+        with client_for(parse_remote_only(remote)) as client, render.progress(f"Building {builtin}", quiet) as update:
+            op = client.build_image(builtin, list(aliases), update)
         render.success(f"Image built with fingerprint: {op['metadata']['fingerprint']}", quiet)
 
     @image.command(name="delete")

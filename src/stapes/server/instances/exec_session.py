@@ -10,6 +10,11 @@ it) fails the operation with Incus's words ("Command not found") and still carri
 Output is read only as fast as the client takes it. An interactive client that closes "0" has hung up: the
 command gets SIGHUP, then a kill. Once the command exited, its output is relayed only briefly (a background
 process that inherited it never holds the operation open).
+
+Two kinds of driver: one whose exec spawns a host tool (LXC's lxc-attach) gets pipes, or for `-t` the slave of
+a host pty this module reads the master of; one that carries the command's terminal itself (a VM's guest agent:
+`exec_host_pty` False on the driver) returns an `ExecProcess`, whose stdout is the terminal with `-t`, and which
+resizes the guest's pty itself.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import signal
 import struct
 import termios
 import tty
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
 from aiohttp import WSMsgType, web
 
@@ -44,6 +49,45 @@ TERMINAL_SETUP = 2.0  # how long input waits for lxc-attach to set its terminal 
 HANGUP_GRACE = 2.0  # after a hang-up (the client closed "0"): how long the command has to end before a kill
 PTY_QUEUE = 16  # pty reads (up to 64 KiB each) waiting for the websocket; reading pauses while it is full
 SIGNALS = frozenset(signal.valid_signals()) - {0}
+
+
+class _Input(Protocol):
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Output(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class _Signalled(Protocol):
+    """What signals and ends a command: asyncio's Process, or an ExecProcess."""
+
+    @property
+    def returncode(self) -> int | None: ...
+    def send_signal(self, signum: int) -> None: ...
+    def kill(self) -> None: ...
+
+
+class ExecProcess(_Signalled, Protocol):
+    """What exec returns for a driver that carries the command's terminal itself (`exec_host_pty` False; QEMU's
+    guest agent: vm_agent.GuestProcess). With a terminal, `stdout` is its output and `stdin` its input, and
+    `stderr` is None."""
+
+    @property
+    def stdin(self) -> _Input: ...
+    @property
+    def stdout(self) -> _Output: ...
+    @property
+    def stderr(self) -> _Output | None: ...
+    @property
+    def failure(self) -> str | None:
+        """Why the command never ran ("Command not found"), once it is over; None when it ran."""
+    async def wait(self) -> int: ...
+    def resize(self, width: int, height: int) -> None: ...
+    def close(self) -> None:
+        """The session is over here: what is left of the command is killed, its resources go."""
 
 
 class _Head:
@@ -100,8 +144,11 @@ async def run_exec(op: Operation, driver: InstanceDriver, spec: InstanceSpec, re
         raise InternalError(f"The client did not open the exec websocket(s) {', '.join(missing)} within "
                             f"{CONNECT_TIMEOUT:.0f}s; open every websocket named in the operation's 'fds'") from None
     head = _Head(driver)
+    failure: str | None = None
     try:
-        if request.interactive:
+        if not getattr(driver, "exec_host_pty", True):
+            code, failure = await _run_carried(op, driver, spec, request, sockets, width, height)
+        elif request.interactive:
             code = await _run_interactive(op, driver, spec, request, sockets, width, height, head)
         else:
             code = await _run_pipes(op, driver, spec, request, sockets, head)
@@ -113,7 +160,7 @@ async def run_exec(op: Operation, driver: InstanceDriver, spec: InstanceSpec, re
                 await ws.close()
         for name in [*names, "control"]:
             op.release(name)
-    if (failure := head.failure(code)) is not None:
+    if (failure := failure or head.failure(code)) is not None:
         op.metadata["return"] = code
         raise BadRequest(failure)
     return {"return": code}
@@ -123,6 +170,7 @@ async def _run_pipes(op: Operation, driver: InstanceDriver, spec: InstanceSpec, 
                      sockets: dict[str, web.WebSocketResponse], head: _Head) -> int:
     pipe = asyncio.subprocess.PIPE
     proc = await driver.exec(spec, request, (pipe, pipe, pipe))
+    assert isinstance(proc, asyncio.subprocess.Process)
     assert proc.stdin and proc.stdout and proc.stderr
     stdin_task = asyncio.create_task(_ws_to_stdin(sockets["0"], proc.stdin))
     control_task = asyncio.create_task(_control(op, proc, None))
@@ -153,7 +201,7 @@ async def _exit_status(proc: asyncio.subprocess.Process) -> int:
     return proc.returncode
 
 
-async def _ws_to_stdin(ws: web.WebSocketResponse, stdin: asyncio.StreamWriter) -> None:
+async def _ws_to_stdin(ws: web.WebSocketResponse, stdin: _Input) -> None:
     try:
         async for msg in ws:
             if msg.type == WSMsgType.BINARY:
@@ -173,7 +221,7 @@ async def _ws_to_stdin(ws: web.WebSocketResponse, stdin: asyncio.StreamWriter) -
             stdin.close()
 
 
-async def _stream_to_ws(stream: asyncio.StreamReader, ws: web.WebSocketResponse, exited: asyncio.Task[int],
+async def _stream_to_ws(stream: _Output, ws: web.WebSocketResponse, exited: asyncio.Task[int],
                         head: _Head | None = None) -> None:
     """Until EOF; once the command exited, only while its output keeps coming (each read within OUTPUT_GRACE)
     and for DRAIN_LIMIT at most: a background process that inherited the pipe never holds the session open."""
@@ -208,12 +256,12 @@ async def _stream_to_ws(stream: asyncio.StreamReader, ws: web.WebSocketResponse,
         await ws.close()
 
 
-async def _control(op: Operation, proc: asyncio.subprocess.Process, master: int | None) -> None:
-    """The control socket is optional (as in Incus: pylxd never opens it); signals and resizes arrive on it
-    once a client does."""
+async def _control(op: Operation, proc: _Signalled, resize: Callable[[int, int], None] | None) -> None:
+    """The control socket is optional (as in Incus: pylxd never opens it); signals and resizes (`resize`: of the
+    command's terminal, width and height) arrive on it once a client does."""
     ws = await op.channel("control")
     try:
-        await _control_messages(ws, proc, master)
+        await _control_messages(ws, proc, resize)
     finally:
         # As Incus does: a client that closes the control socket (or vanishes) while the command runs ends it.
         if proc.returncode is None:
@@ -221,8 +269,8 @@ async def _control(op: Operation, proc: asyncio.subprocess.Process, master: int 
                 proc.kill()
 
 
-async def _control_messages(ws: web.WebSocketResponse, proc: asyncio.subprocess.Process, master: int | None
-                            ) -> None:
+async def _control_messages(ws: web.WebSocketResponse, proc: _Signalled,
+                            resize: Callable[[int, int], None] | None) -> None:
     async for msg in ws:
         if msg.type != WSMsgType.TEXT or len(msg.data) > MAX_CONTROL_MESSAGE:
             continue
@@ -238,11 +286,11 @@ async def _control_messages(ws: web.WebSocketResponse, proc: asyncio.subprocess.
                 signum = int(command.get("signal", 15))
                 if signum in SIGNALS:
                     proc.send_signal(signum)
-            elif command.get("command") == "window-resize" and master is not None:
+            elif command.get("command") == "window-resize" and resize is not None:
                 args = command.get("args") or {}
                 width, height = window_size(args.get("width")), window_size(args.get("height"))
                 if width and height:
-                    _resize(master, width, height)
+                    resize(width, height)
 
 
 def window_size(value: object) -> int | None:
@@ -274,6 +322,7 @@ async def _run_interactive(op: Operation, driver: InstanceDriver, spec: Instance
     probe = _Probe(os.dup(slave))
     try:
         proc = await driver.exec(spec, request, (slave, slave, slave))
+        assert isinstance(proc, asyncio.subprocess.Process)
     except BaseException:
         probe.close()
         raise
@@ -282,7 +331,7 @@ async def _run_interactive(op: Operation, driver: InstanceDriver, spec: Instance
     os.set_blocking(master, False)
     reader = _PtyReader(master)
     ws = sockets["0"]
-    control_task = asyncio.create_task(_control(op, proc, master))
+    control_task = asyncio.create_task(_control(op, proc, lambda width, height: _resize(master, width, height)))
     wait_task = asyncio.create_task(proc.wait())
     input_task = asyncio.create_task(_ws_to_pty(ws, master, _terminal_taken(probe, wait_task)))
 
@@ -335,7 +384,86 @@ async def _run_interactive(op: Operation, driver: InstanceDriver, spec: Instance
             await proc.wait()
 
 
-async def _hang_up(proc: asyncio.subprocess.Process, exited: asyncio.Task[int]) -> None:
+async def _run_carried(op: Operation, driver: InstanceDriver, spec: InstanceSpec, request: ExecRequest,
+                       sockets: dict[str, web.WebSocketResponse], width: int, height: int) -> tuple[int, str | None]:
+    """A driver that carries the command's stdio or terminal itself (a VM's guest agent): its streams to the
+    websockets as for pipes; with a terminal, "0" both ways, a hang-up when the client closes it, and the
+    barrier at the end. Returns the exit status and why the command never ran (None: it ran)."""
+    pipe = asyncio.subprocess.PIPE
+    proc = cast(ExecProcess, await driver.exec(spec, request, (pipe, pipe, pipe)))
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        if request.interactive:
+            proc.resize(width, height)
+        tasks.append(asyncio.create_task(_control(op, proc, proc.resize if request.interactive else None)))
+        wait_task = asyncio.create_task(proc.wait())
+        tasks.append(wait_task)
+        if not request.interactive:
+            assert proc.stderr is not None
+            tasks.append(asyncio.create_task(_ws_to_stdin(sockets["0"], proc.stdin)))
+            await asyncio.gather(_stream_to_ws(proc.stdout, sockets["1"], wait_task),
+                                 _stream_to_ws(proc.stderr, sockets["2"], wait_task))
+            return await wait_task, proc.failure
+        ws = sockets["0"]
+        input_task = asyncio.create_task(_ws_to_terminal(ws, proc.stdin))
+        tasks.append(input_task)
+
+        async def send(chunk: bytes) -> None:
+            if chunk:
+                with contextlib.suppress(ConnectionError):
+                    await ws.send_bytes(chunk)
+
+        hung_up = False
+        while not wait_task.done():
+            if input_task.done():  # the client closed "0" (or vanished): its terminal hung up
+                hung_up = True
+                await _hang_up(proc, wait_task)
+                break
+            read = asyncio.create_task(proc.stdout.read(65536))
+            await asyncio.wait({read, wait_task, input_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                read.cancel()
+                continue
+            if not (chunk := read.result()):  # the terminal's end: the command goes too
+                await asyncio.wait({wait_task, input_task}, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            await send(chunk)
+        code = await wait_task
+        # What the command wrote last (the agent sends it before the exit status), then what a background
+        # process still writes: while it keeps coming, for DRAIN_LIMIT at most.
+        deadline = asyncio.get_running_loop().time() + DRAIN_LIMIT
+        with contextlib.suppress(TimeoutError):
+            while not hung_up and asyncio.get_running_loop().time() < deadline and (
+                    chunk := await asyncio.wait_for(proc.stdout.read(65536), OUTPUT_GRACE)):
+                await send(chunk)
+        with contextlib.suppress(ConnectionError):
+            await ws.send_str("")  # the barrier: the output is over
+        return code, proc.failure
+    finally:
+        for task in tasks:
+            task.cancel()
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        proc.close()
+
+
+async def _ws_to_terminal(ws: web.WebSocketResponse, stdin: _Input) -> None:
+    """Typed input to a carried terminal, until the client closes "0" (or its connection fails)."""
+    with contextlib.suppress(ConnectionError, BrokenPipeError):
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                data = msg.data
+            elif msg.type == WSMsgType.TEXT:
+                data = msg.data.encode()
+            else:
+                break
+            if data:
+                stdin.write(data)
+                await stdin.drain()
+
+
+async def _hang_up(proc: _Signalled, exited: asyncio.Task[int]) -> None:
     """As a terminal's hang-up: SIGHUP first, a kill if the command is still there after HANGUP_GRACE."""
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGHUP)

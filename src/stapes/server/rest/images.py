@@ -9,14 +9,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from stapes.api.errors import BadRequest, Conflict, NotFound, RequestTooLarge
 from stapes.api.names import validate_alias_name
 from stapes.api.requests import BuiltinImageSource, ImageAlias, ImageAliasesPost, ImagesPost
 from stapes.api.timefmt import NEVER, iso
 from stapes.server.images.busybox import build_busybox_image
+from stapes.server.images.busybox_vm import build_busybox_vm_image
 from stapes.server.images.debian import build_debian_image, release_of
+from stapes.server.images.debian_vm import build_debian_vm_image
 from stapes.server.operations import Operation
 from stapes.server.rest import publish
 from stapes.server.rest.common import body, daemon, recursion, start_task, sync
@@ -29,13 +31,20 @@ def _builder(source: BuiltinImageSource) -> tuple[Builder, str]:
     """The image a JSON request asks the server to build, and the alias it gets unless others are given."""
     if source.type == "builtin" and source.name == "busybox":
         return (lambda upload, progress: build_busybox_image(upload)), ""
+    if source.type == "builtin" and source.name == "busybox-vm":
+        return (lambda upload, progress: build_busybox_vm_image(upload)), "busybox-vm"
+    if source.type == "builtin" and source.name.startswith("debian/") and source.name.endswith("/vm"):
+        vm_name = source.name.removesuffix("/vm")
+        release_of(vm_name)
+        return (lambda upload, progress: build_debian_vm_image(vm_name, upload, progress)), source.name
     if source.type == "builtin" and source.name.startswith("debian/"):
         release_of(source.name)  # an unknown release is refused before any operation starts
         name = source.name
         return (lambda upload, progress: build_debian_image(name, upload, progress)), name
     raise BadRequest("Only built-in images can be made from JSON ({'source': {'type': 'builtin', 'name': "
-                     "'busybox'}}, or 'debian/12', 'debian/13'); upload a unified tarball as the request body to "
-                     "import one")
+                     "'busybox'}}, or 'busybox-vm', 'debian/12', 'debian/13', 'debian/12/vm', 'debian/13/vm'); upload "
+                     "a unified tarball as the request body (or a metadata tarball and a qcow2 rootfs.img as "
+                     "multipart/form-data) to import one")
 MAX_IMAGE_SIZE = 16 << 30
 FREE_SPACE_MARGIN = 256 << 20  # an upload never fills the server's disk
 
@@ -76,11 +85,18 @@ def routes(r: web.RouteTableDef) -> None:
         for alias in aliases:
             validate_alias_name(alias.name)
         upload = _temp_upload(d.paths.images)
+        rootfs: Path | None = None
         if build is None:
             try:
-                await _receive_upload(request, upload)
+                if request.content_type == "multipart/form-data":
+                    rootfs = _temp_upload(d.paths.images)
+                    await _receive_split_upload(request, upload, rootfs)
+                else:
+                    await _receive_upload(request, upload)
             except BaseException:
                 upload.unlink(missing_ok=True)  # a failed upload leaves no temporary file
+                if rootfs is not None:
+                    rootfs.unlink(missing_ok=True)
                 raise
             header = request.headers.get("X-Incus-aliases") or request.headers.get("X-Stapes-Aliases") or ""
             aliases = [ImageAlias(name=a) for a in header.split(",") if a]
@@ -88,15 +104,19 @@ def routes(r: web.RouteTableDef) -> None:
                 validate_alias_name(alias.name)
         public = request.headers.get("X-Incus-public") in ("true", "1")
         builder = build
+        split = rootfs
 
         async def work(op: Operation) -> dict[str, Any]:
             try:
                 if builder is not None:
                     await builder(upload, lambda stage: op.update_metadata(progress={"stage": stage, "text": stage}))
                     op.update_metadata(progress={"stage": "import", "text": "importing the image"})
-                row = await d.images.import_file(upload, public=public, existing_ok=builder is not None)
+                row = await d.images.import_file(upload, public=public, existing_ok=builder is not None,
+                                                 rootfs=split)
             finally:
                 upload.unlink(missing_ok=True)  # imported (moved away) or failed: never left behind
+                if split is not None:
+                    split.unlink(missing_ok=True)
             for alias in aliases:
                 await d.images.set_alias(alias.name, row.fingerprint, alias.description)
             return {"fingerprint": row.fingerprint, "size": row.size}
@@ -107,7 +127,8 @@ def routes(r: web.RouteTableDef) -> None:
     async def list_aliases(request: web.Request) -> web.Response:
         aliases = await daemon(request).store.aliases()
         if recursion(request):
-            return sync([{"name": n, "target": fp, "description": desc, "type": "container"}
+            types = await _types(request)
+            return sync([{"name": n, "target": fp, "description": desc, "type": types.get(fp, "container")}
                          for n, (fp, desc) in aliases.items()])
         return sync([f"/1.0/images/aliases/{n}" for n in aliases])
 
@@ -128,7 +149,8 @@ def routes(r: web.RouteTableDef) -> None:
         if name not in aliases:
             raise NotFound(f"Image alias {name!r} not found")
         fp, desc = aliases[name]
-        return sync({"name": name, "target": fp, "description": desc, "type": "container"})
+        types = await _types(request)
+        return sync({"name": name, "target": fp, "description": desc, "type": types.get(fp, "container")})
 
     @r.delete("/1.0/images/aliases/{name:.+}")
     async def delete_alias(request: web.Request) -> web.Response:
@@ -150,6 +172,43 @@ def routes(r: web.RouteTableDef) -> None:
             await d.images.delete(row.fingerprint)
 
         return start_task(request, "Deleting image", "default", work)
+
+
+async def _types(request: web.Request) -> dict[str, str]:
+    return {row.fingerprint: row.type for row in await daemon(request).store.images()}
+
+
+async def _receive_split_upload(request: web.Request, metadata: Path, rootfs: Path) -> None:
+    """Incus's split image upload (multipart/form-data): the part "metadata" (a tarball of metadata.yaml and
+    templates/), then "rootfs.img" (a VM's qcow2 disk); "rootfs" (a container's squashfs) is refused. Both parts
+    stream to disk within the same bounds as a unified upload."""
+    stat = await asyncio.to_thread(os.statvfs, metadata.parent)
+    room = min(MAX_IMAGE_SIZE, stat.f_bavail * stat.f_frsize - FREE_SPACE_MARGIN)
+    if request.content_length is not None and request.content_length > room:
+        raise RequestTooLarge(f"The image ({request.content_length} bytes) is larger than this server takes "
+                              f"({max(room, 0)} bytes: at most {MAX_IMAGE_SIZE}, and what the disk has free)")
+    reader = await request.multipart()
+    seen: set[str] = set()
+    written = 0
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise BadRequest("A split image upload holds two files, 'metadata' and 'rootfs.img', not nested parts")
+        name = part.name or ""
+        if name == "rootfs":
+            raise BadRequest("Split container images (a squashfs rootfs) are not supported: import a unified "
+                             "tarball (metadata.yaml + rootfs/)")
+        if name not in ("metadata", "rootfs.img") or name in seen:
+            raise BadRequest(f"Unexpected part {name[:64]!r} in a split image upload: 'metadata' then 'rootfs.img'")
+        seen.add(name)
+        with (metadata if name == "metadata" else rootfs).open("wb") as out:
+            while chunk := await part.read_chunk(1 << 20):
+                written += len(chunk)
+                if written > room:
+                    raise RequestTooLarge(f"The image is larger than this server takes ({max(room, 0)} bytes: at "
+                                          f"most {MAX_IMAGE_SIZE}, and what the disk has free)")
+                await asyncio.to_thread(out.write, chunk)
+    if seen != {"metadata", "rootfs.img"}:
+        raise BadRequest("A split image upload needs both parts: 'metadata' (the tarball) and 'rootfs.img' (qcow2)")
 
 
 async def _receive_upload(request: web.Request, upload: Path) -> None:
