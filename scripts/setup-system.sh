@@ -12,12 +12,13 @@ fi
 codename="${VERSION_CODENAME:-}"
 packages=(lxc busybox-static rsync btrfs-progs nftables tar gzip xz-utils python3 python3-venv python3-dev gcc
           ca-certificates curl incus-client incus-base iproute2 util-linux dnsmasq-base uidmap mmdebstrap zstd bzip2
-          iputils-ping)
+          iputils-ping qemu-system-x86 qemu-utils ovmf)
 
 backports=()
 if [ "$codename" = bookworm ]; then
     # incus-client and incus-base (the official client and a real Incus daemon, the peers of the
-    # compatibility and interop tests) are in bookworm-backports.
+    # compatibility and interop tests) are in bookworm-backports; so is QEMU 10 (bookworm's 7.2 corrupts
+    # guests in pre-copy live migrations under TCG). Debian 13 has both in main.
     if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
         cat > /etc/apt/sources.list.d/stapes-backports.sources <<SRC
 Types: deb
@@ -28,7 +29,11 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
         apt_update_needed=1
     fi
-    backports=(incus-client incus-base)
+    backports=(incus-client incus-base qemu-system-x86 qemu-utils)
+    # QEMU 7.2 from bookworm main already installed: upgraded to backports' 10.
+    if dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null | grep -q '^1:7\.'; then
+        qemu_upgrade=1
+    fi
 fi
 
 missing=()
@@ -37,6 +42,12 @@ for pkg in "${packages[@]}"; do
         missing+=("$pkg")
     fi
 done
+
+if [ -n "${qemu_upgrade:-}" ]; then
+    for pkg in qemu-system-x86 qemu-utils; do
+        [[ " ${missing[*]} " == *" $pkg "* ]] || missing+=("$pkg")
+    done
+fi
 
 if [ ${#missing[@]} -gt 0 ] || [ -n "${apt_update_needed:-}" ]; then
     export DEBIAN_FRONTEND=noninteractive
@@ -70,6 +81,7 @@ fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || {
     echo "setup-system: python3 lacks venv/ensurepip; install python3-venv" >&2; exit 1; }
 bash "$(dirname "$0")/setup-criu.sh"
+bash "$(dirname "$0")/setup-vm.sh"
 # The systemd unit stapes.service: installed (and daemon-reload), never started or enabled here.
 bash "$(dirname "$0")/install-service.sh"
 echo "setup-system: all system packages present"

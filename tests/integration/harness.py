@@ -125,6 +125,11 @@ class Server:
                 subprocess.run(["lxc-stop", "-P", str(lxc_path), "-n", entry.name, "-k"],
                                capture_output=True, timeout=30, check=False)
 
+    def kill_vms(self) -> None:
+        """Failsafe: every QEMU this server's VMs run in is killed (by its pid file, checked to be that QEMU)."""
+        from stapes.server.networks.cleanup import kill_vms
+        kill_vms(self.state_dir)
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -250,7 +255,8 @@ class Cluster:
             # checkpoint, which a kill before the stop would miss.
             server.stop()
             server.kill_containers()
-            cleanup_networks(server.state_dir)
+            server.kill_vms()
+            cleanup_networks(server.state_dir)  # bridges, and the VMs' taps
         unmount_below(self.root)
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -21,10 +21,13 @@ from stapes.server import logfile, process, tls
 from stapes.server.auth import TrustStore
 from stapes.server.events import EventHub
 from stapes.server.images.busybox import build_busybox_image
+from stapes.server.images.busybox_vm import build_busybox_vm_image
 from stapes.server.images.store import ImageStore
-from stapes.server.instances import criu
+from stapes.server.instances import accel, criu
 from stapes.server.instances.backups import BackupService
+from stapes.server.instances.driver import InstanceDriver
 from stapes.server.instances.lxc import LxcDriver
+from stapes.server.instances.qemu import QemuDriver
 from stapes.server.instances.service import InstanceService
 from stapes.server.migration.service import MigrationService
 from stapes.server.migration.volumes import VolumeMigration
@@ -48,10 +51,19 @@ class Daemon:
         self.trust = TrustStore(store)
         self.storage = StorageService(store, paths)
         self.images = ImageStore(store, paths.images)
+        self.images.builtins["busybox-vm"] = (
+            build_busybox_vm_image, "Built-in tiny VM image (a Debian kernel, busybox, the Stapes agent)")
         self.networks = NetworkService(store, paths)
         self.lxc = LxcDriver(paths.lxc_path, paths.server_id)
-        self.instances = InstanceService(store, self.storage, self.images, self.events, {"container": self.lxc},
-                                         self.networks)
+        drivers: dict[str, InstanceDriver] = {"container": self.lxc}
+        # Virtual machines where QEMU and its UEFI firmware are installed; the accelerator is probed at serve().
+        self.qemu_host = accel.find_qemu()
+        self.qemu: QemuDriver | None = None
+        self.vm_accelerator = accel.Accelerator("", self.qemu_host.refusal or "not probed yet")
+        if self.qemu_host.refusal is None:
+            self.qemu = QemuDriver(paths.root / "qemu", paths.root, paths.server_id, self.qemu_host)
+            drivers["virtual-machine"] = self.qemu
+        self.instances = InstanceService(store, self.storage, self.images, self.events, drivers, self.networks)
         self.migration = MigrationService(self.instances, paths)
         self.backups = BackupService(store, self.instances, self.storage, paths.root)
         self.instances.on_removed.append(self.backups.instance_removed)
@@ -137,6 +149,7 @@ class Daemon:
         """Clean up what a crash left and bring the networks up before answering anyone (a client must never
         see a half-created instance, or start one before its bridge exists); start instances after."""
         self._reaper.start()
+        probing = asyncio.ensure_future(self._probe_accelerator())  # beside the rest; VM starts wait for it
         self.lxc.use_criu(await criu.probe(self.paths.root))
         if self.lxc.criu.refusal:
             log.warning("live container migration is off: %s", self.lxc.criu.refusal)
@@ -145,6 +158,8 @@ class Daemon:
                      self.lxc.criu.dirty_tracking_refusal)
         await self.storage.activate_all()
         await self.lxc.seal()
+        if self.qemu is not None:
+            await self.qemu.prepare()
         left = await self.migration.remove_leftovers()
         await self.instances.remove_incomplete()
         await self.backups.start()
@@ -170,11 +185,30 @@ class Daemon:
             await self.store.replace_server_config(config)
         if config.get("core.https_address"):
             await self._listen_https(config["core.https_address"])
+        await probing
         await self.instances.restore_power_state()
         log.info("stapesd ready: unix socket %s, https %s", sock, self._https_address or "off")
 
+    async def _probe_accelerator(self) -> None:
+        """Once per start: KVM only where a probe boot proves it works, else TCG (accel.py)."""
+        if self.qemu is None:
+            log.warning("virtual machines are off: %s", self.qemu_host.refusal)
+            return
+        try:
+            self.vm_accelerator = await accel.probe(self.qemu_host, self.paths.root)
+        except Exception as err:  # never fatal: containers run on
+            self.vm_accelerator = accel.Accelerator("", f"the accelerator probe failed: {err}")
+        self.qemu.use_accelerator(self.vm_accelerator)
+        if self.vm_accelerator.name:
+            log.info("virtual machines: QEMU %s, %s (%s)", self.vm_accelerator.qemu_version,
+                     self.vm_accelerator.name, self.vm_accelerator.reason)
+        else:
+            log.warning("virtual machines cannot start: %s", self.vm_accelerator.reason)
+
     async def shutdown(self) -> None:
         await self.instances.stop_watching()
+        if self.qemu is not None:
+            await self.qemu.shutdown()  # QMP connections only: the VMs run on
         await self.operations.shutdown()
         await self.backups.shutdown()
         await self.networks.shutdown()

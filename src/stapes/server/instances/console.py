@@ -1,4 +1,6 @@
-"""Containers' consoles: a pty the daemon owns, bind-mounted as the container's /dev/console.
+"""Consoles: what a session attaches to, as drivers declare it (`ConsoleProvider`, a driver's `consoles`), the
+websocket session itself (`run_console`), and containers' consoles: a pty the daemon owns, bind-mounted as the
+container's /dev/console. (A VM's console is its serial port, served by QEMU: qemu_console.py.)
 
 Why not LXC's own console (`lxc.console.path`): liblxc 5.0 allocates it from the container's devpts when
 `lxc.pty.max` > 1 and does not allocate it again on a restore, so `lxc-checkpoint -r` fails ("lxc.console.path
@@ -43,8 +45,9 @@ import os
 import stat
 import struct
 import termios
+from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import WSMsgType
 
@@ -182,6 +185,35 @@ async def _unmount(point: Path) -> None:
         await process.run(["umount", "-l", str(point)], check=False, timeout=30)
 
 
+class ConsoleSession(Protocol):
+    """What a console session attaches to (a container's pty, a VM's serial port): output fans out to the
+    queues of the attached sessions (None ends a session), input goes in with `write`."""
+
+    def resize(self, width: int, height: int) -> None: ...
+
+    def attach(self) -> asyncio.Queue[bytes | None]: ...
+
+    def detach(self, queue: asyncio.Queue[bytes | None]) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+
+class ConsoleProvider(ABC):
+    """What a driver declares as its `consoles` when its instances have a text console: the console of a
+    running instance, and the log of its last run. (A driver without one has no `consoles`.)"""
+
+    @abstractmethod
+    async def session(self, spec: InstanceSpec) -> ConsoleSession | None:
+        """The console of the running instance `spec`; None when this server has none for it now."""
+
+    @abstractmethod
+    async def log(self, spec: InstanceSpec) -> bytes:
+        """The console's output so far (of its last run, for a stopped instance)."""
+
+    @abstractmethod
+    async def clear(self, spec: InstanceSpec) -> None: ...
+
+
 class Console:
     """One container's console pty, read by the event loop as long as it exists."""
 
@@ -269,7 +301,7 @@ class Console:
         os.close(self.slave)
 
 
-class Consoles:
+class Consoles(ConsoleProvider):
     """The consoles of one server's containers, by runtime name."""
 
     def __init__(self, lxc_path: Path) -> None:
@@ -278,6 +310,9 @@ class Consoles:
 
     def get(self, spec: InstanceSpec) -> Console | None:
         return self._open.get(spec.runtime_name)
+
+    async def session(self, spec: InstanceSpec) -> ConsoleSession | None:
+        return self.get(spec)
 
     async def prepare(self, spec: InstanceSpec, lxc_dir: Path) -> None:
         """A fresh console for a container about to start or be restored: the link the configuration's
@@ -360,7 +395,7 @@ class Consoles:
         self._open.clear()
 
 
-async def run_console(op: Operation, console: Console, width: int, height: int) -> dict[str, Any]:
+async def run_console(op: Operation, console: ConsoleSession, width: int, height: int) -> dict[str, Any]:
     """One session: the console's output to websocket "0", what arrives on it to the console, until the client
     closes "0" or "control" (a detach: the container goes on)."""
     try:
@@ -415,20 +450,21 @@ async def run_console(op: Operation, console: Console, width: int, height: int) 
     return {}
 
 
-def consoles_of(driver: InstanceDriver) -> Consoles:
+def consoles_of(driver: InstanceDriver) -> ConsoleProvider:
+    """The driver's declaration of its consoles (its `consoles`)."""
     consoles = getattr(driver, "consoles", None)
-    if not isinstance(consoles, Consoles):
-        raise BadRequest(f"The console of a {driver.instance_type} is not supported by this server (containers only)")
+    if not isinstance(consoles, ConsoleProvider):
+        raise BadRequest(f"The console of a {driver.instance_type} is not supported by this server")
     return consoles
 
 
-async def session_console(driver: InstanceDriver, spec: InstanceSpec) -> Console:
+async def session_console(driver: InstanceDriver, spec: InstanceSpec) -> ConsoleSession:
     """The console a new session attaches to: the instance must be running (400 otherwise)."""
     consoles = consoles_of(driver)
     if (await driver.state(spec, detail=False)).status != StatusCode.RUNNING:
         raise BadRequest(f"Instance {spec.name!r} is not running: start it first ('stapes start {spec.name}'); "
                          f"its last console output: 'stapes console {spec.name} --show-log'")
-    console = consoles.get(spec)
+    console = await consoles.session(spec)
     if console is None:
         raise BadRequest(f"Instance {spec.name!r} has no console on this server now (it was started by an earlier "
                          f"run of the server, or by an older Stapes): restart it to get one")

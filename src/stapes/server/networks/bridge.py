@@ -163,6 +163,81 @@ def _sysctl(path: str, value: str) -> None:
         Path("/proc/sys", path).write_text(value)
 
 
+TAP_PREFIX = "stv"  # bridges are stp<hash>: a tap is never taken for one
+
+
+def tap_name(server_id: str, runtime_name: str, device: str) -> str:
+    """A VM nic's tap on the host (pure): unique per server, instance and nic, within IFNAMSIZ (15 characters)."""
+    return TAP_PREFIX + hashlib.sha256(f"{server_id}/{runtime_name}/{device}".encode()).hexdigest()[:12]
+
+
+def tap_alias(state_root: str, runtime_name: str, device: str) -> str:
+    """The tap's ifalias: the server's mark (as its bridges carry, so cleanup finds both), then `/tap/` (no
+    network name holds a slash), the instance and the nic."""
+    return f"stapes:{state_root}:/tap/{runtime_name}/{device}"
+
+
+def create_tap(name: str, bridge: str, alias: str, mtu: int | None = None) -> None:
+    """A persistent tap `name` on `bridge`, up, marked with `alias` (a VM's QEMU opens it by name). One this
+    server made before (same alias) is taken as it is; an interface of anyone else's is refused. Blocking:
+    call it in a thread."""
+    if len(alias.encode()) > MAX_ALIAS or "\0" in alias:
+        raise InternalError(f"The tap {name} cannot carry this server's mark (its ifalias would be "
+                            f"{len(alias.encode())} bytes, at most {MAX_ALIAS}): use a shorter state directory path")
+    with IPRoute() as ipr:
+        masters = ipr.link_lookup(ifname=bridge)
+        if not masters:
+            raise InternalError(f"The bridge {bridge} is not on this host: start its network first")
+        links = ipr.link_lookup(ifname=name)
+        made = None
+        if links:
+            if ipr.get_links(links[0])[0].get("IFLA_IFALIAS") != alias:
+                raise InternalError(f"The host already has an interface {name!r} that is not this server's tap: "
+                                    "delete it ('ip link delete')")
+        else:
+            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            links = ipr.link_lookup(ifname=name)
+            made = links[0]
+        try:
+            index = links[0]
+            ipr.link("set", index=index, ifalias=alias)
+            mtu = mtu or ipr.get_links(masters[0])[0].get("IFLA_MTU")
+            if mtu:
+                ipr.link("set", index=index, mtu=int(mtu))
+            ipr.link("set", index=index, master=masters[0])
+            ipr.link("set", index=index, state="up")
+        except BaseException:
+            if made is not None:
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=made)
+            raise
+
+
+def delete_tap(name: str, alias: str) -> bool:
+    """The tap, if it is still this server's (its alias); whether one was removed. Blocking."""
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=name)
+        if not links or ipr.get_links(links[0])[0].get("IFLA_IFALIAS") != alias:
+            return False
+        with contextlib.suppress(NetlinkError):
+            ipr.link("del", index=links[0])
+            return True
+    return False
+
+
+def tap_counters(name: str) -> dict[str, Any] | None:
+    """A tap's state seen from the guest's side (what the host receives, the guest sent); None when it is
+    gone. Blocking."""
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=name)
+        if not links:
+            return None
+        link = ipr.get_links(links[0])[0]
+    stats = link.get("IFLA_STATS64") or {}
+    return {"bytes_received": stats.get("tx_bytes", 0), "bytes_sent": stats.get("rx_bytes", 0),
+            "packets_received": stats.get("tx_packets", 0), "packets_sent": stats.get("rx_packets", 0)}
+
+
 def bridge_state(interface: str) -> dict[str, Any]:
     """Incus's network state: addresses, MAC, MTU, counters. Blocking: call it in a thread."""
     with IPRoute() as ipr:

@@ -1,5 +1,6 @@
-"""Remove what a server's networks left on the host: its bridges (found by their ifalias), their nftables
-tables and dnsmasq processes. For `make demo` and the test harness, after the server stopped:
+"""Remove what a server's networks and VMs left on the host: its QEMU processes (by their pid files, each
+checked to be that QEMU), its bridges and VM taps (found by their ifalias), the bridges' nftables tables and
+dnsmasq processes. For `make demo` and the test harness, after the server stopped:
 
     python -m stapes.server.networks.cleanup STATE_DIR
 """
@@ -11,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -19,8 +21,38 @@ from pyroute2.netlink.exceptions import NetlinkError
 from stapes.server.networks.bridge import is_our_dnsmasq
 
 
+def _qemu_pid(pid_file: Path) -> int | None:
+    """The pid in a VM's pid file, if that process is still the QEMU that wrote it (its command line names
+    this pid file) and has not ended."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    ours = b"qemu-system" in args[0] and any(a == b"-pidfile" and b == str(pid_file).encode()
+                                             for a, b in zip(args, args[1:], strict=False))
+    return pid if ours and state != "Z" else None
+
+
+def kill_vms(state_dir: Path, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every QEMU the server's VMs run in (`<state>/qemu/*/qemu.pid`); returns their pids, once gone."""
+    state_dir = state_dir.resolve()
+    pids = [pid for pid_file in sorted((state_dir / "qemu").glob("*/qemu.pid"))
+            if (pid := _qemu_pid(pid_file)) is not None]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    for pid_file in sorted((state_dir / "qemu").glob("*/qemu.pid")):
+        while _qemu_pid(pid_file) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return pids
+
+
 def cleanup(state_dir: Path) -> list[str]:
-    """Returns the bridges removed."""
+    """Returns the bridges removed (its VMs' QEMU processes and taps go too)."""
+    kill_vms(state_dir)
     prefix = f"stapes:{state_dir.resolve()}:"
     removed = []
     with IPRoute() as ipr:
@@ -30,6 +62,8 @@ def cleanup(state_dir: Path) -> list[str]:
                 name = link.get("IFLA_IFNAME")
                 with contextlib.suppress(NetlinkError):
                     ipr.link("del", index=link["index"])
+                if alias.startswith(f"{prefix}/tap/"):  # a VM's tap (bridge.tap_alias): no table of its own
+                    continue
                 subprocess.run(["nft", "-f", "-"], input=f"table inet stapes_{name}\ndelete table inet "
                                f"stapes_{name}\n".encode(), capture_output=True, check=False)
                 removed.append(str(name))

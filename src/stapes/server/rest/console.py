@@ -28,8 +28,8 @@ def routes(r: web.RouteTableDef) -> None:
         name = request.match_info["name"]
         data = await body(request, ConsolePost)
         if data.type != "console":
-            raise BadRequest(f"Console type {data.type!r} is not supported: containers have a text console only "
-                             "(type 'console')")
+            raise BadRequest(f"Console type {data.type!r} is not supported: instances here have a text console "
+                             "only (type 'console'; a VM's is its serial port, it has no graphical one)")
         width, height = data.width or 80, data.height or 24
         if window_size(width) is None or window_size(height) is None:
             raise BadRequest("console 'width' and 'height' must be between 0 and 10000")

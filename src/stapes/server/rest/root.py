@@ -23,7 +23,7 @@ API_EXTENSIONS = [
     "storage_api_volume_rename", "storage_api_local_volume_handling", "storage_api_remote_volume_handling",
     "custom_block_volumes", "storage_volumes_created_at",
     "container_backup_override_pool", "backup_compression_algorithm", "backup_override_name",
-    "console",
+    "console", "virtual-machines",
 ]
 
 
@@ -56,7 +56,10 @@ def routes(r: web.RouteTableDef) -> None:
                     "server_pid": os.getpid(), "server_version": __version__, "storage": "dir",
                     "storage_version": "1", "storage_supported_drivers": [
                         {"name": name, "version": "1", "remote": False} for name in sorted(STORAGE_DRIVERS)],
-                    "instance_types": ["container"],
+                    "instance_types": ["container"] + (
+                        ["virtual-machine"] if d.qemu is not None and d.vm_accelerator.name else []),
+                    # Ours: which accelerator VMs run with here, and why (KVM only where a probe boot works).
+                    "vm_accelerator": d.vm_accelerator.to_json(),
                     "unprivileged": await d.instances.unprivileged_status(),
                     "live_migration": {"container": d.lxc.criu.to_json()},
                 },

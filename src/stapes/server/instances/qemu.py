@@ -1,0 +1,628 @@
+"""Virtual machines: QEMU (`qemu-system-x86_64`, 10.x), driven over QMP with the `qemu.qmp` library.
+
+Each VM has a runtime directory of its own, `<state root>/qemu/<runtime name>/` (0700, root's alone), with
+the sockets QEMU serves (QMP, the serial console, the guest agent's port), its pid file, `qemu.log` (QEMU's
+own messages), `console.log` (everything the serial console printed), `machine.json` (what `define` made of
+the instance) and `running.json` (the machine the running QEMU was built as: a live move's target needs it).
+Two servers on one host never collide: their state roots differ, and each tap's name is a hash of the server,
+the instance and the nic.
+
+QEMU runs in a session of its own, with its seccomp sandbox on (which rules out `-daemonize`: see
+qemu_machine.SANDBOX), so it outlives stapesd: a restarted stapesd finds it by its pid file, checks that
+the pid is still that QEMU (its command line names this pid file), and talks to it again on its QMP socket.
+stapesd never stops a VM when it exits itself.
+
+UEFI boot from Debian's OVMF: the code read-only from /usr/share/OVMF, the variables in a copy of the VM's
+own, `qemu.nvram` in its config directory (Incus's name), made from OVMF_VARS_4M.fd at the first start.
+
+A guest that powers off ends QEMU (`-action shutdown=poweroff`; a reboot resets the machine and QEMU goes
+on): the server notices (a watch per running VM), removes its taps and sockets, and the VM is Stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+from qemu.qmp import QMPClient, Runstate
+from qemu.qmp.error import QMPError
+
+from stapes.api.errors import BadRequest, InternalError
+from stapes.api.status import StatusCode
+from stapes.server import process
+from stapes.server.instances.accel import Accelerator, QemuHost
+from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
+from stapes.server.instances.qemu_console import SerialConsoles, trim_log, truncate
+from stapes.server.instances.qemu_machine import (
+    AGENT_SOCKET,
+    CONSOLE_LOG,
+    CONSOLE_SOCKET,
+    PID_FILE,
+    QEMU_LOG,
+    QMP_SOCKET,
+    Machine,
+    argv,
+    check_instance,
+    machine_from_spec,
+)
+from stapes.server.networks import bridge
+
+log = logging.getLogger(__name__)
+# qemu.qmp logs every connection QEMU closes (a VM that powered off) as an error: ours to say, not its own.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+NVRAM = "qemu.nvram"  # in the VM's config directory: its UEFI variables
+MACHINE = "machine.json"
+RUNNING = "running.json"
+START_TIMEOUT = 30.0  # from spawning QEMU to its QMP socket answering
+QMP_TIMEOUT = 10.0  # one QMP command
+STATE_TIMEOUT = 5.0  # reading one VM's state (connecting to QMP included)
+QUIT_TIMEOUT = 10.0  # for QEMU to exit after `quit`, before it is killed
+RUNTIME_FILES = (QMP_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET, PID_FILE, RUNNING)
+MAX_SOCKET_PATH = 107  # sun_path's 108 bytes, less its NUL
+_PAUSED = {"paused", "suspended", "prelaunch", "inmigrate", "postmigrate", "finish-migrate", "save-vm",
+           "restore-vm", "colo"}
+_FAILED = {"internal-error": "QEMU hit an internal error", "io-error": "a disk I/O error paused it",
+           "guest-panicked": "the guest kernel panicked", "watchdog": "the guest's watchdog fired",
+           "debug": "it is stopped in a debugger"}
+
+
+@dataclass
+class _Vm:
+    """A running QEMU this server talks to."""
+
+    name: str
+    runtime: Path
+    pid: int
+    client: QMPClient
+    watch: asyncio.Task[None] | None = None
+    taps: list[tuple[str, str]] = field(default_factory=list)
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = QMP_TIMEOUT) -> Any:
+        try:
+            return await asyncio.wait_for(self.client.execute(command, arguments), timeout)
+        except TimeoutError:
+            raise InternalError(f"QEMU of {self.name!r} did not answer {command!r} within {timeout:.0f}s") from None
+        except (QMPError, ConnectionError, OSError) as err:
+            raise InternalError(f"QEMU of {self.name!r} refused {command!r}: {err}") from None
+
+
+# Starts QEMU ("$@", behind setsid: a session of its own) in the background, stdin from /dev/null, output
+# appended to the log ($0), and prints its pid; the shell exits at once, so QEMU is nobody's asyncio child (the
+# server, a child subreaper, reaps it when it ends; init does once the server is gone). setsid does not fork
+# here (a background job of a non-interactive shell leads no process group): the pid printed is QEMU's.
+LAUNCHER = '"$@" </dev/null >>"$0" 2>&1 & echo $!'
+
+
+def _qmp_client(name: str) -> QMPClient:
+    """A QMP client without qemu.qmp's default event queue, which nobody reads and which would grow for as long
+    as the VM runs; whoever needs events (a live move) registers a listener of its own."""
+    client = QMPClient(name)
+    client.events.event_filter = lambda event: False  # the default listener cannot be removed: it takes none
+    return client
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def is_our_qemu(cmdline: bytes, pid_file: Path) -> bool:
+    """The command line of a QEMU this server started with `pid_file` (pure): a reused pid is not."""
+    args = cmdline.split(b"\0")
+    pid_arg = str(pid_file).encode()
+    return bool(args) and b"qemu-system" in args[0] and any(
+        a == b"-pidfile" and b == pid_arg for a, b in zip(args, args[1:], strict=False))
+
+
+def running_pid(runtime: Path) -> int | None:
+    """The pid of the QEMU running from `runtime`, if it still runs (blocking)."""
+    try:
+        pid = int((runtime / PID_FILE).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if is_our_qemu(cmdline, runtime / PID_FILE) and _alive(pid) else None
+
+
+def _supports_direct(path: Path) -> bool:
+    """Whether the file system takes O_DIRECT (ext4, btrfs, xfs do; tmpfs does not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _private_directory(directory: Path) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+
+
+def _proc_figures(pid: int) -> tuple[dict[str, int], dict[str, int]]:
+    """QEMU's resident memory (and its peak) and the CPU time it used, in nanoseconds."""
+    memory: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                memory["usage" if key == "VmRSS" else "usage_peak"] = int(value.split()[0]) * 1024
+    cpu: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        cpu["usage"] = ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    return memory, cpu
+
+
+def _ensure_nvram(volume: Path, template: Path) -> Path:
+    """The VM's UEFI variables: made from OVMF's template at its first start, kept from then on."""
+    nvram = volume / NVRAM
+    if nvram.is_symlink():
+        raise InternalError(f"{nvram} is a symbolic link: refusing to use it as the VM's UEFI variables")
+    if not nvram.exists():
+        temporary = volume / f".{NVRAM}.tmp"
+        shutil.copyfile(template, temporary)
+        os.chmod(temporary, 0o600)
+        temporary.replace(nvram)
+    return nvram
+
+
+def _clean_runtime(runtime: Path, taps: list[tuple[str, str]]) -> list[str]:
+    """What a QEMU that ended leaves: its taps (those still this server's) and its sockets and pid file;
+    the logs and machine.json stay. Returns the taps removed. Blocking."""
+    removed = [name for name, alias in taps if bridge.delete_tap(name, alias)]
+    for name in RUNTIME_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (runtime / name).unlink()
+    return removed
+
+
+def _recorded_taps(runtime: Path) -> list[tuple[str, str]]:
+    try:
+        data = json.loads((runtime / RUNNING).read_text())
+        return [(tap["name"], tap["alias"]) for tap in data.get("taps", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+class QemuDriver(InstanceDriver):
+    instance_type: ClassVar[str] = "virtual-machine"
+    # exec goes to the guest agent, which carries the terminal itself (exec_session.py): no host pty.
+    exec_host_pty: ClassVar[bool] = False
+
+    def __init__(self, runtime_root: Path, state_root: Path, server_id: str, host: QemuHost) -> None:
+        self.runtime_root = runtime_root
+        self.state_root = state_root
+        self.server_id = server_id
+        self.host = host
+        self.accelerator = Accelerator("", "not probed yet")
+        self._probed = asyncio.Event()
+        self._vms: dict[str, _Vm] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.consoles = SerialConsoles(self.runtime_dir)
+
+    # The accelerator, probed once per daemon start (accel.probe): starts wait for it.
+    def use_accelerator(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self._probed.set()
+
+    async def _accel(self) -> str:
+        try:
+            await asyncio.wait_for(self._probed.wait(), 30)
+        except TimeoutError:
+            raise InternalError("The accelerator probe has not finished: try again in a moment") from None
+        if not self.accelerator.name:
+            raise InternalError(f"Virtual machines cannot run here: {self.accelerator.reason}")
+        return self.accelerator.name
+
+    async def prepare(self) -> None:
+        """At start: the runtime root, root's alone."""
+        await asyncio.to_thread(_private_directory, self.runtime_root)
+
+    def runtime_dir(self, spec: InstanceSpec) -> Path:
+        """The VM's runtime directory; a hashed name when the runtime name would make a socket path longer than
+        a unix socket takes (a long project and instance name, a deep state directory)."""
+        directory = self.runtime_root / spec.runtime_name
+        if len(str(directory / CONSOLE_SOCKET).encode()) > MAX_SOCKET_PATH:
+            directory = self.runtime_root / ("~" + hashlib.sha256(spec.runtime_name.encode()).hexdigest()[:16])
+        return directory
+
+    def agent_socket(self, spec: InstanceSpec) -> Path:
+        """The host end of the guest agent's virtio-serial port (org.stapes.agent)."""
+        return self.runtime_dir(spec) / AGENT_SOCKET
+
+    def check_instance(self, config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]]) -> None:
+        check_instance(config, devices)
+
+    def _lock(self, spec: InstanceSpec) -> asyncio.Lock:
+        return self._locks.setdefault(spec.runtime_name, asyncio.Lock())
+
+    def _machine(self, spec: InstanceSpec, accel: str, *, direct: bool = True) -> Machine:
+        machine_uuid = spec.config.get("volatile.uuid") or str(uuid.uuid5(uuid.NAMESPACE_URL, (
+            f"stapes:{self.server_id}:{spec.runtime_name}")))
+        return machine_from_spec(spec, accel=accel, runtime=self.runtime_dir(spec), uuid=machine_uuid,
+                                 firmware_code=self.host.firmware_code, nvram=spec.volume / NVRAM, direct=direct,
+                                 tap=lambda device: bridge.tap_name(self.server_id, spec.runtime_name, device))
+
+    def _tap_aliases(self, machine: Machine, spec: InstanceSpec) -> list[tuple[str, str]]:
+        return [(nic.tap, bridge.tap_alias(str(self.state_root), spec.runtime_name, nic.name))
+                for nic in machine.nics]
+
+    async def define(self, spec: InstanceSpec) -> None:
+        """Checks what the instance asks for (unsupported devices and keys are refused, saying what is
+        supported) and records the machine it makes."""
+        machine = self._machine(spec, self.accelerator.name or "tcg")
+        runtime = self.runtime_dir(spec)
+
+        def write() -> None:
+            _private_directory(runtime)
+            temporary = runtime / f".{MACHINE}.tmp"
+            temporary.write_text(machine.dumps())
+            temporary.replace(runtime / MACHINE)
+
+        await asyncio.to_thread(write)
+
+    async def undefine(self, spec: InstanceSpec) -> None:
+        runtime = self.runtime_dir(spec)
+        async with self._lock(spec):
+            if await asyncio.to_thread(running_pid, runtime) is not None:  # a restore being undone
+                await self._stop_locked(spec, timeout=0, force=True)
+            await self._forget(spec, runtime)
+            await asyncio.to_thread(shutil.rmtree, runtime, True)
+        self._locks.pop(spec.runtime_name, None)
+
+    async def start(self, spec: InstanceSpec) -> None:
+        accel = await self._accel()
+        async with self._lock(spec):
+            await self._start_locked(spec, accel)
+
+    async def _start_locked(self, spec: InstanceSpec, accel: str, extra: tuple[str, ...] = ()) -> None:
+        runtime = self.runtime_dir(spec)
+        if await asyncio.to_thread(running_pid, runtime) is not None:
+            raise BadRequest(f"Instance {spec.name!r} is already running")
+        disk = spec.disk
+        if disk is None or disk.is_symlink() or not disk.is_file():
+            raise InternalError(f"Failed to start {spec.name!r}: its root disk is not a file in its volume ({disk})")
+        direct = await asyncio.to_thread(_supports_direct, disk)
+        machine = self._machine(spec, accel, direct=direct)
+        if extra:
+            machine = Machine.from_json({**machine.to_json(), "extra": list(extra)})
+        taps = self._tap_aliases(machine, spec)
+
+        def prepare() -> None:
+            _private_directory(runtime)
+            _clean_runtime(runtime, _recorded_taps(runtime))  # what a QEMU that died unnoticed left
+            _ensure_nvram(spec.volume, self.host.firmware_vars)
+            record = {**machine.to_json(), "taps": [{"name": n, "alias": a} for n, a in taps],
+                      "argv": argv(machine, self.host.binary or "qemu-system-x86_64")}
+            temporary = runtime / f".{RUNNING}.tmp"
+            temporary.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            temporary.replace(runtime / RUNNING)
+            truncate(runtime / CONSOLE_LOG)  # the log of this run only, as a container's
+            trim_log(runtime / QEMU_LOG)
+            for nic in machine.nics:
+                bridge.create_tap(nic.tap, nic.bridge, dict(taps)[nic.tap], nic.mtu)
+
+        try:
+            await asyncio.to_thread(prepare)
+        except BaseException:
+            await asyncio.to_thread(_clean_runtime, runtime, taps)
+            raise
+        command = argv(machine, self.host.binary or "qemu-system-x86_64")
+        started = time.monotonic()
+        try:
+            vm = await self._spawn(spec, runtime, command)
+        except BaseException:
+            await asyncio.to_thread(_clean_runtime, runtime, taps)
+            raise
+        vm.taps = taps
+        log.info("QEMU of %s (pid %d, %s) answers on QMP after %.3fs", spec.name, vm.pid, accel,
+                 time.monotonic() - started)
+
+    async def _spawn(self, spec: InstanceSpec, runtime: Path, command: list[str]) -> _Vm:
+        """QEMU started detached: not this server's asyncio child (asyncio kills a child whose transport it
+        closes, as at the server's exit), in a session of its own (no signal to the server's group reaches it),
+        its output appended to qemu.log. Returns once QMP answers."""
+        log_path = runtime / QEMU_LOG
+        with log_path.open("ab") as log_file:
+            log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting QEMU\n".encode())
+        launched = await process.run(["sh", "-c", LAUNCHER, str(log_path), "setsid", *command], cwd=str(runtime),
+                                     timeout=30)
+        pid = int(launched.stdout.split()[-1])
+        deadline = time.monotonic() + START_TIMEOUT
+        client: QMPClient | None = None
+        try:
+            while True:
+                if not await asyncio.to_thread(_alive, pid):
+                    raise InternalError(f"Failed to start {spec.name!r}: QEMU exited: {self._qemu_error(runtime)}")
+                if (runtime / QMP_SOCKET).exists():
+                    client = _qmp_client(spec.runtime_name)
+                    try:
+                        await asyncio.wait_for(client.connect(str(runtime / QMP_SOCKET)), 5)
+                        break
+                    except (QMPError, OSError, TimeoutError):
+                        client = None
+                if time.monotonic() > deadline:
+                    raise InternalError(f"Failed to start {spec.name!r}: QEMU's QMP socket did not answer within "
+                                        f"{START_TIMEOUT:.0f}s")
+                await asyncio.sleep(0.02)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await _exited(pid, QUIT_TIMEOUT)
+            raise
+        vm = _Vm(spec.name, runtime, pid, client)
+        self._vms[spec.runtime_name] = vm
+        vm.watch = asyncio.create_task(self._watch(spec, vm), name=f"qemu watch {spec.name}")
+        return vm
+
+    def _qemu_error(self, runtime: Path) -> str:
+        try:
+            lines = (runtime / QEMU_LOG).read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        start = max((i for i, line in enumerate(lines) if line.startswith("--- ")), default=-1)
+        messages = [line.removeprefix("qemu-system-x86_64: ") for line in lines[start + 1:] if line.strip()]
+        return "; ".join(messages[-3:]) or "(nothing in its log)"
+
+    async def _connected(self, spec: InstanceSpec, runtime: Path, pid: int) -> _Vm:
+        """The QMP connection to the running QEMU `pid`: this run's, or a new one to a QEMU an earlier run of
+        the server started (it is watched from then on)."""
+        vm = self._vms.get(spec.runtime_name)
+        if vm is not None and vm.pid == pid and vm.client.runstate == Runstate.RUNNING:
+            return vm
+        if vm is not None:
+            await self._drop(spec.runtime_name, vm)
+        client = _qmp_client(spec.runtime_name)
+        try:
+            await asyncio.wait_for(client.connect(str(runtime / QMP_SOCKET)), STATE_TIMEOUT)
+        except (QMPError, OSError, TimeoutError) as err:
+            raise InternalError(f"QEMU of {spec.name!r} (pid {pid}) does not answer on its QMP socket "
+                                f"({err or 'timed out'})") from None
+        vm = _Vm(spec.name, runtime, pid, client, taps=await asyncio.to_thread(_recorded_taps, runtime))
+        self._vms[spec.runtime_name] = vm
+        vm.watch = asyncio.create_task(self._watch(spec, vm), name=f"qemu watch {spec.name}")
+        log.info("found the running QEMU of %s again (pid %d)", spec.name, pid)
+        return vm
+
+    async def _drop(self, runtime_name: str, vm: _Vm) -> None:
+        if self._vms.get(runtime_name) is vm:
+            del self._vms[runtime_name]
+        if vm.watch is not None and vm.watch is not asyncio.current_task():
+            vm.watch.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(vm.client.disconnect(), 5)
+
+    async def _watch(self, spec: InstanceSpec, vm: _Vm) -> None:
+        """Until the QEMU ends (a poweroff inside, a crash, a kill): then its taps and sockets go."""
+        try:
+            await _exited(vm.pid, float("inf"), interval=0.5)
+        except asyncio.CancelledError:
+            return
+        async with self._lock(spec):
+            if self._vms.get(spec.runtime_name) is not vm:
+                return  # stopped (and cleaned up) by the server meanwhile
+            removed = await self._after_exit(spec, vm)
+        log.info("QEMU of %s ended (pid %d)%s", spec.name, vm.pid,
+                 f"; removed taps {', '.join(removed)}" if removed else "")
+
+    async def _after_exit(self, spec: InstanceSpec, vm: _Vm) -> list[str]:
+        await self._drop(spec.runtime_name, vm)
+        await self.consoles.close(spec)
+        self._agent_gone(spec)
+        return await asyncio.to_thread(_clean_runtime, vm.runtime, vm.taps or _recorded_taps(vm.runtime))
+
+    async def _forget(self, spec: InstanceSpec, runtime: Path) -> None:
+        vm = self._vms.get(spec.runtime_name)
+        if vm is not None:
+            await self._drop(spec.runtime_name, vm)
+        await self.consoles.close(spec)
+        self._agent_gone(spec)
+        await asyncio.to_thread(_clean_runtime, runtime, _recorded_taps(runtime))
+
+    def _agent_gone(self, spec: InstanceSpec) -> None:
+        """The VM stopped: the agent's connection (and what ran over it) goes too."""
+        try:
+            from stapes.server.instances import vm_agent
+        except ImportError:
+            return
+        vm_agent.disconnect(self.agent_socket(spec))
+
+    async def stop(self, spec: InstanceSpec, *, timeout: float, force: bool) -> None:
+        async with self._lock(spec):
+            await self._stop_locked(spec, timeout=timeout, force=force)
+
+    async def _stop_locked(self, spec: InstanceSpec, *, timeout: float, force: bool) -> None:
+        """ACPI's power button (the guest shuts down), then, after `timeout` or at once when `force`, QMP's
+        `quit`, then SIGKILL. Whatever happens, the VM's taps and sockets are gone after."""
+        runtime = self.runtime_dir(spec)
+        pid = await asyncio.to_thread(running_pid, runtime)
+        if pid is None:
+            await self._forget(spec, runtime)
+            return
+        vm: _Vm | None = None
+        with contextlib.suppress(InternalError):
+            vm = await self._connected(spec, runtime, pid)
+        try:
+            if vm is not None and not force and timeout > 0:
+                status = (await vm.execute("query-status")).get("status")
+                if status in _PAUSED:
+                    await vm.execute("cont")  # a paused guest cannot see its power button
+                await vm.execute("system_powerdown")
+                if await _exited(pid, timeout):
+                    return
+                log.info("%s did not power off within %.0fs: quitting QEMU", spec.name, timeout)
+            if vm is not None:
+                with contextlib.suppress(InternalError):
+                    await vm.execute("quit", timeout=QUIT_TIMEOUT)
+                if await _exited(pid, QUIT_TIMEOUT):
+                    return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if not await _exited(pid, QUIT_TIMEOUT):
+                raise InternalError(f"Failed to stop {spec.name!r}: QEMU (pid {pid}) did not die")
+        finally:
+            if await asyncio.to_thread(running_pid, runtime) is None:
+                await self._forget(spec, runtime)
+
+    async def _running(self, spec: InstanceSpec) -> _Vm:
+        runtime = self.runtime_dir(spec)
+        pid = await asyncio.to_thread(running_pid, runtime)
+        if pid is None:
+            raise BadRequest(f"Instance {spec.name!r} is not running")
+        return await self._connected(spec, runtime, pid)
+
+    async def freeze(self, spec: InstanceSpec) -> None:
+        await (await self._running(spec)).execute("stop")
+
+    async def unfreeze(self, spec: InstanceSpec) -> None:
+        await (await self._running(spec)).execute("cont")
+
+    async def qmp(self, spec: InstanceSpec) -> QMPClient:
+        """The QMP connection to the running VM (for a live move's session)."""
+        return (await self._running(spec)).client
+
+    async def state(self, spec: InstanceSpec, *, detail: bool) -> RuntimeState:
+        runtime = self.runtime_dir(spec)
+        pid = await asyncio.to_thread(running_pid, runtime)
+        if pid is None:
+            vm = self._vms.get(spec.runtime_name)
+            if vm is not None or await asyncio.to_thread((runtime / PID_FILE).exists):
+                async with self._lock(spec):  # it ended unnoticed (while the server was down): clean up now
+                    if await asyncio.to_thread(running_pid, runtime) is None:
+                        await self._forget(spec, runtime)
+            return RuntimeState(StatusCode.STOPPED)
+        try:
+            async with asyncio.timeout(STATE_TIMEOUT):
+                vm = await self._connected(spec, runtime, pid)
+                answer = await vm.execute("query-status", timeout=STATE_TIMEOUT)
+        except (InternalError, TimeoutError) as err:
+            reason = err.message if isinstance(err, InternalError) else f"QMP did not answer within {STATE_TIMEOUT}s"
+            return RuntimeState(StatusCode.ERROR, pid=pid, error=f"its state could not be read: {reason}")
+        qemu_status = str(answer.get("status", ""))
+        if qemu_status == "running":
+            status = StatusCode.RUNNING
+        elif qemu_status in _PAUSED:
+            status = StatusCode.FROZEN
+        elif qemu_status == "shutdown":
+            status = StatusCode.STOPPING
+        else:
+            return RuntimeState(StatusCode.ERROR, pid=pid, error=_FAILED.get(
+                qemu_status, f"QEMU reports its state as {qemu_status!r}"))
+        state = RuntimeState(status, pid=pid, processes=-1)
+        if detail:
+            memory, cpu = await asyncio.to_thread(_proc_figures, pid)
+            machine = await asyncio.to_thread(_running_machine, runtime)
+            if machine is not None:
+                memory["total"] = machine.memory_mib << 20
+            state.memory = {"usage": 0, "usage_peak": 0, **memory}
+            state.cpu = cpu or {"usage": 0}
+            if machine is not None:
+                state.network = await self._network(spec, machine)
+        return state
+
+    async def _network(self, spec: InstanceSpec, machine: Machine) -> dict[str, Any] | None:
+        """The guest's interfaces and addresses from its agent (within a second: a VM still booting has none
+        yet), each nic with its tap and the tap's counters; the taps alone when the agent does not answer."""
+        taps = await asyncio.to_thread(_nic_states, machine)
+        try:
+            from stapes.server.instances import vm_agent
+        except ImportError:
+            return taps or None
+        guest: dict[str, Any] = await vm_agent.guest_addresses(self.agent_socket(spec))
+        if not guest:
+            return taps or None
+        by_mac = {nic.mac: taps[nic.name] for nic in machine.nics}
+        for entry in guest.values():
+            host = by_mac.get(str(entry.get("hwaddr", "")).lower())
+            if host is not None:
+                entry["host_name"] = host["host_name"]
+                entry["counters"] = host["counters"] or entry.get("counters", {})
+        return guest
+
+    async def states(self, specs: list[InstanceSpec]) -> dict[str, RuntimeState]:
+        limit = asyncio.Semaphore(8)
+
+        async def one(spec: InstanceSpec) -> RuntimeState:
+            async with limit:
+                try:
+                    return await asyncio.wait_for(self.state(spec, detail=False), STATE_TIMEOUT * 2)
+                except TimeoutError:
+                    return RuntimeState(StatusCode.ERROR, error="its state could not be read within "
+                                        f"{STATE_TIMEOUT * 2:.0f}s")
+                except Exception as err:  # one VM never fails the listing of the others
+                    return RuntimeState(StatusCode.ERROR, error=f"its state could not be read: {err}")
+
+        found = await asyncio.gather(*(one(spec) for spec in specs))
+        return {spec.runtime_name: state for spec, state in zip(specs, found, strict=True)}
+
+    async def exec(self, spec: InstanceSpec, request: ExecRequest, stdio: tuple[Any, Any, Any]
+                   ) -> asyncio.subprocess.Process:
+        await self._running(spec)
+        try:
+            from stapes.server.instances import vm_agent
+        except ImportError:
+            raise BadRequest("exec in virtual machines is not available in this version of the server") from None
+        # The agent carries the command's stdio or terminal itself (exec_host_pty): an ExecProcess, not a host
+        # process (exec_session.py casts it back).
+        return cast(asyncio.subprocess.Process, await vm_agent.exec_in_guest(self.agent_socket(spec), request, stdio))
+
+    def log_files(self, spec: InstanceSpec) -> dict[str, Path]:
+        runtime = self.runtime_dir(spec)
+        return {QEMU_LOG: runtime / QEMU_LOG, CONSOLE_LOG: runtime / CONSOLE_LOG}
+
+    async def shutdown(self) -> None:
+        """The server stops: its QMP connections close, its VMs run on."""
+        for name, vm in list(self._vms.items()):
+            await self._drop(name, vm)
+        await self.consoles.close_all()
+
+
+async def _exited(pid: int, timeout: float, interval: float = 0.1) -> bool:
+    """Whether QEMU `pid` ended within `timeout` (it may be another's child: its /proc entry is what tells)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not await asyncio.to_thread(_alive, pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+def _running_machine(runtime: Path) -> Machine | None:
+    try:
+        data = json.loads((runtime / RUNNING).read_text())
+        data.pop("taps", None)
+        data.pop("argv", None)
+        return Machine.from_json(data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _nic_states(machine: Machine) -> dict[str, Any]:
+    """What the host sees of each nic (its tap's counters, the MAC); the guest's addresses come from its
+    agent or the network's leases."""
+    found: dict[str, Any] = {}
+    for nic in machine.nics:
+        counters = bridge.tap_counters(nic.tap)
+        found[nic.name] = {"addresses": [], "counters": counters or {}, "hwaddr": nic.mac, "host_name": nic.tap,
+                           "mtu": nic.mtu or 0, "state": "up" if counters is not None else "down",
+                           "type": "broadcast"}
+    return found
