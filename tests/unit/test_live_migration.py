@@ -39,9 +39,11 @@ def test_the_move_plan() -> None:
     assert plan(_situation(running=True, move=False)) == Plan(live=True, keep_running=True)
     # --stateless: stopped first, started after.
     assert plan(_situation(running=True, stateless=True)) == Plan(stop_first=True, delete_source=True)
-    # A VM moves live only with migration.stateful; otherwise it is stopped first.
-    assert plan(_situation(running=True, instance_type="virtual-machine")) == Plan(stop_first=True,
-                                                                                   delete_source=True)
+    # A VM moves live only with migration.stateful; otherwise it is refused, saying the three ways on.
+    with pytest.raises(BadRequest, match="stop it first, set migration.stateful=true .* add --stateless"):
+        plan(_situation(running=True, instance_type="virtual-machine"))
+    assert plan(_situation(running=True, instance_type="virtual-machine", stateless=True)) == Plan(
+        stop_first=True, delete_source=True)
     assert plan(_situation(running=True, instance_type="virtual-machine", stateful=True)).live
     # Within one server: a rename, or another pool through a temporary name; never live.
     assert plan(_situation(same_server=True, same_place=True, same_name=False)) == Plan(rename_only=True)

@@ -30,6 +30,7 @@ def _server_info(name: str | None) -> None:
         ("Firewall", env.get("firewall", "")),
         ("Storage drivers", ", ".join(d["name"] for d in env.get("storage_supported_drivers") or [])),
         ("Instance types", ", ".join(env.get("instance_types") or [])),
+        ("VM accelerator", vm_accelerator_summary(env.get("vm_accelerator") or {})),
         ("Unprivileged containers", env.get("unprivileged", "")),
         ("Live container moves", live_summary((env.get("live_migration") or {}).get("container") or {})),
         ("Networks", ", ".join(f"{n['name']} ({n['config'].get('ipv4.address', '')})" for n in networks) or "-"),
@@ -37,6 +38,16 @@ def _server_info(name: str | None) -> None:
     ]
     for key, value in lines:
         click.echo(f"{key}: {value}")
+
+
+def vm_accelerator_summary(accel: dict[str, Any]) -> str:
+    """One line of `GET /1.0`'s environment.vm_accelerator (pure)."""
+    if not accel:
+        return "-"
+    if not accel.get("name"):
+        return f"none: {accel.get('reason', '')}"
+    version = f"QEMU {accel['qemu_version']}, " if accel.get("qemu_version") else ""
+    return f"{accel['name']} ({version}{accel.get('reason', '')})"
 
 
 def live_summary(support: dict[str, Any]) -> str:
@@ -114,8 +125,10 @@ def _create_options(func: Any) -> Any:
         click.option("-d", "--device", "devices", multiple=True, metavar="NAME,KEY=VALUE",
                      help="Override a device key (e.g. root,pool=fast)"),
         click.option("-e", "--ephemeral", is_flag=True, help="Delete the instance when it stops"),
-        click.option("--type", "instance_type", type=click.Choice(["container"]), default="container",
-                     help="Instance type"),
+        click.option("--type", "instance_type", type=click.Choice(["container", "virtual-machine"]),
+                     default="container", help="Instance type"),
+        click.option("--vm", "instance_type", flag_value="virtual-machine",
+                     help="Create a virtual machine (the same as --type virtual-machine)"),
         click.option("--description", default="", help="Instance description"),
         click.option("-q", "--quiet", is_flag=True, help="No progress output"),
     ]

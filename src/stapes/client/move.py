@@ -49,8 +49,8 @@ def plan(situation: Situation) -> Plan:
     - A move within one server, project and pool is a rename.
     - A stopped instance is transferred as it is.
     - A running one is stopped first and started again after (--stateless); without --stateless, a container
-      moves live (a copy keeps the source running), a VM only with migration.stateful=true and is stopped
-      first otherwise, and nothing moves live within one server (there is nothing to gain).
+      moves live (a copy keeps the source running), a VM only with migration.stateful=true and is refused
+      otherwise (saying how to go on), and nothing moves live within one server (there is nothing to gain).
     """
     s = situation
     if s.move and s.same_place:
@@ -61,7 +61,11 @@ def plan(situation: Situation) -> Plan:
     landing = s.move and s.same_server and s.same_name and s.same_project
     if not s.running:
         return Plan(delete_source=s.move, through_landing=landing)
-    live = not s.stateless and (s.instance_type == "container" or s.stateful)
+    if not s.stateless and s.instance_type != "container" and not s.stateful:
+        raise BadRequest(f"The {s.instance_type} is running and has no migration.stateful=true: stop it first, "
+                         "set migration.stateful=true to move it live, or add --stateless to stop it, "
+                         f"{'move' if s.move else 'copy'} it and start it again")
+    live = not s.stateless
     if live and s.same_server:
         raise BadRequest("A running instance cannot move live within one server: add --stateless to stop it, "
                          f"{'move' if s.move else 'copy'} it and start it again")

@@ -105,11 +105,19 @@ class InstanceDriver(ABC):
     migration service calls these hooks only, whatever the instance type."""
 
     instance_type: ClassVar[str]
+    # Whether the instance runs in a user namespace mapped into root's subordinate ids (unprivileged
+    # containers); a VM is isolated by the hypervisor instead and has no id map.
+    id_mapped: ClassVar[bool] = False
     # Files a checkpoint writes front to back and never rewrites (the memory pages): a live move may send them
     # while the checkpoint still writes them, so the transfer overlaps the dump. None: the state goes after it.
     growing_state_files: ClassVar[GrowingFiles | None] = None
     # The files a received checkpoint may hold (its own names): None, and a live move's state is not accepted.
     state_files: ClassVar[StateFiles | None] = None
+
+    def check_instance(  # noqa: B027 - most types take what the generic checks took
+            self, config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]]) -> None:
+        """Refuse (BadRequest, saying what is supported) expanded config keys or devices this type cannot
+        honour; the generic checks have run already."""
 
     @abstractmethod
     async def define(self, spec: InstanceSpec) -> None:

@@ -250,6 +250,7 @@ def host_apparmor() -> bool:
 
 class LxcDriver(InstanceDriver):
     instance_type: ClassVar[str] = "container"
+    id_mapped: ClassVar[bool] = True
     # CRIU's memory pages: each written once, front to back (pagemap-*.img, which says where they go, is not);
     # the container's memory, so root's alone (CRIU reads them as root, before it enters the user namespace).
     growing_state_files: ClassVar[GrowingFiles | None] = GrowingFiles(re.compile(r"pages-[0-9]{1,9}\.img"), 0o600)

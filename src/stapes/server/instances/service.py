@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stapes.api.config_keys import is_true, validate_instance_config
+from stapes.api.config_keys import is_true, parse_size, validate_instance_config
 from stapes.api.devices import Devices, expand_devices, nic_devices, root_disk, validate_devices, volume_disks
 from stapes.api.errors import BadRequest, Conflict, NotFound, PreconditionFailed, StapesError
 from stapes.api.names import validate_entity_name, validate_instance_name
@@ -29,7 +29,7 @@ from stapes.server.instances.hotplug import VolumesHeld
 from stapes.server.instances.volatile import kept_from_peer, missing_volatile
 from stapes.server.networks.service import NetworkService
 from stapes.server.operations import Operation
-from stapes.server.storage.base import PoolDriver, Volume
+from stapes.server.storage.base import BLOCK, PoolDriver, Volume, check_layout
 from stapes.server.storage.service import StorageService
 from stapes.server.storage.volumes import HELD, IDMAP_LAST, Key, check_idmap_kind, custom_volume, idmap_text
 from stapes.server.store.db import InstanceRow, ProfileRow, SnapshotRow, Store
@@ -37,6 +37,8 @@ from stapes.server.store.db import InstanceRow, ProfileRow, SnapshotRow, Store
 log = logging.getLogger(__name__)
 INCOMPLETE = "volatile.incomplete"  # Stapes's own crash marker: never shown, never taken from a client or peer
 DEFAULT_STOP_TIMEOUT = 30.0
+DEFAULT_BLOCK_SIZE = 10 * 2**30  # Incus's default root disk of a VM
+MIN_BLOCK_SIZE = 64 * 2**20
 EPHEMERAL_POLL = 2.0  # seconds between looks at running ephemeral instances (one lxc-ls, only while any exist)
 
 
@@ -106,11 +108,14 @@ class InstanceService:
         pool = await _one(pools, root[1].get("pool", ""), self._storage.driver, "Storage pool")
         nics = {name: dev.get("parent") or self._networks.interface(dev.get("network", ""))
                 for name, dev in nic_devices(devices).items()}
-        idmap = () if is_true(config.get("security.privileged")) else tuple(await self._container_map())
-        volume = pool.volume_path(Volume.of(row.type, row.project, row.name))
+        idmap = () if is_true(config.get("security.privileged")) or not self.driver(row.type).id_mapped \
+            else tuple(await self._container_map())
+        instance_volume = Volume.of(row.type, row.project, row.name)
+        volume = pool.volume_path(instance_volume)
+        disk = pool.block_path(instance_volume) if instance_volume.content == BLOCK else None
         volumes = {name: (await _one(pools, dev["pool"], self._storage.driver, "Storage pool")).volume_path(
             custom_volume(row.project, dev["source"])) for name, dev in volume_disks(devices).items()}
-        return InstanceSpec(row.project, row.name, config, devices, volume, nics, idmap, volumes)
+        return InstanceSpec(row.project, row.name, config, devices, volume, nics, idmap, volumes, disk)
 
     async def _container_map(self) -> list[IdRange]:
         """Root's subordinate ids, read once (a change to /etc/subuid takes a daemon restart, as for Incus)."""
@@ -160,7 +165,8 @@ class InstanceService:
         """Record what the instance runs with (its nics' MACs, its id map) before it first runs with it;
         `applying`: it is being created or started with it now."""
         config, devices = await self.expand(row)
-        idmap = () if is_true(config.get("security.privileged")) else tuple(await self._container_map())
+        idmap = () if is_true(config.get("security.privileged")) or not self.driver(row.type).id_mapped \
+            else tuple(await self._container_map())
         missing = missing_volatile(config, devices, idmap, applying=applying)
         row.config.update(missing)
         return bool(missing)
@@ -290,6 +296,7 @@ class InstanceService:
         validate_devices(row.devices)
         config, devices = await self.expand(row)
         validate_instance_config(config)
+        self.driver(row.type).check_instance(config, devices)
         root = root_disk(devices)
         if root is None:
             raise BadRequest(
@@ -301,7 +308,7 @@ class InstanceService:
         await self._store.pool(root[1]["pool"])
         await self._check_networks(devices)
         await self._check_volumes(row.project, devices, config, row.name)
-        if not is_true(config.get("security.privileged")):
+        if not is_true(config.get("security.privileged")) and self.driver(row.type).id_mapped:
             await self._container_map()
         with contextlib.suppress(NotFound):
             await self._store.instance(row.project, row.name)
@@ -309,34 +316,39 @@ class InstanceService:
 
     async def create(self, row: InstanceRow, image: str | None, op: Operation | None) -> None:
         fingerprint = None
+        least = 0
         if image is not None:
             image_row = await self._images.resolve(image)
+            check_image_type(image, image_row.type, row.type)
             fingerprint = image_row.fingerprint
+            least = await self._images.disk_size(fingerprint) if image_row.type == "virtual-machine" else 0
             for key, value in image_row.properties.items():
                 row.config.setdefault(f"image.{key}", value)
             row.config["volatile.base_image"] = fingerprint
 
         async def fill(volume: Path) -> None:
-            if fingerprint is None:
-                (volume / "rootfs").mkdir(exist_ok=True)
+            if fingerprint is None:  # an empty instance: an empty root filesystem, or a blank disk
+                if Volume.of(row.type, row.project, row.name).content != BLOCK:
+                    (volume / "rootfs").mkdir(exist_ok=True)
                 return
             if op is not None:
                 op.update_metadata(progress={"stage": "unpack"})
             await self._images.unpack(fingerprint, volume)
 
-        await self.create_with(row, fill)
+        await self.create_with(row, fill, least_disk=least)
 
     async def create_with(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
-                          finalize: Callable[[], Awaitable[None]] | None = None) -> None:
+                          finalize: Callable[[], Awaitable[None]] | None = None, *, least_disk: int = 0) -> None:
         """Reserve the name, create and fill the volume, define, finalize; on any failure (or cancellation)
-        undo every step taken, so nothing of the instance is left."""
+        undo every step taken, so nothing of the instance is left. `least_disk`: a block root disk is at least
+        this big (an image's disk), whatever size its device asks for."""
         row.architecture = row.architecture or ARCHITECTURE
         async with self.locked(row.project, row.name):
-            await self._create_locked(row, fill, finalize)
+            await self._create_locked(row, fill, finalize, least_disk)
         self._events.lifecycle("instance-created", f"/1.0/instances/{row.name}", row.project)
 
     async def _create_locked(self, row: InstanceRow, fill: Callable[[Path], Awaitable[None]],
-                             finalize: Callable[[], Awaitable[None]] | None) -> None:
+                             finalize: Callable[[], Awaitable[None]] | None, least_disk: int) -> None:
         await self.validate_new(row)
         await self.add_volatile(row, applying=True)
         row.config[INCOMPLETE] = "true"  # until the end: a server killed half-way cleans up at its next start
@@ -346,11 +358,18 @@ class InstanceService:
         try:
             spec = await self.spec(row)
             pool = await self.pool_of(spec)
-            volume = await pool.create_volume(Volume.of(row.type, row.project, row.name))
+            instance_volume = Volume.of(row.type, row.project, row.name)
+            size = max(root_size(spec.devices), least_disk) if instance_volume.content == BLOCK else None
+            volume = await pool.create_volume(instance_volume, size=size)  # a block disk: sparse, all holes
             volume_created = True
             await fill(volume)
-            await asyncio.to_thread(check_volume_layout, volume)
-            await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
+            if size is not None:  # an image's (or a peer's) disk may be smaller than the root disk asks for
+                current = (await asyncio.to_thread(pool.block_path(instance_volume).stat)).st_size
+                if current < size:
+                    await pool.resize_block(instance_volume, size)
+            await asyncio.to_thread(check_layout, volume, instance_volume.content)
+            if instance_volume.content != BLOCK:  # a VM's guest names itself (cloud-init, its own files)
+                await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
             await self.driver(row.type).define(spec)
             if finalize is not None:
                 await finalize()
@@ -902,6 +921,30 @@ async def _one(read_once: dict[str, T] | None, name: str, fetch: Callable[[str],
     if name not in read_once:
         raise NotFound(f"{what} {name!r} not found")
     return read_once[name]
+
+
+def check_image_type(image: str, image_type: str, instance_type: str) -> None:
+    """A container image has no disk to boot, a VM image no root filesystem to run: refused before any work."""
+    if (image_type or "container") == instance_type:
+        return
+    how = "add --vm" if image_type == "virtual-machine" else "leave out --vm"
+    raise BadRequest(f"Image {image!r} is a {image_type or 'container'} image, not a {instance_type} one: {how}, "
+                     "or choose an image of that type ('stapes image list' shows the TYPE)")
+
+
+def root_size(devices: Mapping[str, Mapping[str, str]]) -> int:
+    """A block root disk's size: its `size` key, else Incus's default for VMs."""
+    root = root_disk(devices)
+    value = root[1].get("size", "") if root is not None else ""
+    if not value:
+        return DEFAULT_BLOCK_SIZE
+    try:
+        size = parse_size(value)
+    except ValueError as err:
+        raise BadRequest(f"Invalid size of the root disk: {err}") from None
+    if size < MIN_BLOCK_SIZE:
+        raise BadRequest(f"The root disk's size {value} is too small: give at least 64MiB")
+    return size
 
 
 def check_volume_layout(volume: Path) -> None:
