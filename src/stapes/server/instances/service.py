@@ -19,7 +19,6 @@ from stapes.api.names import validate_entity_name, validate_instance_name
 from stapes.api.requests import check_exec_ids
 from stapes.api.status import StatusCode
 from stapes.api.timefmt import NEVER, iso
-from stapes.server import rootfs
 from stapes.server.events import EventHub
 from stapes.server.idmap import IdRange, NoAllocation, container_map, ids_from_zero
 from stapes.server.images.store import ARCHITECTURE, ImageStore
@@ -349,9 +348,10 @@ class InstanceService:
             volume = await pool.create_volume(Volume.of(row.type, row.project, row.name))
             volume_created = True
             await fill(volume)
-            await asyncio.to_thread(check_volume_layout, volume)
-            await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
-            await self.driver(row.type).define(spec)
+            driver = self.driver(row.type)
+            await asyncio.to_thread(driver.check_volume_layout, volume)
+            await asyncio.to_thread(driver.prepare_volume, volume, row.name)
+            await driver.define(spec)
             if finalize is not None:
                 await finalize()
             # Last: until this row is written, a crash at any step above leaves an instance that the next
@@ -603,7 +603,7 @@ class InstanceService:
             await driver.undefine(spec)
             row.name = new_name
             new_spec = await self.spec(row)
-            await asyncio.to_thread(_set_hostname, new_spec.volume / "rootfs", new_name)
+            await asyncio.to_thread(driver.prepare_volume, new_spec.volume, new_name)
             await driver.define(new_spec)
             for hook in self.on_removed:
                 await hook(project, name, new_name)
@@ -902,28 +902,6 @@ async def _one(read_once: dict[str, T] | None, name: str, fetch: Callable[[str],
     if name not in read_once:
         raise NotFound(f"{what} {name!r} not found")
     return read_once[name]
-
-
-def check_volume_layout(volume: Path) -> None:
-    """A container volume holds a real `rootfs` directory: a symlink there (from an image or a migration
-    peer) would make LXC use a host directory as the container's root."""
-    root = volume / "rootfs"
-    if root.is_symlink() or not root.is_dir():
-        raise BadRequest(f"The instance's files are not a container volume: {root.name!r} is not a directory "
-                         "(a symlink or a file was received in its place)")
-
-
-def _set_hostname(root: Path, name: str) -> None:
-    """What the hostname template of Incus's standard images does on create, copy and move: the instance is
-    called by its name inside too (Stapes does it for every image; Incus only where the image has the template).
-    Resolved inside the rootfs only: a symlinked /etc never leads to the host's files."""
-    with contextlib.suppress(OSError):
-        if rootfs.read_text(root, "etc/hostname") == name + "\n":
-            return  # a moved instance keeps its files untouched
-    try:
-        rootfs.write_text(root, "etc/hostname", name + "\n")
-    except OSError as err:
-        log.info("not setting the hostname file of %s: %s", name, err)
 
 
 @contextlib.asynccontextmanager
