@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from stapes.server.migration.service import _lazy_tunnel
+from stapes.server.instances.lxc_live import _lazy_tunnel
 from stapes.server.streams import Channel
 
 REQUEST = struct.Struct("=I4xQQQ")

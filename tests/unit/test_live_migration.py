@@ -16,10 +16,10 @@ from stapes.server.instances.criu import parse_dump_stats, parse_version
 from stapes.server.instances.driver import MemoryRound
 from stapes.server.instances.idmapped import map_lines
 from stapes.server.instances.lxc import criu_errors
+from stapes.server.instances.lxc_live import check_state_links
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol
 from stapes.server.migration.policy import PrecopySettings, another_precopy_round
-from stapes.server.migration.service import check_state_links
 
 DATA = Path(__file__).parent.parent / "data" / "criu"
 

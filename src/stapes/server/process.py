@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,18 @@ from stapes.api.errors import InternalError
 log = logging.getLogger(__name__)
 
 _PR_SET_CHILD_SUBREAPER = 36
-_spawn_lock = asyncio.Lock()
+# Spawning and reaping exclude each other (a reaper must never take a child a spawn has not recorded yet);
+# one lock per event loop (the daemon has one; in-process tests make one per test).
+_spawn_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _spawn_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _spawn_locks.get(loop)
+    if lock is None:
+        lock = _spawn_locks[loop] = asyncio.Lock()
+    return lock
+
 _our_children: set[int] = set()
 
 
@@ -41,7 +53,7 @@ class Result:
 
 async def spawn(argv: Sequence[str], **kwargs: Any) -> asyncio.subprocess.Process:
     """Start a tool with close_fds (a leaked descriptor once broke an LXC checkpoint)."""
-    async with _spawn_lock:
+    async with _spawn_lock():
         proc = await asyncio.create_subprocess_exec(*argv, close_fds=True, **kwargs)
         _our_children.add(proc.pid)
     return proc
@@ -104,7 +116,7 @@ class ChildReaper:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            async with _spawn_lock:
+            async with _spawn_lock():
                 for pid in _zombie_children():
                     if pid not in _our_children:
                         with contextlib.suppress(ChildProcessError):

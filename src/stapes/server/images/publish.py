@@ -26,7 +26,6 @@ from stapes.api.errors import BadRequest, InternalError, RequestTooLarge, Stapes
 from stapes.api.status import StatusCode
 from stapes.server import process
 from stapes.server.images.store import ARCHITECTURE, MAX_METADATA_BYTES
-from stapes.server.instances.service import check_volume_layout
 from stapes.server.operations import Operation
 from stapes.server.storage.base import Volume
 
@@ -126,7 +125,7 @@ async def publish(d: Daemon, op: Operation, project: str, kind: str, name: str, 
                 await instances.snapshot(project, instance, snapshot)
                 pool = await instances.pool_of(spec)
                 volume = pool.snapshot_path(Volume.of(row.type, project, instance), snapshot)
-            await asyncio.to_thread(check_volume_layout, volume)
+            await asyncio.to_thread(instances.driver(row.type).check_volume_layout, volume)
             existing = await asyncio.to_thread(_read_volume_metadata, volume)
             metadata = image_metadata(existing, row.architecture or ARCHITECTURE, properties, time.time())
             text = yaml.safe_dump(metadata, default_flow_style=False, sort_keys=True)

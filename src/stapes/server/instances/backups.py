@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from stapes.api.timefmt import NEVER, iso
 from stapes.server import process
 from stapes.server.images.store import ARCHITECTURE
 from stapes.server.instances import backup_archive as archive
-from stapes.server.instances.service import InstanceService, check_volume_layout
+from stapes.server.instances.service import InstanceService
 from stapes.server.operations import Operation
 from stapes.server.storage.base import PoolDriver, Volume, volume_name
 from stapes.server.storage.bound import PoolFull, reserve_for
@@ -443,13 +444,15 @@ class BackupService:
                 raise BadRequest(f"The backup lists snapshots it holds no files for: {', '.join(missing)}")
             volume = Volume.of(plan.row.type, plan.row.project, plan.row.name)
             total = int(summary["data_bytes"])
+            check = self._instances.driver(plan.row.type).check_volume_layout
 
             async def fill(path: Path) -> None:
                 for snap in plan.snapshots:
                     target = await pool.prepare_snapshot_target(volume, snap.name)
-                    await self._extract(op, canonical, target, f"{archive.SNAPSHOTS}/{snap.name}", pool, total)
+                    await self._extract(op, canonical, target, f"{archive.SNAPSHOTS}/{snap.name}", pool, total,
+                                        check)
                     await self._instances.record_snapshot(snap)
-                await self._extract(op, canonical, path, archive.CONTAINER, pool, total)
+                await self._extract(op, canonical, path, archive.CONTAINER, pool, total, check)
 
             await self._instances.create_with(plan.row, fill)
         finally:
@@ -462,7 +465,7 @@ class BackupService:
         return (min(sizes) if sizes else 65536) - 1
 
     async def _extract(self, op: Operation, canonical: Path, target: Path, member: str, pool: PoolDriver,
-                       total: int) -> None:
+                       total: int, check: Callable[[Path], None]) -> None:
         """GNU tar, one tree of the canonical archive the checker wrote; stopped (and the import failed) if the
         pool's free space falls to its reserve while it writes."""
         op.update_metadata(progress={"stage": "unpack", "text": f"unpacking {member}"})
@@ -480,7 +483,7 @@ class BackupService:
             await waiting
         finally:
             await kill(tool)
-        await asyncio.to_thread(_after_extract, target)
+        await asyncio.to_thread(_after_extract, target, check)
 
 
 def _check_canonical(canonical: Path) -> None:
@@ -491,8 +494,8 @@ def _check_canonical(canonical: Path) -> None:
         raise InternalError("The checked backup was not rewritten as a plain tar")
 
 
-def _after_extract(target: Path) -> None:
-    check_volume_layout(target)
+def _after_extract(target: Path, check: Callable[[Path], None]) -> None:
+    check(target)
     config = target / archive.INCUS_CONFIG
     if config.is_file() and not config.is_symlink():
         config.unlink()

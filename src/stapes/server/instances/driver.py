@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from stapes.api.errors import BadRequest
 from stapes.api.status import StatusCode
 from stapes.server.idmap import IdRange
+from stapes.server.migration.policy import PrecopySettings
+from stapes.server.streams import Channel
 
 
 @dataclass
@@ -98,21 +100,134 @@ class StateFiles:
     mode: int
 
 
+@dataclass(frozen=True)
+class LiveTerms:
+    """What both ends of one live move agreed in the header and its answer (protocol.py decides them)."""
+
+    precopy: bool = False  # memory copied in rounds while the instance runs, before it pauses
+    lazy: bool = False  # post-copy: the memory follows the start on the target, on demand
+    streamed: bool = False  # the state travels while it is being written, not after (stapesStreamedState)
+    handover: bool = False  # the target holds its started copy until the source gave its own up
+
+
+@dataclass
+class LiveLink:
+    """What the migration service lends a live session: the state channel (`criu`, Incus's name, whatever the
+    driver sends on it) is the session's alone; `fs` is free again once the volume went (the last sync of a
+    container's files, or a VM's disk mirror); the session reports stages and figures with `report` and
+    passes the fault-injection points with `reached`."""
+
+    state: Channel
+    fs: Channel
+    volume: Path  # the instance's volume (source: sent; target: received)
+    rsync_features: list[str]
+    report: Callable[..., None]  # Operation.update_metadata
+    reached: Callable[[str], Awaitable[None]]  # faults.pause_point with this server's state directory
+    admit: Callable[[int], Awaitable[None]] | None = None  # target: the receive bound of the volume's bytes
+
+
+class LiveSource(ABC):
+    """The source half of one live move, opened by the instance's driver. The migration service keeps the
+    channels, the header, the control messages and the commit-or-rollback decision; the session owns the
+    bytes of the running state. Its hooks, in order: `run_until_paused`, `finish`, `sent`, then either
+    `release` (the target confirmed) or `resume_here` (it did not); `close` always."""
+
+    # A crash of this server after the pause leaves a state this server resumes from at its start (the
+    # service then records the move in its working directory, and `InstanceDriver.recover_source` reads it).
+    recoverable: ClassVar[bool] = True
+    # Said after "runs on the source again" when a failure put the instance back (how it runs again).
+    resumed_note: ClassVar[str] = ""
+
+    def __init__(self, spec: InstanceSpec, directory: Path, terms: LiveTerms) -> None:
+        self.spec = spec
+        self.directory = directory  # this move's working directory, the server's own (removed at the end)
+        self.terms = terms
+        self.figures: dict[str, Any] = {}  # published with the operation (checkpoint_s, transfer_s, ...)
+        self.paused_at = 0.0  # time.monotonic() when the instance stopped running here
+
+    @abstractmethod
+    async def run_until_paused(self, link: LiveLink, pausing: Callable[[], Awaitable[None]]) -> None:
+        """Copy what can move while the instance runs, then pause it with its state complete (post-copy: with
+        the state but its memory, served from here). `pausing` is awaited just before the pause (the service
+        records it). A failure leaves the instance running here and is raised; cancelled, the same, then
+        CancelledError."""
+
+    @abstractmethod
+    async def finish(self, link: LiveLink) -> None:
+        """The instance is paused: send what is left of its state, and what changed meanwhile."""
+
+    async def sent(self, link: LiveLink) -> None:  # noqa: B027 - optional
+        """The service told the target it has everything: start serving what follows the start (post-copy)."""
+
+    @abstractmethod
+    async def resume_here(self) -> None:
+        """Before the target confirmed (a failure, or a live copy): the instance runs here again, as it was."""
+
+    @abstractmethod
+    async def release(self, link: LiveLink) -> None:
+        """The target confirmed and runs it: what the instance left here goes (post-copy: once its memory
+        is all there)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        """Always, at the end: nothing the session started keeps running."""
+
+
+class LiveTarget(ABC):
+    """The target half of one live move, opened by the instance's driver. Hooks, in order: `prepare` before
+    the answer goes, `receive` once the volume is here, `check`, `start` once the instance is defined, then
+    `release` (a handover: the source gave its copy up), `until_complete`, and `finish` (success) or `abort`."""
+
+    def __init__(self, spec: InstanceSpec, directory: Path) -> None:
+        self.spec = spec
+        self.directory = directory  # this move's working directory, the server's own (removed at the end)
+        self.terms = LiveTerms()  # set by the service before `prepare`: what the answer says
+
+    async def prepare(self) -> None:  # noqa: B027 - optional
+        """Before the answer goes to the source (`terms` are set): be ready for its state (a QEMU target
+        listens before the source sends)."""
+
+    @abstractmethod
+    async def receive(self, link: LiveLink) -> None:
+        """The source's state, and what changed in the volume meanwhile; each byte checked as it arrives."""
+
+    async def check(self) -> None:  # noqa: B027 - optional
+        """After the received volume's layout was checked: the state names nothing outside the instance."""
+
+    @abstractmethod
+    async def start(self, link: LiveLink) -> None:
+        """Run the defined instance from the received state (held, in a handover, until `release`)."""
+
+    async def release(self) -> None:
+        """A handover: the source gave its copy up; record that, then let the instance run."""
+        raise NotImplementedError
+
+    async def until_complete(self, link: LiveLink) -> None:  # noqa: B027 - optional
+        """Post-copy: returns once all of the state is here."""
+
+    async def finish(self) -> None:  # noqa: B027 - optional
+        """It runs here, the move is over."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """On any failure after `prepare` (called once, before the received volume is removed): nothing of the
+        instance keeps running here."""
+
+
 class InstanceDriver(ABC):
-    """Lifecycle, and live migration as a fixed set of hooks on both sides (as Ganeti's hypervisors have
-    them): the source says whether an instance can move live and checkpoints it; the target says whether it
-    can accept it and restores it; each side then finalizes with the outcome, and rollback is part of it. The
-    migration service calls these hooks only, whatever the instance type."""
+    """Lifecycle, and live migration as sessions the driver opens on both sides (as Ganeti's hypervisors
+    have their hooks): the source says whether an instance can move live and its session pauses and sends
+    it; the target says whether it can accept it and its session receives and starts it; rollback is a hook
+    of both. The migration service calls these only, whatever the instance type."""
 
     instance_type: ClassVar[str]
     # Whether the instance runs in a user namespace mapped into root's subordinate ids (unprivileged
     # containers); a VM is isolated by the hypervisor instead and has no id map.
     id_mapped: ClassVar[bool] = False
-    # Files a checkpoint writes front to back and never rewrites (the memory pages): a live move may send them
-    # while the checkpoint still writes them, so the transfer overlaps the dump. None: the state goes after it.
-    growing_state_files: ClassVar[GrowingFiles | None] = None
-    # The files a received checkpoint may hold (its own names): None, and a live move's state is not accepted.
-    state_files: ClassVar[StateFiles | None] = None
+    # The live state type the header names (Incus's CRIUType: "CRIU_RSYNC" for containers, "VM_QEMU" for
+    # virtual machines); None: this driver moves nothing live.
+    live_state_type: ClassVar[str | None] = None
+    # The session can send its state while it is being written (negotiated: stapesStreamedState).
+    streamed_state: ClassVar[bool] = False
 
     def check_instance(  # noqa: B027 - most types take what the generic checks took
             self, config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]]) -> None:
@@ -165,89 +280,48 @@ class InstanceDriver(ABC):
     @abstractmethod
     def log_files(self, spec: InstanceSpec) -> dict[str, Path]: ...
 
-    # Live migration. The defaults refuse: a driver that can move instances live overrides them all.
+    def check_volume_layout(self, volume: Path) -> None:
+        """A volume received or unpacked for this driver (from an image, a backup, a peer) is shaped as the
+        driver needs it, nothing in its place that would lead out of it; BadRequest otherwise. Blocking."""
+        if volume.is_symlink() or not volume.is_dir():
+            raise BadRequest("The instance's files are not a volume: a symlink or a file was received in its place")
+
+    def prepare_volume(self, volume: Path, name: str) -> None:  # noqa: B027 - optional
+        """A new volume (created, copied, moved or renamed) becomes instance `name`'s. Blocking."""
+
+    # Live migration. The defaults refuse: a driver that can move instances live overrides them.
     async def live_refusal(self, spec: InstanceSpec) -> str | None:
-        """Source: None when this running instance can be checkpointed here; otherwise why not, and what to do."""
+        """Source: None when this running instance can move live from here; otherwise why not, and what to do."""
         return f"{self.instance_type}s cannot move live with this server: move with --stateless"
 
     async def accept_refusal(self, spec: InstanceSpec) -> str | None:
-        """Target: None when an instance checkpointed elsewhere can be restored here; otherwise why not."""
+        """Target: None when an instance running elsewhere can be taken live here; otherwise why not."""
         return f"{self.instance_type}s cannot move live to this server: move with --stateless"
-
-    def state_size_limit(self, spec: InstanceSpec) -> int:
-        """Target: the most bytes one checkpoint (or one pre-copy round) of this instance may hold, files and
-        memory pages together; a source sending more is refused while it sends (the disk never fills)."""
-        raise NotImplementedError
-
-    async def check_state(self, spec: InstanceSpec, state: Path) -> None:
-        """Target, before `restore`: the received checkpoint (`state`/final, and its pre-copy rounds
-        `state`/predump-<n>) names nothing outside the instance's own root and devices; raises BadRequest
-        saying what was refused otherwise."""
-        raise NotImplementedError
 
     def precopy_refusal(self) -> str | None:
         """None when memory can be copied in rounds while the instance runs (pre-copy); otherwise why not."""
         return "this driver copies no memory in rounds"
 
-    async def predump(self, spec: InstanceSpec, state: Path, parent: Path | None) -> MemoryRound:
-        """Source: one pre-copy round into the empty directory `state`, only what changed since `parent`'s
-        round; the instance keeps running."""
-        raise NotImplementedError
-
     def lazy_refusal(self, spec: InstanceSpec) -> str | None:
-        """None when the memory can follow the restore on demand (post-copy); otherwise why not."""
+        """None when the memory can follow the start on the target, on demand (post-copy); otherwise why not."""
         return "this driver cannot send memory after the restore"
 
-    async def checkpoint(self, spec: InstanceSpec, state: Path, parent: Path | None = None,
-                         lazy_socket: socket.socket | None = None, serving: asyncio.Event | None = None) -> None:
-        """Source: write the running state into the empty directory `state` (only what changed since the
-        pre-copy round in `parent`); the instance stops with it (its files then hold still for the last sync).
-        A failed checkpoint leaves it running. `lazy_socket`: everything but the memory, which is then served
-        on that socket (one end of a socketpair: no listener anyone could reach) until the target has all of
-        it; `serving` is set once the rest of the state is complete and the memory is being served; only then
-        does this return."""
+    def live_source(self, spec: InstanceSpec, directory: Path, terms: LiveTerms, *, precopy: PrecopySettings,
+                    keep_running: bool) -> LiveSource:
+        """Source: the session of one live move, opened once the target answered (`terms`)."""
         raise NotImplementedError
 
-    async def checkpoint_outcome(self, spec: InstanceSpec, state: Path) -> bool:
-        """At start, for a checkpoint this server began before it stopped: waits (bounded) until the tool that
-        writes it (which outlives the server) has ended, then says whether it completed (the instance then
-        lives only in `state`: restore it) or not (it ran on, or never stopped)."""
+    def live_target(self, spec: InstanceSpec, directory: Path) -> LiveTarget:
+        """Target: the session of one live move."""
+        raise NotImplementedError
+
+    async def recover_source(self, spec: InstanceSpec, directory: Path, *, complete: bool) -> bool:
+        """At start, for a live move this server was the source of when it stopped, the target not having
+        confirmed: the instance runs here again from what its session left in `directory` (True), or it never
+        paused (`complete` False and the tool that pauses it says so: it ran on; False)."""
         return False
-
-    async def finalize_source(self, spec: InstanceSpec, state: Path, *, resume: bool) -> None:
-        """Source, at the end. `resume`: the instance runs here again from `state`, as it was (a failed move,
-        or a copy); otherwise it moved, and what it left here is cleaned up."""
-        raise NotImplementedError
-
-    async def restore(self, spec: InstanceSpec, state: Path, lazy_socket: socket.socket | None = None) -> None:
-        """Target: run the defined instance from the state the source checkpointed. `lazy_socket`: its memory
-        comes, on demand, from the source's page server at the far end of this socket (one end of a socketpair
-        the migration carries to the source)."""
-        raise NotImplementedError
-
-    async def hold_restore(self, spec: InstanceSpec) -> None:
-        """Target, before `restore`: the restored instance must not run until `release_restore` (the source
-        has not given its own copy up yet). Recorded on disk, so that a restart of this server tells a held
-        copy (removed) from a released one (kept)."""
-        raise NotImplementedError
-
-    async def release_restore(self, spec: InstanceSpec) -> None:
-        """Target: the source gave its copy up: record that, then let the restored instance run."""
-        raise NotImplementedError
 
     async def restore_released(self, spec: InstanceSpec) -> bool:
-        """At start, for an instance whose creation was interrupted: whether its restored copy had been
+        """At start, for an instance whose creation was interrupted: whether its live-moved copy had been
         released (it is the only copy then: keep it, running); otherwise it is removed as usual."""
         return False
-
-    async def abort_checkpoint(self, spec: InstanceSpec) -> None:
-        """Source: stop a lazy checkpoint whose target never took the memory; the instance runs on here."""
-        raise NotImplementedError
-
-    async def memory_arrived(self, spec: InstanceSpec) -> None:
-        """Target, after a lazy restore: returns once all the memory is here."""
-        raise NotImplementedError
-
-    async def finalize_target(self, spec: InstanceSpec, *, success: bool) -> None:
-        """Target, at the end: on failure nothing of the restored instance may keep running."""
-        raise NotImplementedError

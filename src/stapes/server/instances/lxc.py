@@ -31,6 +31,7 @@ from stapes.api.config_keys import parse_size
 from stapes.api.errors import BadRequest, InternalError
 from stapes.api.status import StatusCode
 from stapes.server import process
+from stapes.server import rootfs as rootfs_files
 from stapes.server.coalesce import Coalesced
 from stapes.server.instances import console, criu_images, hotplug, idmapped
 from stapes.server.instances.criu import CriuSupport, parse_dump_stats
@@ -39,10 +40,15 @@ from stapes.server.instances.driver import (
     GrowingFiles,
     InstanceDriver,
     InstanceSpec,
+    LiveSource,
+    LiveTarget,
+    LiveTerms,
     MemoryRound,
     RuntimeState,
     StateFiles,
 )
+from stapes.server.instances.lxc_live import CriuLazySource, CriuSource, CriuTarget
+from stapes.server.migration.policy import PrecopySettings
 from stapes.server.networks.netns import bridge_ipv4_networks, interfaces_in
 
 log = logging.getLogger(__name__)
@@ -251,6 +257,8 @@ def host_apparmor() -> bool:
 class LxcDriver(InstanceDriver):
     instance_type: ClassVar[str] = "container"
     id_mapped: ClassVar[bool] = True
+    live_state_type: ClassVar[str | None] = "CRIU_RSYNC"  # Incus's type for a state sent on the criu websocket
+    streamed_state: ClassVar[bool] = True  # the memory pages, while CRIU writes them (growing_state_files)
     # CRIU's memory pages: each written once, front to back (pagemap-*.img, which says where they go, is not);
     # the container's memory, so root's alone (CRIU reads them as root, before it enters the user namespace).
     growing_state_files: ClassVar[GrowingFiles | None] = GrowingFiles(re.compile(r"pages-[0-9]{1,9}\.img"), 0o600)
@@ -473,7 +481,46 @@ class LxcDriver(InstanceDriver):
     def log_files(self, spec: InstanceSpec) -> dict[str, Path]:
         return {"lxc.log": self._dir(spec) / "lxc.log"}
 
-    # Live migration (CRIU through lxc-checkpoint)
+    def check_volume_layout(self, volume: Path) -> None:
+        """A container volume holds a real `rootfs` directory: a symlink there (from an image or a migration
+        peer) would make LXC use a host directory as the container's root."""
+        root = volume / "rootfs"
+        if root.is_symlink() or not root.is_dir():
+            raise BadRequest(f"The instance's files are not a container volume: {root.name!r} is not a directory "
+                             "(a symlink or a file was received in its place)")
+
+    def prepare_volume(self, volume: Path, name: str) -> None:
+        """What the hostname template of Incus's standard images does on create, copy and move: the instance
+        is called by its name inside too (Stapes does it for every image; Incus only where the image has the
+        template). Resolved inside the rootfs only: a symlinked /etc never leads to the host's files."""
+        root = volume / "rootfs"
+        with contextlib.suppress(OSError):
+            if rootfs_files.read_text(root, "etc/hostname") == name + "\n":
+                return  # a moved instance keeps its files untouched
+        try:
+            rootfs_files.write_text(root, "etc/hostname", name + "\n")
+        except OSError as err:
+            log.info("not setting the hostname file of %s: %s", name, err)
+
+    # Live migration (CRIU through lxc-checkpoint; the sessions' bytes are in lxc_live.py)
+    def live_source(self, spec: InstanceSpec, directory: Path, terms: LiveTerms, *, precopy: PrecopySettings,
+                    keep_running: bool) -> LiveSource:
+        if terms.lazy:
+            return CriuLazySource(self, spec, directory, terms)
+        return CriuSource(self, spec, directory, terms, precopy)
+
+    def live_target(self, spec: InstanceSpec, directory: Path) -> LiveTarget:
+        return CriuTarget(self, spec, directory)
+
+    async def recover_source(self, spec: InstanceSpec, directory: Path, *, complete: bool) -> bool:
+        final = directory / "final"
+        if not await asyncio.to_thread(final.is_dir):
+            return False
+        if not complete and not await self.checkpoint_outcome(spec, final):
+            return False
+        await self.finalize_source(spec, final, resume=True)
+        return True
+
     async def live_refusal(self, spec: InstanceSpec) -> str | None:
         if self.criu.refusal is not None:
             return f"CRIU cannot checkpoint containers on this server ({self.criu.refusal}): move with --stateless"

@@ -58,6 +58,7 @@ from stapes.server.instances.qemu_machine import (
     machine_from_spec,
 )
 from stapes.server.networks import bridge
+from stapes.server.storage.base import BLOCK, check_layout
 
 log = logging.getLogger(__name__)
 # qemu.qmp logs every connection QEMU closes (a VM that powered off) as an error: ours to say, not its own.
@@ -247,6 +248,10 @@ class QemuDriver(InstanceDriver):
     def agent_socket(self, spec: InstanceSpec) -> Path:
         """The host end of the guest agent's virtio-serial port (org.stapes.agent)."""
         return self.runtime_dir(spec) / AGENT_SOCKET
+
+    def check_volume_layout(self, volume: Path) -> None:
+        """A VM's volume: its config directory with a regular root.img (the disk), nothing that leads out."""
+        check_layout(volume, BLOCK)
 
     def check_instance(self, config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]]) -> None:
         check_instance(config, devices)

@@ -19,7 +19,6 @@ from stapes.api.names import validate_entity_name, validate_instance_name
 from stapes.api.requests import check_exec_ids
 from stapes.api.status import StatusCode
 from stapes.api.timefmt import NEVER, iso
-from stapes.server import rootfs
 from stapes.server.events import EventHub
 from stapes.server.idmap import IdRange, NoAllocation, container_map, ids_from_zero
 from stapes.server.images.store import ARCHITECTURE, ImageStore
@@ -29,7 +28,7 @@ from stapes.server.instances.hotplug import VolumesHeld
 from stapes.server.instances.volatile import kept_from_peer, missing_volatile
 from stapes.server.networks.service import NetworkService
 from stapes.server.operations import Operation
-from stapes.server.storage.base import BLOCK, PoolDriver, Volume, check_layout
+from stapes.server.storage.base import BLOCK, PoolDriver, Volume
 from stapes.server.storage.service import StorageService
 from stapes.server.storage.volumes import HELD, IDMAP_LAST, Key, check_idmap_kind, custom_volume, idmap_text
 from stapes.server.store.db import InstanceRow, ProfileRow, SnapshotRow, Store
@@ -367,10 +366,10 @@ class InstanceService:
                 current = (await asyncio.to_thread(pool.block_path(instance_volume).stat)).st_size
                 if current < size:
                     await pool.resize_block(instance_volume, size)
-            await asyncio.to_thread(check_layout, volume, instance_volume.content)
-            if instance_volume.content != BLOCK:  # a VM's guest names itself (cloud-init, its own files)
-                await asyncio.to_thread(_set_hostname, volume / "rootfs", row.name)
-            await self.driver(row.type).define(spec)
+            driver = self.driver(row.type)
+            await asyncio.to_thread(driver.check_volume_layout, volume)
+            await asyncio.to_thread(driver.prepare_volume, volume, row.name)
+            await driver.define(spec)
             if finalize is not None:
                 await finalize()
             # Last: until this row is written, a crash at any step above leaves an instance that the next
@@ -622,7 +621,7 @@ class InstanceService:
             await driver.undefine(spec)
             row.name = new_name
             new_spec = await self.spec(row)
-            await asyncio.to_thread(_set_hostname, new_spec.volume / "rootfs", new_name)
+            await asyncio.to_thread(driver.prepare_volume, new_spec.volume, new_name)
             await driver.define(new_spec)
             for hook in self.on_removed:
                 await hook(project, name, new_name)
@@ -945,28 +944,6 @@ def root_size(devices: Mapping[str, Mapping[str, str]]) -> int:
     if size < MIN_BLOCK_SIZE:
         raise BadRequest(f"The root disk's size {value} is too small: give at least 64MiB")
     return size
-
-
-def check_volume_layout(volume: Path) -> None:
-    """A container volume holds a real `rootfs` directory: a symlink there (from an image or a migration
-    peer) would make LXC use a host directory as the container's root."""
-    root = volume / "rootfs"
-    if root.is_symlink() or not root.is_dir():
-        raise BadRequest(f"The instance's files are not a container volume: {root.name!r} is not a directory "
-                         "(a symlink or a file was received in its place)")
-
-
-def _set_hostname(root: Path, name: str) -> None:
-    """What the hostname template of Incus's standard images does on create, copy and move: the instance is
-    called by its name inside too (Stapes does it for every image; Incus only where the image has the template).
-    Resolved inside the rootfs only: a symlinked /etc never leads to the host's files."""
-    with contextlib.suppress(OSError):
-        if rootfs.read_text(root, "etc/hostname") == name + "\n":
-            return  # a moved instance keeps its files untouched
-    try:
-        rootfs.write_text(root, "etc/hostname", name + "\n")
-    except OSError as err:
-        log.info("not setting the hostname file of %s: %s", name, err)
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from stapes.api.config_keys import validate_instance_config
 from stapes.api.devices import validate_devices
-from stapes.api.errors import BadRequest, StapesError
+from stapes.api.errors import BadRequest, InternalError, StapesError
 from stapes.api.names import validate_entity_name
 from stapes.server.idmap import IdRange, check_ranges
 from stapes.server.migration import migrate_pb2 as pb
@@ -242,11 +242,19 @@ def snapshot_row(project: str, instance: str, message: pb.Snapshot) -> SnapshotR
     )
 
 
+def state_type(name: str | None) -> int:
+    """A driver's declared live state type (Incus's CRIUType name: CRIU_RSYNC, VM_QEMU) as the header's number."""
+    try:
+        return int(pb.CRIUType.Value(name or ""))
+    except ValueError:
+        raise InternalError(f"Unknown live state type {name!r}") from None
+
+
 def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
                  snapshots: Sequence[SnapshotRow] = (), live: bool = False, predump: bool = False,
                  lazy: bool = False, streamed_state: bool = False, content: str = FILESYSTEM,
-                 volume_size: int | None = None, snapshot_sizes: Mapping[str, int] | None = None
-                 ) -> pb.MigrationHeader:
+                 volume_size: int | None = None, snapshot_sizes: Mapping[str, int] | None = None,
+                 live_type: int = pb.CRIU_RSYNC) -> pb.MigrationHeader:
     """`fs` says rsync: an Incus receiver reads only that field and would expect its own btrfs stream format
     for BTRFS, which Stapes's btrfs transport is not; Stapes receivers read `stapesTransports`. A stopped
     instance says no `criu` (to Incus, CRIU type NONE means a running instance, whose volume follows a second
@@ -254,7 +262,8 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
     pre-copy rounds come before the final checkpoint, and `stapesStreamedState` when it can send the memory
     pages while the checkpoint writes them (never with lazy pages: the memory then follows the restore).
     A block volume (`content`) says BLOCK_AND_RSYNC, Incus's type for a VM, with its disk's size in
-    `volume_size` and each snapshot's in `snapshot_sizes` (both required then)."""
+    `volume_size` and each snapshot's in `snapshot_sizes` (both required then). `live_type`: the instance
+    driver's declared state type (CRIU_RSYNC for containers, VM_QEMU for VMs)."""
     transports = offer(sendable, refresh=refresh, content=content)
     sizes = dict(snapshot_sizes or {})
     if content == BLOCK and (volume_size is None or any(s.name not in sizes for s in snapshots)):
@@ -269,7 +278,7 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
     if content == BLOCK:
         header.volumeSize = volume_size or 0
     if live:
-        header.criu = pb.CRIU_RSYNC
+        header.criu = live_type  # type: ignore[assignment]
         header.predump = predump
         header.stapesLazy = lazy
         header.stapesStreamedState = streamed_state and not lazy
@@ -277,15 +286,16 @@ def offer_header(sendable: Sequence[str], *, refresh: bool, total_bytes: int,
     return header
 
 
-def live_offered(offer_: pb.MigrationHeader) -> bool:
-    """The sender moves a running instance live: its state follows the volume on the criu websocket. From a
-    Stapes sender only (an Incus sender's live protocol is not spoken yet: `check_live` refuses it)."""
-    return offer_.HasField("criu") and offer_.criu == pb.CRIU_RSYNC
+def live_offered(offer_: pb.MigrationHeader, live_type: int = pb.CRIU_RSYNC) -> bool:
+    """The sender moves a running instance live: its state (of the receiving driver's type) follows the
+    volume on the criu websocket. From a Stapes sender only (an Incus sender's live protocol is not spoken
+    yet: `check_live` refuses it)."""
+    return offer_.HasField("criu") and offer_.criu == live_type
 
 
-def check_live(offer_: pb.MigrationHeader, requested: bool) -> None:
+def check_live(offer_: pb.MigrationHeader, requested: bool, live_type: int = pb.CRIU_RSYNC) -> None:
     """The client that created the target said whether the move is live; the source must agree."""
-    offered = live_offered(offer_)
+    offered = live_offered(offer_, live_type)
     if offered and not offer_.stapesTransports:
         raise ProtocolError("Live migration from an Incus server is not supported yet: move the instance with "
                             "--stateless")
@@ -294,13 +304,13 @@ def check_live(offer_: pb.MigrationHeader, requested: bool) -> None:
                             f"but the request {'asked' if requested else 'did not ask'} for one")
 
 
-def live_accepted(answer: pb.MigrationHeader) -> bool:
-    return answer.HasField("criu") and answer.criu == pb.CRIU_RSYNC
+def live_accepted(answer: pb.MigrationHeader, live_type: int = pb.CRIU_RSYNC) -> bool:
+    return answer.HasField("criu") and answer.criu == live_type
 
 
 def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_snapshots: Sequence[str] | None = None,
                   *, refresh: bool = False, streamed_state: bool = False,
-                  content: str = FILESYSTEM) -> tuple[pb.MigrationHeader, str]:
+                  content: str = FILESYSTEM, live_type: int = pb.CRIU_RSYNC) -> tuple[pb.MigrationHeader, str]:
     """The receiver's reply and the transport it chose. An Incus sender offers no Stapes transports: rsync
     then, whatever its `fs` field says (Incus's own btrfs stream format is not Stapes's). The reply's `fs`
     always says rsync for the same reason; Stapes senders read `stapesTransports`. A running Incus sender's
@@ -325,8 +335,8 @@ def answer_header(offer_: pb.MigrationHeader, receivable: Sequence[str], wanted_
     )
     if final_sync(offer_):
         reply.criu = pb.NONE
-    elif live_offered(offer_):
-        reply.criu = pb.CRIU_RSYNC  # reached only once check_live and the driver accepted the live move
+    elif live_offered(offer_, live_type):
+        reply.criu = live_type  # type: ignore[assignment]  # reached only once check_live and the driver accepted the live move
         reply.predump = offer_.predump
         reply.stapesStreamedState = offer_.stapesStreamedState and streamed_state and not offer_.stapesLazy
         reply.stapesHandover = offer_.stapesHandover and not offer_.stapesLazy

@@ -19,16 +19,17 @@ from pathlib import Path
 from stapes.api.errors import InternalError, StapesError
 from stapes.api.requests import InstanceSource, MigrationTarget
 from stapes.server.migration import protocol
-from stapes.server.migration.service import (
-    MigrationService,
-    _progress,
-    _receive_control,
-    _send_control,
-    _source_finished,
-    _stream_bytes,
+from stapes.server.migration.channels import (
+    CHANNELS,
+    progress_of,
+    receive_control,
     received_alongside_control,
+    send_control,
     send_over,
+    source_finished,
+    stream_bytes,
 )
+from stapes.server.migration.service import MigrationService
 from stapes.server.operations import Operation
 from stapes.server.storage.base import PoolDriver
 from stapes.server.storage.bound import ReceiveBound
@@ -37,7 +38,7 @@ from stapes.server.storage.volumes import VolumeService
 from stapes.server.store.db import VolumeRow
 from stapes.server.streams import Channel, ChannelClosed
 
-CHANNELS = ("control", "fs")
+__all__ = ["CHANNELS", "VolumeMigration"]
 
 
 class VolumeMigration:
@@ -50,38 +51,38 @@ class VolumeMigration:
         row = await self._volumes.get(pool, project, name)
         path = await self._volumes.path(row)
         driver = await self._volumes.driver(row.pool)
-        async with self._migration._channels(op, target, "target", CHANNELS) as channels:
+        async with self._migration.channels(op, target, "target", CHANNELS) as channels:
             await self._send(op, channels, path, driver)
             op.settle()
 
     async def _send(self, op: Operation, channels: dict[str, Channel], path: Path, pool: PoolDriver) -> None:
         control, fs = channels["control"], channels["fs"]
-        total = await _stream_bytes(path)
+        total = await stream_bytes(path)
         header = protocol.offer_header(pool.migration_transports, refresh=False, total_bytes=total)
         await control.send(header.SerializeToString())
         answer = protocol.parse_header(await control.receive(), "target")
         transport = protocol.check_answer(answer, list(header.stapesTransports), [])
         op.update_metadata(transport=transport)
-        progress = _progress(op, "fs", total)
+        progress = progress_of(op, "fs", total)
         sender = open_transport(transport, fs, progress, protocol.rsync_features(answer),
                                 pool.config.get("rsync.bwlimit"))
         await send_over(control, sender, [path])
         progress.finish()
-        await _send_control(control, True)
-        result = await _receive_control(control)
+        await send_control(control, True)
+        result = await receive_control(control)
         if not result.success:
             raise InternalError(f"The target failed: {result.message}")
 
     async def run_sink(self, op: Operation, row: VolumeRow, source: InstanceSource) -> None:
         peer = source if source.mode == "pull" else None
-        async with self._migration._channels(op, peer, "source", CHANNELS) as channels:
+        async with self._migration.channels(op, peer, "source", CHANNELS) as channels:
             control = channels["control"]
 
             async def fill(path: Path, pool: PoolDriver) -> None:
                 await self._receive(op, channels, path, pool)
 
             async def confirm() -> None:
-                await _send_control(control, True)
+                await send_control(control, True)
 
             try:
                 await self._volumes.create_with(row, fill, confirm)
@@ -89,12 +90,12 @@ class VolumeMigration:
                 message = err.message if isinstance(err, StapesError) else (
                     "cancelled" if isinstance(err, asyncio.CancelledError) else str(err))
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(_send_control(control, False, message))
+                    await asyncio.shield(send_control(control, False, message))
                 if isinstance(err, ChannelClosed):
                     raise InternalError(f"The source went away during the transfer: {err.message}") from None
                 raise
             op.settle()
-            await _source_finished(control)
+            await source_finished(control)
 
     async def _receive(self, op: Operation, channels: dict[str, Channel], path: Path, pool: PoolDriver) -> None:
         control, fs = channels["control"], channels["fs"]
@@ -106,11 +107,11 @@ class VolumeMigration:
         answer, transport = protocol.answer_header(offer, pool.migration_transports, [])
         await control.send(answer.SerializeToString())
         op.update_metadata(transport=transport)
-        progress = _progress(op, "fs", offer.stapesTotalBytes)
+        progress = progress_of(op, "fs", offer.stapesTotalBytes)
         receiver = open_transport(transport, fs, progress, protocol.rsync_features(answer))
         declared = offer.stapesTotalBytes if offer.stapesTransports and transport != protocol.RSYNC else None
         receiver.bound = ReceiveBound(pool.pool, pool.root, declared)
-        said = asyncio.create_task(_receive_control(control))
+        said = asyncio.create_task(receive_control(control))
         transfer = asyncio.create_task(receiver.receive(path, snapshot=False))
         try:
             await received_alongside_control(said, transfer, offer)
