@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -16,10 +17,25 @@ from rich import box
 from rich.console import Console
 from rich.status import Status
 from rich.table import Table
+from rich.text import Text
 
 FORMATS = ("table", "json", "yaml", "csv", "compact")
 FORMAT_OPTIONS = ("noheader", "header", "raw")
 _err_console = Console(stderr=True)
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(value: object) -> str:
+    """A cell as text an admin's terminal only shows: no control characters (ESC, C1, BEL, CR...) nor
+    bidirectional overrides, tabs as spaces, newlines kept (multi-line cells). Values come from the server,
+    and some of them (descriptions, config values, a VM guest's own word) from whoever set them."""
+    return "".join(" " if char == "\t" else char for char in str(value)
+                   if char in "\n\t" or not (unicodedata.category(char) == "Cc" or char in _BIDI))
+
+
+def cell(value: object) -> Text:
+    """A table cell: plain text (rich never reads markup in it), control characters stripped."""
+    return Text(printable(value))
 
 
 def split_format(spec: str) -> tuple[str, set[str]]:
@@ -64,14 +80,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], fmt: str = "tab
         writer = csv.writer(out, lineterminator="\n")
         if "header" in options:
             writer.writerow(headers)
-        writer.writerows(rows)
+        writer.writerows([[printable(c) for c in row] for row in rows])
         click.echo(out.getvalue(), nl=False)
     else:
         styles = {"table": box.ASCII, "compact": box.SIMPLE_HEAD}
         t = Table(*headers, box=styles.get(fmt, box.ASCII), show_lines=fmt == "table", header_style="bold",
                   show_header="noheader" not in options)
         for row in rows:
-            t.add_row(*row)
+            t.add_row(*(cell(c) for c in row))
         Console(width=200 if not sys.stdout.isatty() else None).print(t)
 
 

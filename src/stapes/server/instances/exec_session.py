@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import pty
 import signal
@@ -49,6 +50,10 @@ TERMINAL_SETUP = 2.0  # how long input waits for lxc-attach to set its terminal 
 HANGUP_GRACE = 2.0  # after a hang-up (the client closed "0"): how long the command has to end before a kill
 PTY_QUEUE = 16  # pty reads (up to 64 KiB each) waiting for the websocket; reading pauses while it is full
 SIGNALS = frozenset(signal.valid_signals()) - {0}
+EXIT_DEADLINE = 10.0  # a carried command (a VM's): how long its exit status may keep away once it was killed or
+# its output ended; then the session is closed and the status reported as 137 (the guest may never send it)
+
+log = logging.getLogger(__name__)
 
 
 class _Input(Protocol):
@@ -395,14 +400,16 @@ async def _run_carried(op: Operation, driver: InstanceDriver, spec: InstanceSpec
     try:
         if request.interactive:
             proc.resize(width, height)
-        tasks.append(asyncio.create_task(_control(op, proc, proc.resize if request.interactive else None)))
-        wait_task = asyncio.create_task(proc.wait())
+        watched = _Watched(proc)
+        tasks.append(asyncio.create_task(_control(op, watched, proc.resize if request.interactive else None)))
+        wait_task = asyncio.create_task(_carried_status(proc, watched.ending))
         tasks.append(wait_task)
         if not request.interactive:
             assert proc.stderr is not None
             tasks.append(asyncio.create_task(_ws_to_stdin(sockets["0"], proc.stdin)))
             await asyncio.gather(_stream_to_ws(proc.stdout, sockets["1"], wait_task),
                                  _stream_to_ws(proc.stderr, sockets["2"], wait_task))
+            watched.ending.set()  # both outputs ended: the exit status is due
             return await wait_task, proc.failure
         ws = sockets["0"]
         input_task = asyncio.create_task(_ws_to_terminal(ws, proc.stdin))
@@ -417,7 +424,7 @@ async def _run_carried(op: Operation, driver: InstanceDriver, spec: InstanceSpec
         while not wait_task.done():
             if input_task.done():  # the client closed "0" (or vanished): its terminal hung up
                 hung_up = True
-                await _hang_up(proc, wait_task)
+                await _hang_up(watched, wait_task)
                 break
             read = asyncio.create_task(proc.stdout.read(65536))
             await asyncio.wait({read, wait_task, input_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -425,6 +432,7 @@ async def _run_carried(op: Operation, driver: InstanceDriver, spec: InstanceSpec
                 read.cancel()
                 continue
             if not (chunk := read.result()):  # the terminal's end: the command goes too
+                watched.ending.set()
                 await asyncio.wait({wait_task, input_task}, return_when=asyncio.FIRST_COMPLETED)
                 continue
             await send(chunk)
@@ -446,6 +454,48 @@ async def _run_carried(op: Operation, driver: InstanceDriver, spec: InstanceSpec
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         proc.close()
+
+
+class _Watched:
+    """A carried command as the control socket and a hang-up signal it: a kill sets `ending` (its exit
+    status is due)."""
+
+    def __init__(self, proc: ExecProcess) -> None:
+        self.proc = proc
+        self.ending = asyncio.Event()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            self.ending.set()
+        self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        self.ending.set()
+        self.proc.kill()
+
+
+async def _carried_status(proc: ExecProcess, ending: asyncio.Event) -> int:
+    """The command's exit status; once `ending` is set (killed, or its output over), within EXIT_DEADLINE, else
+    the session is closed and the status is 137: a guest that never says the command exited holds nothing."""
+    wait = asyncio.ensure_future(proc.wait())
+    end = asyncio.ensure_future(ending.wait())
+    try:
+        await asyncio.wait({wait, end}, return_when=asyncio.FIRST_COMPLETED)
+        if not wait.done():
+            await asyncio.wait({wait}, timeout=EXIT_DEADLINE)
+        if wait.done():
+            return wait.result()
+        log.warning("exec: the guest sent no exit status within %.0f s of the command's end (killed, or its output "
+                    "closed): session closed, status reported as 137", EXIT_DEADLINE)
+        proc.close()
+        return 137
+    finally:
+        wait.cancel()
+        end.cancel()
 
 
 async def _ws_to_terminal(ws: web.WebSocketResponse, stdin: _Input) -> None:

@@ -244,7 +244,15 @@ class InstanceService:
         never hides the others."""
         rows = await self._store.instances(project)
         if with_state:
-            return [await self.render(row, with_state=True) for row in rows]
+            # Each instance's state may wait on its driver (a VM's guest agent, up to a second): 8 at most at
+            # once, in the rows' order.
+            limit = asyncio.Semaphore(8)
+
+            async def one(row: InstanceRow) -> dict[str, Any]:
+                async with limit:
+                    return await self.render(row, with_state=True)
+
+            return list(await asyncio.gather(*(one(row) for row in rows)))
         by_type: defaultdict[str, list[InstanceSpec]] = defaultdict(list)
         specs: dict[tuple[str, str], InstanceSpec | StapesError] = {}
         profiles = {p.name: p for p in await self._store.profiles()}

@@ -32,6 +32,15 @@ Agent -> host
     STDIN_ACK 0x88  bytes u32 written to the command's stdin
     INFO_REPLY 0x89 lines "link NAME MAC up|down MTU" and "addr NAME inet|inet6 ADDRESS PREFIX SCOPE"
 
+Root inside the guest controls the agent's end of the port: nothing it sends is trusted. Output beyond the
+window (WINDOW + one frame unacknowledged), an acknowledgement of more stdin than was sent, or a flood of frames
+that serve nothing (for sessions that do not exist, READY after READY: more than USELESS_PER_SECOND) are a
+broken protocol: the connection is dropped and its sessions fail with that reason (logged once). A guest that
+does not read what the host writes (more than WRITE_BUFFER_LIMIT waiting, plus a window per session) is dropped
+too. INFO-REPLY is validated field by field (names, MACs, addresses, prefixes, scopes; at most MAX_INTERFACES
+x MAX_ADDRESSES), FAILED's message is cut to MAX_MESSAGE bytes without control characters; a VM whose agent
+did not answer an INFO is not asked again for SILENT_FOR seconds (`list` never waits on it twice).
+
 Why a Stapes agent rather than Debian's qemu-guest-agent: docs/vm.md ("The guest agent").
 """
 
@@ -39,12 +48,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
+import re
 import signal
 import struct
+import time
+import unicodedata
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -66,6 +79,18 @@ INFO_TIMEOUT = 1.0  # guest_addresses: `list` must never wait long for a VM
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_WINDOW = 0xFFFF
 EXEC_FAILURE_PREFIX = b"stapes-agent: "
+WRITE_BUFFER_LIMIT = 1 << 20  # bytes waiting for the agent to read (plus WINDOW per session) before it is dropped
+USELESS_PER_SECOND = 2048  # frames that serve nothing (unknown sessions, repeated READY) before the agent is dropped
+HELLO_RETRY = 1.0  # a READY while a HELLO is outstanding: the HELLO is said again at most this often
+SILENT_FOR = 30.0  # an agent that did not answer INFO is not asked again for this long
+MAX_MESSAGE = 512  # bytes of FAILED's message kept
+MAX_INTERFACES = 64
+MAX_ADDRESSES = 64  # per interface
+_NAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+_ADDRESS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
+_SCOPES = frozenset({"global", "link", "local"})
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _EXEC_FAILURES = {127: "Command not found", 126: "Command not executable"}
 
 
@@ -92,11 +117,25 @@ class Frame(IntEnum):
 
 
 class ProtocolError(Exception):
-    """The byte stream is not the agent's protocol (a frame too large): the connection is dropped."""
+    """The byte stream is not the agent's protocol (a frame too large, output beyond its window, stdin
+    acknowledged that was never sent, a flood of useless frames): the connection is dropped."""
+
+
+def printable(text: str, keep_newlines: bool = False) -> str:
+    """`text` without control characters (C0, DEL, C1; bidirectional overrides), tabs as spaces; newlines
+    kept only if asked (pure: unit-tested)."""
+    return "".join(
+        " " if char == "\t" else char for char in text
+        if (char == "\n" and keep_newlines) or char == "\t"
+        or not (unicodedata.category(char) == "Cc" or char in _BIDI))
 
 
 class AgentNotRunning(Unavailable):
     """The VM's agent did not answer: the guest is still booting, or its image has no Stapes agent."""
+
+
+class AgentSilent(AgentNotRunning):
+    """The agent's socket is there, yet nothing answered its HELLO in time."""
 
 
 def encode(kind: int, session: int, payload: bytes = b"") -> bytes:
@@ -115,14 +154,17 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         self._buffer += data
         frames = []
-        while len(self._buffer) >= HEADER.size:
-            kind, session, length = HEADER.unpack_from(self._buffer)
+        buffer, offset = self._buffer, 0
+        while len(buffer) - offset >= HEADER.size:
+            kind, session, length = HEADER.unpack_from(buffer, offset)
             if length > MAX_PAYLOAD:
                 raise ProtocolError(f"the agent sent a frame of {length} bytes (at most {MAX_PAYLOAD})")
-            if len(self._buffer) < HEADER.size + length:
+            end = offset + HEADER.size + length
+            if len(buffer) < end:
                 break
-            frames.append((kind, session, bytes(self._buffer[HEADER.size:HEADER.size + length])))
-            del self._buffer[:HEADER.size + length]
+            frames.append((kind, session, bytes(buffer[offset + HEADER.size:end])))
+            offset = end
+        del buffer[:offset]
         return frames
 
 
@@ -167,10 +209,15 @@ def encode_open(request: ExecRequest, rows: int, cols: int) -> bytes:
 
 def parse_info(text: str) -> dict[str, dict[str, Any]]:
     """INFO-REPLY as Incus's instance state `network` (pure: unit-tested): per interface its addresses, MAC,
-    MTU and state; the host fills `host_name` (the tap) and counters if it knows them."""
+    MTU and state; the host fills `host_name` (the tap) and counters if it knows them. The guest's word is
+    checked field by field (a line with anything out of shape is dropped), and at most MAX_INTERFACES
+    interfaces with MAX_ADDRESSES addresses each are kept: what reaches an admin's terminal is only names,
+    MACs and addresses."""
     network: dict[str, dict[str, Any]] = {}
 
-    def interface(name: str) -> dict[str, Any]:
+    def interface(name: str) -> dict[str, Any] | None:
+        if name not in network and len(network) >= MAX_INTERFACES:
+            return None
         return network.setdefault(name, {
             "addresses": [], "counters": {"bytes_received": 0, "bytes_sent": 0, "packets_received": 0,
                                           "packets_sent": 0},
@@ -179,17 +226,44 @@ def parse_info(text: str) -> dict[str, dict[str, Any]]:
 
     for line in text.splitlines():
         fields = line.split()
+        if len(fields) < 5 or not _NAME.fullmatch(fields[1]):
+            continue
         if len(fields) == 5 and fields[0] == "link":
+            mac, state, mtu = fields[2:]
+            if not _MAC.fullmatch(mac) or state not in ("up", "down") or not (mtu.isascii() and mtu.isdigit()
+                                                                              and len(mtu) <= 10):
+                continue
             entry = interface(fields[1])
-            entry["hwaddr"] = "" if fields[2] == "00:00:00:00:00:00" else fields[2]
-            entry["state"] = "up" if fields[3] == "up" else "down"
-            entry["mtu"] = int(fields[4]) if fields[4].isdigit() else 0
+            if entry is None:
+                continue
+            entry["hwaddr"] = "" if mac == "00:00:00:00:00:00" else mac.lower()
+            entry["state"] = state
+            entry["mtu"] = min(int(mtu), 0xFFFFFFFF)
             if fields[1] == "lo":
                 entry["type"] = "loopback"
-        elif len(fields) == 6 and fields[0] == "addr" and fields[2] in ("inet", "inet6"):
-            interface(fields[1])["addresses"].append(
-                {"family": fields[2], "address": fields[3], "netmask": fields[4], "scope": fields[5]})
+        elif len(fields) == 6 and fields[0] == "addr":
+            address = _address(*fields[2:])
+            if address is None:
+                continue
+            entry = interface(fields[1])
+            if entry is not None and len(entry["addresses"]) < MAX_ADDRESSES:
+                entry["addresses"].append(address)
     return network
+
+
+def _address(family: str, text: str, prefix: str, scope: str) -> dict[str, str] | None:
+    """One "addr" line's fields, checked: None if any is out of shape."""
+    version = {"inet": 4, "inet6": 6}.get(family)
+    if version is None or scope not in _SCOPES or not _ADDRESS.fullmatch(text):
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if address.version != version or not (prefix.isascii() and prefix.isdigit() and len(prefix) <= 3
+                                          and int(prefix) <= address.max_prefixlen):
+        return None
+    return {"family": family, "address": str(address), "netmask": str(int(prefix)), "scope": scope}
 
 
 def exec_failure(head: bytes, code: int) -> str | None:
@@ -223,6 +297,11 @@ class GuestStream:
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 
+    @property
+    def ended(self) -> bool:
+        """The end was fed (there may be output left to read)."""
+        return self._eof
+
     async def read(self, n: int = -1) -> bytes:
         while not self._chunks and not self._eof:
             self._ready.clear()
@@ -239,10 +318,13 @@ class GuestStream:
 
 class GuestStdin:
     """The command's stdin: write, drain, close as asyncio.StreamWriter's; at most WINDOW bytes travel
-    unacknowledged, the rest waits here and `drain` waits for it."""
+    unacknowledged, the rest waits here and `drain` waits for it, then for the connection's own buffer
+    (`drain_connection`: what was handed to the transport has gone towards the guest)."""
 
-    def __init__(self, send: Callable[[int, bytes], None]) -> None:
+    def __init__(self, send: Callable[[int, bytes], None],
+                 drain_connection: Callable[[], Awaitable[None]] | None = None) -> None:
         self._send = send
+        self._drain_connection = drain_connection
         self._pending = bytearray()
         self._unacked = 0
         self._closing = False
@@ -259,6 +341,8 @@ class GuestStdin:
 
     async def drain(self) -> None:
         await self._flushed.wait()
+        if self._drain_connection is not None and not self._gone:
+            await self._drain_connection()
         if self._gone:
             raise BrokenPipeError("the command's stdin is closed")
 
@@ -270,7 +354,10 @@ class GuestStdin:
         return self._closing
 
     def acknowledged(self, count: int) -> None:
-        self._unacked = max(0, self._unacked - count)
+        """The agent wrote `count` bytes of what was sent: more than is unacknowledged is a broken protocol."""
+        if count > self._unacked:
+            raise ProtocolError(f"the agent acknowledged {count} bytes of stdin, of {self._unacked} sent")
+        self._unacked -= count
         self._pump()
 
     def gone(self) -> None:
@@ -313,7 +400,8 @@ class GuestProcess:
         self._exited = asyncio.Event()
         self._window = window
         self._closed = False
-        self.stdin = GuestStdin(self._send)
+        self._outstanding = 0  # output received and not yet acknowledged (read by the consumer)
+        self.stdin = GuestStdin(self._send, connection.drain)
         self.stdout = GuestStream(self._acknowledge)
         self.stderr: GuestStream | None = None if interactive else GuestStream(self._acknowledge)
 
@@ -323,6 +411,7 @@ class GuestProcess:
 
     def _acknowledge(self, count: int) -> None:
         if count:
+            self._outstanding -= count
             self._send(Frame.ACK, struct.pack(">I", count))
 
     async def wait(self) -> int:
@@ -357,28 +446,42 @@ class GuestProcess:
             self._finish(self.returncode if self.returncode is not None else 137, None)
 
     # From the connection
-    def frame(self, kind: int, payload: bytes) -> None:
-        if kind == Frame.STARTED and len(payload) >= 4:
+    def frame(self, kind: int, payload: bytes) -> bool:
+        """One frame of this session: whether it served anything (the connection counts those that did not).
+        ProtocolError when the agent broke its side: output beyond the window (the agent reads a session's
+        output only WINDOW bytes ahead of the acknowledgements, so more than a frame beyond that is a guest that
+        ignores flow control: nothing of it is kept), stdin acknowledged that was never sent."""
+        if kind in (Frame.OUTPUT, Frame.ERROR_OUTPUT):
+            if not payload:
+                return False
+            self._outstanding += len(payload)
+            if self._outstanding > WINDOW + MAX_PAYLOAD:
+                raise ProtocolError(f"the agent sent {self._outstanding} bytes of output unacknowledged (its "
+                                    f"window is {WINDOW})")
+            stream = self.stdout if kind == Frame.OUTPUT else self.stderr
+            if stream is None:
+                return False
+            stream.feed_data(payload)
+        elif kind == Frame.STARTED and len(payload) >= 4 and not self.started.done():
             self.pid = struct.unpack_from(">I", payload)[0]
-            if not self.started.done():
-                self.started.set_result(None)
-        elif kind == Frame.OUTPUT:
-            self.stdout.feed_data(payload)
-        elif kind == Frame.ERROR_OUTPUT and self.stderr is not None:
-            self.stderr.feed_data(payload)
-        elif kind == Frame.OUTPUT_EOF and payload:
+            self.started.set_result(None)
+        elif kind == Frame.OUTPUT_EOF and payload[:1] in (b"\x01", b"\x02"):
             stream = self.stdout if payload[0] == 1 else self.stderr
-            if stream is not None:
-                stream.feed_eof()
-        elif kind == Frame.STDIN_ACK and len(payload) >= 4:
+            if stream is None or stream.ended:
+                return False
+            stream.feed_eof()
+        elif kind == Frame.STDIN_ACK and len(payload) >= 4 and payload[:4] != b"\0\0\0\0":
             self.stdin.acknowledged(struct.unpack_from(">I", payload)[0])
-        elif kind == Frame.EXIT and len(payload) >= 4:
+        elif kind == Frame.EXIT and len(payload) >= 4 and self.returncode is None:
             self._finish(struct.unpack_from(">I", payload)[0], None, streams=False)
         elif kind == Frame.FAILED and len(payload) >= 4:
             code = struct.unpack_from(">I", payload)[0]
-            message = payload[4:].decode(errors="replace")
+            message = printable(payload[4:4 + MAX_MESSAGE].decode(errors="replace")).strip()
             self._finish(code, _EXEC_FAILURES.get(code) or f"The guest agent could not run the command: {message}")
             self._connection.forget(self.session)
+        else:
+            return False
+        return True
 
     def lost(self, why: str) -> None:
         """The connection to the agent ended (the VM stopped, its agent restarted) before the command did."""
@@ -405,7 +508,9 @@ class _InfoRequest:
 
 
 class AgentConnection:
-    """The daemon's one connection to a VM's agent socket; every exec of the VM goes over it."""
+    """The daemon's one connection to a VM's agent socket; every exec of the VM goes over it. Nothing the
+    agent sends is trusted (the module's docstring): a broken protocol, a flood of useless frames or an agent
+    that does not read drop the connection, and its sessions fail saying why."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -416,11 +521,24 @@ class AgentConnection:
         self._sessions: dict[int, GuestProcess] = {}
         self._infos: dict[int, _InfoRequest] = {}
         self._ids = itertools.count(1)
+        self._hello_at: float | None = None  # when the outstanding HELLO (no WELCOME yet) was sent
+        self._hello_retry: asyncio.TimerHandle | None = None
+        self._useless = 0  # frames that served nothing in the current second
+        self._useless_since = 0.0
+        self._silent_until = 0.0  # guest_addresses: the agent did not answer; not asked again before this
         self.version = ""
 
     @property
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
+
+    @property
+    def silent(self) -> bool:
+        """The agent did not answer an INFO lately (SILENT_FOR): `list` does not wait on it again."""
+        return time.monotonic() < self._silent_until
+
+    def mark_silent(self) -> None:
+        self._silent_until = time.monotonic() + SILENT_FOR
 
     async def ready(self, timeout: float) -> None:
         """Connected, and the agent said WELCOME, within `timeout`; AgentNotRunning otherwise."""
@@ -433,19 +551,27 @@ class AgentConnection:
                                           ) from None
                 self._writer = writer
                 self._welcome.clear()
+                self._useless, self._useless_since = 0, time.monotonic()
                 self._reader_task = asyncio.create_task(self._read(reader, writer))
-                writer.write(hello_frame())
+                self._hello()
         try:
             await asyncio.wait_for(self._welcome.wait(), timeout)
         except TimeoutError:
-            raise AgentNotRunning(
+            raise AgentSilent(
                 f"The VM's agent is not running (no answer within {timeout:.0f} s): the VM may still be booting "
                 "(try again in a moment), or its image has no Stapes agent (agent/stapes-agent.c)") from None
 
     def send(self, kind: int, session: int, payload: bytes = b"") -> None:
-        if self.connected:
-            assert self._writer is not None
-            self._writer.write(encode(kind, session, payload))
+        """One frame to the agent. An agent that does not read (more than WRITE_BUFFER_LIMIT waiting, plus
+        each session's stdin window) is dropped: its sessions fail."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return
+        writer.write(encode(kind, session, payload))
+        waiting = writer.transport.get_write_buffer_size()
+        if waiting > WRITE_BUFFER_LIMIT + WINDOW * len(self._sessions):
+            self._drop(writer, f"The VM's agent does not read what the host sends ({waiting} bytes waiting)",
+                       warn=True)
 
     async def drain(self) -> None:
         if self.connected:
@@ -486,43 +612,100 @@ class AgentConnection:
         if self._reader_task is not None:
             self._reader_task.cancel()
 
+    def _hello(self) -> None:
+        self._hello_at = asyncio.get_running_loop().time()
+        if self._hello_retry is not None:
+            self._hello_retry.cancel()
+            self._hello_retry = None
+        self.send(Frame.HELLO, 0, HELLO_MAGIC)
+
+    def _hello_again(self) -> None:
+        self._hello_retry = None
+        if self._hello_at is not None and self.connected:
+            self._hello()
+
+    def _drop(self, writer: asyncio.StreamWriter, why: str, warn: bool = False) -> None:
+        """The end of this connection (`writer`'s): at once, without flushing what the agent did not read;
+        its sessions fail with `why` (logged once, when the agent is to blame)."""
+        if self._writer is not writer:  # already dropped, or a newer connection's
+            writer.transport.abort()
+            return
+        if warn:
+            log.warning("agent %s: %s: connection dropped", self.path, why)
+        self._writer = None
+        writer.transport.abort()
+        self._welcome.clear()
+        self._hello_at = None
+        if self._hello_retry is not None:
+            self._hello_retry.cancel()
+            self._hello_retry = None
+        if self._reader_task is not None and self._reader_task is not asyncio.current_task():
+            self._reader_task.cancel()
+        self._fail_all(why)
+
     async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder()
-        why = "The connection to the VM's agent was lost (the VM stopped or rebooted)"
+        why, warn = "The connection to the VM's agent was lost (the VM stopped or rebooted)", False
         try:
-            while chunk := await reader.read(65536):
+            while self._writer is writer and (chunk := await reader.read(65536)):
                 for kind, session, payload in decoder.feed(chunk):
                     self._dispatch(kind, session, payload)
+                    if self._writer is not writer:  # dropped by what the frame caused (an agent that does not read)
+                        return
+                await asyncio.sleep(0)  # at most one read's frames at a time: other clients' work goes on
         except ProtocolError as err:
-            log.warning("agent %s: %s: reconnecting", self.path, err)
-            why = f"The VM's agent broke its protocol ({err})"
+            why, warn = f"The VM's agent broke its protocol ({err})", True
         except (ConnectionError, OSError):
             pass
         finally:
-            writer.close()
-            if self._writer is writer or self._writer is None:  # not a newer connection's sessions
-                self._writer = None
-                self._welcome.clear()
-                self._fail_all(why)
+            self._drop(writer, why, warn)
 
     def _dispatch(self, kind: int, session: int, payload: bytes) -> None:
         if session == 0:
-            if kind == Frame.WELCOME:
-                self.version = payload.decode(errors="replace")
+            if kind == Frame.WELCOME and self._hello_at is not None:
+                self.version = printable(payload[:64].decode(errors="replace"))
+                self._hello_at = None
+                if self._hello_retry is not None:
+                    self._hello_retry.cancel()
+                    self._hello_retry = None
+                self._silent_until = 0.0
                 self._welcome.set()
             elif kind == Frame.READY:
-                # The agent (re)started: nothing of ours runs there any more. Greet it again.
+                # The agent (re)started: nothing of ours runs there any more. Greet it again: at once if no
+                # HELLO is outstanding, else once the outstanding one is HELLO_RETRY old (READY after READY
+                # never makes the host write more than that).
                 self._fail_all("The VM's agent restarted (the guest rebooted?) while the command ran")
-                self.send(Frame.HELLO, 0, HELLO_MAGIC)
+                self._welcome.clear()
+                if self._hello_at is None:
+                    self._hello()
+                else:
+                    self._useless_frame()
+                    if self._hello_retry is None:
+                        loop = asyncio.get_running_loop()
+                        self._hello_retry = loop.call_at(self._hello_at + HELLO_RETRY, self._hello_again)
+            else:
+                self._useless_frame()
             return
         if kind == Frame.INFO_REPLY:
             pending = self._infos.pop(session, None)
             if pending is not None and not pending.reply.done():
                 pending.reply.set_result(payload)
+            else:
+                self._useless_frame()
             return
         process = self._sessions.get(session)
-        if process is not None:
-            process.frame(kind, payload)
+        if process is None or not process.frame(kind, payload):
+            self._useless_frame()
+
+    def _useless_frame(self) -> None:
+        """A frame that served nothing (a session that is not there, READY after READY, WELCOME unasked):
+        a few come late after a session ends; a flood is a guest keeping the daemon busy."""
+        now = time.monotonic()
+        if now - self._useless_since >= 1.0:
+            self._useless, self._useless_since = 0, now
+        self._useless += 1
+        if self._useless > USELESS_PER_SECOND:
+            raise ProtocolError(f"more than {USELESS_PER_SECOND} frames a second that serve nothing")
 
     def _fail_all(self, why: str) -> None:
         sessions, self._sessions = self._sessions, {}
@@ -566,10 +749,21 @@ async def exec_in_guest(agent_socket: Path, request: ExecRequest, stdio: tuple[A
 
 async def guest_addresses(agent_socket: Path, timeout: float = INFO_TIMEOUT) -> dict[str, dict[str, Any]]:
     """The guest's interfaces and addresses in Incus's `network` state shape; {} when the agent does not answer
-    within `timeout` (a VM still booting: `list` never waits longer)."""
+    within `timeout` (a VM still booting: `list` never waits longer), and for SILENT_FOR after that, unless the
+    agent says WELCOME meanwhile (a `list` of many such VMs does not wait on each one every time)."""
     conn = connection(agent_socket)
-    try:
-        await conn.ready(timeout)
-        return parse_info((await conn.info(timeout)).decode(errors="replace"))
-    except (AgentNotRunning, TimeoutError):
+    if conn.silent:
         return {}
+    try:
+        async with asyncio.timeout(timeout):
+            await conn.ready(timeout)
+            reply = await conn.info(timeout)
+    except TimeoutError:
+        conn.mark_silent()
+        return {}
+    except AgentSilent:  # no WELCOME in time (not a socket that is not there yet: a VM starting)
+        conn.mark_silent()
+        return {}
+    except AgentNotRunning:
+        return {}
+    return parse_info(reply.decode(errors="replace"))
