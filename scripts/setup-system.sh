@@ -77,6 +77,17 @@ if ! getent passwd stapes-dnsmasq >/dev/null; then
     echo "setup-system: created the system user stapes-dnsmasq (dnsmasq runs as it)"
 fi
 
+# QEMU drops root for a user of its own once it opened what it needs (the server passes it the disks, the UEFI
+# variables and the taps as descriptors): a device-emulation escape is not host root (docs/security.md). In the
+# group kvm, where the host has one, for /dev/kvm.
+if ! getent passwd stapes-qemu >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin stapes-qemu
+    echo "setup-system: created the system user stapes-qemu (QEMU runs as it)"
+fi
+if getent group kvm >/dev/null && ! id -nG stapes-qemu | grep -qw kvm; then
+    usermod -a -G kvm stapes-qemu
+fi
+
 # Make sure the python3 that builds the virtual environment can (pyenv or Debian's).
 python3 -c 'import venv, ensurepip' 2>/dev/null || {
     echo "setup-system: python3 lacks venv/ensurepip; install python3-venv" >&2; exit 1; }

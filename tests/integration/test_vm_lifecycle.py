@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -126,6 +128,12 @@ async def test_vm_lifecycle_through_the_driver(root: Path, bridge: str, driver: 
     assert (spec.volume / "qemu.nvram").stat().st_size > 0, "its own UEFI variables, in its volume"
     runtime = driver.runtime_dir(spec)
     assert runtime.stat().st_mode & 0o777 == 0o700
+    if driver.user is not None:  # scripts/setup-system.sh made the user: QEMU dropped root for it
+        assert os.stat(f"/proc/{state.pid}").st_uid == driver.user[1]
+        status = Path(f"/proc/{state.pid}/status").read_text()
+        assert f"Uid:\t{driver.user[1]}\t{driver.user[1]}\t{driver.user[1]}" in status, status
+    record = json.loads((runtime / "running.json").read_text())
+    assert not any(str(spec.volume) in arg for arg in record["argv"]), "QEMU opens nothing in the volume by name"
 
     # The console: OVMF's output in the log, and a session that types into the UEFI shell.
     offset = await wait_log(driver, spec, b"Shell>")
@@ -162,8 +170,18 @@ async def test_vm_lifecycle_through_the_driver(root: Path, bridge: str, driver: 
     again = QemuDriver(driver.runtime_root, driver.state_root, driver.server_id, driver.host)
     again.use_accelerator(driver.accelerator)
     try:
+        # Two callers at once, as a restarted stapesd's power-state restore and the first state request: QEMU's
+        # QMP socket answers one client at a time (the second used to wait 5 s for a greeting, then Error).
+        first, second = await asyncio.gather(again.state(spec, detail=False), again.state(spec, detail=False))
+        assert (first.status, second.status) == (StatusCode.RUNNING, StatusCode.RUNNING), (first, second)
         state = await again.state(spec, detail=False)
         assert state.status == StatusCode.RUNNING and state.pid == pid
+        # The server found it again: its console is logged again from then on.
+        console = await again.consoles.session(spec)
+        assert console is not None
+        offset = len(await again.consoles.log(spec))
+        await console.write(b"echo logged-after-the-restart\r")
+        await wait_log(again, spec, b"logged-after-the-restart", after=offset, timeout=30)
         listing = await again.states([spec])
         assert listing[spec.runtime_name].status == StatusCode.RUNNING
         # Stop: the UEFI shell ignores the power button, so after the timeout QEMU is told to quit.
@@ -205,6 +223,57 @@ async def test_a_poweroff_inside_stops_the_vm(root: Path, bridge: str, driver: Q
     assert not await taps(root), "the watch removed its tap"
     assert not (runtime / "qmp.sock").exists()
     assert (await driver.state(spec, detail=False)).status == StatusCode.STOPPED
+
+
+async def test_a_qemu_that_died_while_the_server_was_down_leaves_no_tap(root: Path, bridge: str,
+                                                                        driver: QemuDriver) -> None:
+    """H4: the tap lives exactly as long as QEMU holds it. A persistent one stayed after QEMU died unseen, for
+    any local user who can open /dev/net/tun to attach to, until the server noticed (never, while down)."""
+    spec = vm_spec(root, bridge, "v4")
+    await driver.define(spec)
+    await driver.start(spec)
+    [tap] = await taps(root)
+    pid = running_pid(driver.runtime_dir(spec))
+    assert pid is not None
+    await driver.shutdown()  # the server is down
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if not await taps(root):
+            break
+        await asyncio.sleep(0.05)
+    assert not await taps(root), f"{tap} outlived its QEMU"
+
+
+async def test_a_guest_flooding_its_console_fills_no_disk(root: Path, bridge: str, driver: QemuDriver) -> None:
+    """H3: QEMU's logfile= kept all the guest printed (a guest writing /dev/urandom to its serial port filled
+    the host's disk at 56 GB a day under TCG). The UEFI shell's memory dump floods the console here; the log on
+    disk stays within its bound (twice the limit), its end what the guest printed last."""
+    limit = 64 << 10
+    driver.consoles.log_limit = limit
+    spec = vm_spec(root, bridge, "v5")
+    await driver.define(spec)
+    await driver.start(spec)
+    await wait_log(driver, spec, b"Shell>")
+    console = await driver.consoles.session(spec)
+    assert console is not None
+    queue = console.attach()
+    await console.write(b"dmem 0 1000000\r")  # 16 MiB as hex: far more than the log keeps
+    received = 0
+    log_file = driver.runtime_dir(spec) / "console.log"
+    deadline = time.monotonic() + 90
+    while received < 8 * limit and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            chunk = await asyncio.wait_for(queue.get(), 1)
+            if chunk is None:  # a session that fell behind the flood is detached: attach again
+                queue = console.attach()
+            received += len(chunk or b"")
+        assert log_file.stat().st_size <= 3 * limit, "the log is cut back past twice its limit"
+    console.detach(queue)
+    tail = (await driver.consoles.log(spec))[-600:]
+    assert received >= 8 * limit, f"the guest printed only {received} bytes: {tail!r}"
+    data = await driver.consoles.log(spec)
+    assert len(data) >= limit // 2 and log_file.stat().st_size <= 2 * limit + 65536
+    await driver.stop(spec, timeout=0, force=True)
 
 
 async def test_a_failed_start_leaves_nothing(root: Path, bridge: str, driver: QemuDriver) -> None:

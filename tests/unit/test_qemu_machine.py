@@ -12,6 +12,7 @@ from stapes.server.instances.driver import InstanceSpec
 from stapes.server.instances.qemu import is_our_qemu
 from stapes.server.instances.qemu_machine import (
     DEFAULT_MEMORY_MIB,
+    Fds,
     Machine,
     argv,
     check_instance,
@@ -60,16 +61,15 @@ def test_a_typical_vm() -> None:
     assert option(args, "-action") == ["reboot=reset,shutdown=poweroff"]
     chardevs = option(args, "-chardev")
     assert "socket,id=qmp,path=/state/qemu/v1/qmp.sock,server=on,wait=off" in chardevs
-    assert ("socket,id=console,path=/state/qemu/v1/console.sock,server=on,wait=off,"
-            "logfile=/state/qemu/v1/console.log,logappend=on") in chardevs
+    assert "socket,id=console,path=/state/qemu/v1/console.sock,server=on,wait=off" in chardevs
     assert "socket,id=agent,path=/state/qemu/v1/agent.sock,server=on,wait=off" in chardevs
     assert option(args, "-mon") == ["chardev=qmp,mode=control"]
     assert option(args, "-serial") == ["chardev:console"]
     devices = option(args, "-device")
     assert "virtserialport,bus=virtio-serial0.0,chardev=agent,name=org.stapes.agent" in devices
     assert "virtio-blk-pci,drive=root,id=dev-root,bootindex=1" in devices
-    assert "virtio-net-pci,netdev=net-eth0,id=dev-net-eth0,mac=00:16:3e:aa:bb:cc,romfile=" in devices
-    assert option(args, "-netdev") == ["tap,id=net-eth0,ifname=tap-eth0,script=no,downscript=no,vhost=off"]
+    assert "virtio-net-pci,netdev=net0,id=dev-net0,mac=00:16:3e:aa:bb:cc,romfile=" in devices
+    assert option(args, "-netdev") == ["tap,id=net0,ifname=tap-eth0,script=no,downscript=no,vhost=off"]
     blockdevs = option(args, "-blockdev")
     assert ("driver=file,filename=/usr/share/OVMF/OVMF_CODE_4M.fd,node-name=fw-code-file,read-only=on,aio=threads,"
             "cache.direct=off") in blockdevs
@@ -159,3 +159,43 @@ def test_the_kvm_probe() -> None:
     args = probe_argv("qemu-system-x86_64", Path("/tmp/p.bin"))
     assert args[args.index("-accel") + 1] == "kvm" and args[args.index("-cpu") + 1] == "host"
     assert parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)") == "10.0.2"
+
+
+def test_qemu_writes_no_console_log_of_its_own() -> None:
+    """QEMU's logfile= grew without bound (a guest flooding its serial port filled the host's disk): the server
+    keeps the log; the guest waits (-S) until the server's console connection is there."""
+    args = argv(machine(spec()))
+    assert not any("logfile" in a for a in args)
+    assert "-S" in args
+
+
+def test_qemu_ids_come_from_indexes_not_device_names() -> None:
+    """`nic:1` is a valid device name in Incus and not a valid QEMU id: the VM could not start."""
+    nic = {"type": "nic", "network": "n", "name": "eth1"}
+    s = spec({"volatile.nic:1.hwaddr": "00:16:3e:00:00:02", "volatile.eth0.hwaddr": "00:16:3e:00:00:01"},
+             {"root": ROOT, "eth0": NIC, "nic:1": nic}, {"eth0": "br", "nic:1": "br"})
+    args = argv(machine(s))
+    netdevs = option(args, "-netdev")
+    assert [n.split(",")[1] for n in netdevs] == ["id=net0", "id=net1"]
+    for value in (*netdevs, *option(args, "-device"), *option(args, "-blockdev")):
+        for part in value.split(","):
+            key, _, ident = part.partition("=")
+            if key in ("id", "netdev", "node-name", "drive", "file") and not ident.startswith("/"):
+                assert all(c.isalnum() or c in "-._" for c in ident), value
+
+
+def test_files_and_taps_as_descriptors_and_qemu_as_its_user() -> None:
+    """QEMU resolves no name in the VM's volume: root.img and qemu.nvram are fd sets, the tap a descriptor; it
+    drops root for its user (the sandbox lets it: elevateprivileges=deny kills QEMU at its setuid)."""
+    s = spec({"volatile.eth0.hwaddr": "00:16:3e:00:00:01"}, {"root": ROOT, "eth0": NIC}, {"eth0": "br"})
+    args = argv(machine(s), fds=Fds({"fw-vars": 11, "root": 12}, {"eth0": 13}), user="stapes-qemu")
+    assert option(args, "-add-fd") == ["fd=11,set=1,opaque=fw-vars", "fd=12,set=2,opaque=root"]
+    blockdevs = option(args, "-blockdev")
+    assert "driver=file,filename=/dev/fdset/1,node-name=fw-vars-file,aio=threads,cache.direct=off" in blockdevs
+    assert ("driver=file,filename=/dev/fdset/2,node-name=root-file,aio=threads,cache.direct=on,discard=unmap"
+            in blockdevs)
+    assert not any("/pool/" in a for a in args)
+    assert option(args, "-netdev") == ["tap,id=net0,fd=13,vhost=off"]
+    assert option(args, "-run-with") == ["user=stapes-qemu"]
+    assert "elevateprivileges=allow" in option(args, "-sandbox")[0]
+    assert "elevateprivileges=deny" in option(argv(machine(s)), "-sandbox")[0]

@@ -2,15 +2,21 @@
 
 Each VM has a runtime directory of its own, `<state root>/qemu/<runtime name>/` (0700, root's alone), with
 the sockets QEMU serves (QMP, the serial console, the guest agent's port), its pid file, `qemu.log` (QEMU's
-own messages), `console.log` (everything the serial console printed), `machine.json` (what `define` made of
-the instance) and `running.json` (the machine the running QEMU was built as: a live move's target needs it).
-Two servers on one host never collide: their state roots differ, and each tap's name is a hash of the server,
-the instance and the nic.
+own messages), `console.log` (the last of what the serial console printed, bounded: qemu_console.py),
+`machine.json` (what `define` made of the instance) and `running.json` (the machine the running QEMU was built
+as: a live move's target needs it). Two servers on one host never collide: their state roots differ, and each
+tap's name is a hash of the server, the instance and the nic.
 
 QEMU runs in a session of its own, with its seccomp sandbox on (which rules out `-daemonize`: see
 qemu_machine.SANDBOX), so it outlives stapesd: a restarted stapesd finds it by its pid file, checks that
-the pid is still that QEMU (its command line names this pid file), and talks to it again on its QMP socket.
-stapesd never stops a VM when it exits itself.
+the pid is still that QEMU (the process holding the write lock QEMU keeps on its pid file), and talks to it
+again on its QMP socket. stapesd never stops a VM when it exits itself.
+
+QEMU opens nothing by name in the VM's volume (a migration peer wrote it): the server checks the volume's
+layout before every start, opens root.img and qemu.nvram itself (O_NOFOLLOW) and the nics' taps (not
+persistent: they live as long as QEMU holds them), and passes the descriptors. Where the system user
+`stapes-qemu` exists (scripts/setup-system.sh makes it), QEMU drops root for it once everything is open
+(`-run-with user=`).
 
 UEFI boot from Debian's OVMF: the code read-only from /usr/share/OVMF, the variables in a copy of the VM's
 own, `qemu.nvram` in its config directory (Incus's name), made from OVMF_VARS_4M.fd at the first start.
@@ -23,12 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
+import stat
+import struct
 import time
 import uuid
 from collections.abc import Mapping
@@ -49,12 +59,15 @@ from stapes.server.instances.qemu_machine import (
     AGENT_SOCKET,
     CONSOLE_LOG,
     CONSOLE_SOCKET,
+    FW_VARS_NODE,
     PID_FILE,
     QEMU_LOG,
     QMP_SOCKET,
+    Fds,
     Machine,
     argv,
     check_instance,
+    disk_node,
     machine_from_spec,
 )
 from stapes.server.networks import bridge
@@ -73,6 +86,7 @@ STATE_TIMEOUT = 5.0  # reading one VM's state (connecting to QMP included)
 QUIT_TIMEOUT = 10.0  # for QEMU to exit after `quit`, before it is killed
 RUNTIME_FILES = (QMP_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET, PID_FILE, RUNNING)
 MAX_SOCKET_PATH = 107  # sun_path's 108 bytes, less its NUL
+QEMU_USER = "stapes-qemu"  # the system user QEMU runs as, where it exists (scripts/setup-system.sh)
 _PAUSED = {"paused", "suspended", "prelaunch", "inmigrate", "postmigrate", "finish-migrate", "save-vm",
            "restore-vm", "colo"}
 _FAILED = {"internal-error": "QEMU hit an internal error", "io-error": "a disk I/O error paused it",
@@ -131,14 +145,50 @@ def is_our_qemu(cmdline: bytes, pid_file: Path) -> bool:
         a == b"-pidfile" and b == pid_arg for a, b in zip(args, args[1:], strict=False))
 
 
-def running_pid(runtime: Path) -> int | None:
-    """The pid of the QEMU running from `runtime`, if it still runs (blocking)."""
+_FLOCK = "hhqqi4x"  # struct flock on Linux x86-64/arm64: l_type, l_whence, l_start, l_len, l_pid
+
+
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding a write lock on `path` (QEMU locks its pid file for as long as it runs,
+    lockf(3)); None when nobody does. A process that reused the pid holds no lock on the file. Blocking."""
     try:
-        pid = int((runtime / PID_FILE).read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
         return None
-    return pid if is_our_qemu(cmdline, runtime / PID_FILE) and _alive(pid) else None
+    try:
+        found = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    kind, _, _, _, pid = struct.unpack(_FLOCK, found)
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+
+def qemu_uids() -> set[int]:
+    """Whom a QEMU of this server runs as: root, or the QEMU user."""
+    try:
+        return {0, pwd.getpwnam(QEMU_USER).pw_uid}
+    except KeyError:
+        return {0}
+
+
+def running_pid(runtime: Path) -> int | None:
+    """The pid of the QEMU running from `runtime`, if it still runs (blocking): the process that holds the lock
+    on its pid file, is root's or the QEMU user's, and whose command line names that pid file. The pid written
+    in the file is not trusted: a process that reused it is not QEMU."""
+    pid_file = runtime / PID_FILE
+    pid = lock_holder(pid_file)
+    if pid is None:
+        return None
+    try:
+        owner = os.stat(f"/proc/{pid}").st_uid
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if owner not in qemu_uids() or not is_our_qemu(cmdline, pid_file):
+        return None
+    return pid if _alive(pid) else None
 
 
 def _supports_direct(path: Path) -> bool:
@@ -173,16 +223,56 @@ def _proc_figures(pid: int) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _ensure_nvram(volume: Path, template: Path) -> Path:
-    """The VM's UEFI variables: made from OVMF's template at its first start, kept from then on."""
+    """The VM's UEFI variables: made from OVMF's template at its first start, kept from then on. Nothing a
+    migration peer left in the volume is followed: the temporary name is removed (whatever it was) and made
+    anew, exclusively, never through a link. Blocking."""
     nvram = volume / NVRAM
-    if nvram.is_symlink():
-        raise InternalError(f"{nvram} is a symbolic link: refusing to use it as the VM's UEFI variables")
-    if not nvram.exists():
-        temporary = volume / f".{NVRAM}.tmp"
-        shutil.copyfile(template, temporary)
-        os.chmod(temporary, 0o600)
-        temporary.replace(nvram)
+    directory = os.open(volume, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            mode = os.lstat(NVRAM, dir_fd=directory).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None:
+            if not stat.S_ISREG(mode):
+                raise InternalError(f"{nvram} is not a regular file: refusing to use it as the VM's UEFI variables")
+            return nvram
+        temporary = f".{NVRAM}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=directory)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=directory)
+        try:
+            with template.open("rb") as source:
+                while chunk := source.read(1 << 20):
+                    os.write(fd, chunk)  # a regular file: written whole
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, NVRAM, src_dir_fd=directory, dst_dir_fd=directory)
+    finally:
+        os.close(directory)
     return nvram
+
+
+def _open_image(path: Path, *, direct: bool) -> int:
+    """A disk or the UEFI variables, opened by the server for QEMU (read-write; O_DIRECT as QEMU's
+    cache.direct=on asks): never through a link, a regular file only. Blocking."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise InternalError(f"{path} cannot be opened for the VM: {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InternalError(f"{path} is not a regular file: refusing to give it to the VM")
+    return fd
+
+
+def _close_all(fds: Fds) -> None:
+    for fd in (*fds.files.values(), *fds.taps.values()):
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _clean_runtime(runtime: Path, taps: list[tuple[str, str]]) -> list[str]:
@@ -203,6 +293,15 @@ def _recorded_taps(runtime: Path) -> list[tuple[str, str]]:
         return []
 
 
+def qemu_user() -> tuple[str, int, int] | None:
+    """The user QEMU drops root for (its name, uid, gid), when this host has it."""
+    try:
+        entry = pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return None
+    return entry.pw_name, entry.pw_uid, entry.pw_gid
+
+
 class QemuDriver(InstanceDriver):
     instance_type: ClassVar[str] = "virtual-machine"
     # exec goes to the guest agent, which carries the terminal itself (exec_session.py): no host pty.
@@ -217,7 +316,9 @@ class QemuDriver(InstanceDriver):
         self._probed = asyncio.Event()
         self._vms: dict[str, _Vm] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}  # QEMU's QMP socket takes one client at a time
         self.consoles = SerialConsoles(self.runtime_dir)
+        self.user = qemu_user()
 
     # The accelerator, probed once per daemon start (accel.probe): starts wait for it.
     def use_accelerator(self, accelerator: Accelerator) -> None:
@@ -302,6 +403,10 @@ class QemuDriver(InstanceDriver):
         runtime = self.runtime_dir(spec)
         if await asyncio.to_thread(running_pid, runtime) is not None:
             raise BadRequest(f"Instance {spec.name!r} is already running")
+        try:  # what a migration peer, an image or a backup put there: directories and regular files only
+            await asyncio.to_thread(check_layout, spec.volume, BLOCK)
+        except BadRequest as err:
+            raise BadRequest(f"Failed to start {spec.name!r}: {err.message}") from None
         disk = spec.disk
         if disk is None or disk.is_symlink() or not disk.is_file():
             raise InternalError(f"Failed to start {spec.name!r}: its root disk is not a file in its volume ({disk})")
@@ -310,47 +415,77 @@ class QemuDriver(InstanceDriver):
         if extra:
             machine = Machine.from_json({**machine.to_json(), "extra": list(extra)})
         taps = self._tap_aliases(machine, spec)
+        binary = self.host.binary or "qemu-system-x86_64"
+        user = self.user[0] if self.user is not None else None
+        opened = Fds({}, {})
 
-        def prepare() -> None:
+        def prepare() -> Fds:
             _private_directory(runtime)
             _clean_runtime(runtime, _recorded_taps(runtime))  # what a QEMU that died unnoticed left
             _ensure_nvram(spec.volume, self.host.firmware_vars)
-            record = {**machine.to_json(), "taps": [{"name": n, "alias": a} for n, a in taps],
-                      "argv": argv(machine, self.host.binary or "qemu-system-x86_64")}
-            temporary = runtime / f".{RUNNING}.tmp"
-            temporary.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-            temporary.replace(runtime / RUNNING)
-            truncate(runtime / CONSOLE_LOG)  # the log of this run only, as a container's
-            trim_log(runtime / QEMU_LOG)
-            for nic in machine.nics:
-                bridge.create_tap(nic.tap, nic.bridge, dict(taps)[nic.tap], nic.mtu)
+            files: dict[str, int] = {}
+            nics: dict[str, int] = {}
+            fds = Fds(files, nics)
+            try:
+                files[FW_VARS_NODE] = _open_image(Path(machine.firmware_vars), direct=False)
+                for index, disk in enumerate(machine.disks):
+                    files[disk_node(index, disk)] = _open_image(Path(disk.path), direct=disk.direct)
+                for nic in machine.nics:
+                    nics[nic.name] = bridge.open_tap(nic.tap, nic.bridge, dict(taps)[nic.tap], nic.mtu)
+                record = {**machine.to_json(), "taps": [{"name": n, "alias": a} for n, a in taps],
+                          "argv": argv(machine, binary, fds, user)}
+                temporary = runtime / f".{RUNNING}.tmp"
+                temporary.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+                temporary.replace(runtime / RUNNING)
+                truncate(runtime / CONSOLE_LOG)  # the log of this run only, as a container's
+                trim_log(runtime / QEMU_LOG)
+            except BaseException:
+                _close_all(fds)
+                raise
+            return fds
 
         try:
-            await asyncio.to_thread(prepare)
+            opened = await asyncio.to_thread(prepare)
+            command = argv(machine, binary, opened, user)
+            started = time.monotonic()
+            vm = await self._spawn(spec, runtime, command, opened)
         except BaseException:
+            _close_all(opened)
             await asyncio.to_thread(_clean_runtime, runtime, taps)
             raise
-        command = argv(machine, self.host.binary or "qemu-system-x86_64")
-        started = time.monotonic()
-        try:
-            vm = await self._spawn(spec, runtime, command)
-        except BaseException:
-            await asyncio.to_thread(_clean_runtime, runtime, taps)
-            raise
+        _close_all(opened)  # QEMU holds them now (the taps live as long as it does)
         vm.taps = taps
-        log.info("QEMU of %s (pid %d, %s) answers on QMP after %.3fs", spec.name, vm.pid, accel,
-                 time.monotonic() - started)
+        log.info("QEMU of %s (pid %d, %s%s) answers on QMP after %.3fs", spec.name, vm.pid, accel,
+                 f", as {user}" if user else ", as root", time.monotonic() - started)
+        try:
+            try:
+                await self.consoles.attach(spec)  # before the guest prints anything: it waits (-S) until cont
+            except InternalError as err:
+                log.warning("%s: %s (its console log starts later)", spec.name, err.message)
+            if "-incoming" not in machine.extra:  # a live move's target runs once the state is in
+                await vm.execute("cont")
+        except BaseException:
+            await self._stop_locked(spec, timeout=0, force=True)
+            raise
 
-    async def _spawn(self, spec: InstanceSpec, runtime: Path, command: list[str]) -> _Vm:
+    async def _spawn(self, spec: InstanceSpec, runtime: Path, command: list[str], fds: Fds) -> _Vm:
         """QEMU started detached: not this server's asyncio child (asyncio kills a child whose transport it
         closes, as at the server's exit), in a session of its own (no signal to the server's group reaches it),
-        its output appended to qemu.log. Returns once QMP answers."""
+        its output appended to qemu.log, the descriptors of `fds` inherited (through sh and setsid, which close
+        none). Returns once QMP answers."""
         log_path = runtime / QEMU_LOG
         with log_path.open("ab") as log_file:
             log_file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting QEMU\n".encode())
-        launched = await process.run(["sh", "-c", LAUNCHER, str(log_path), "setsid", *command], cwd=str(runtime),
-                                     timeout=30)
-        pid = int(launched.stdout.split()[-1])
+        launcher = await process.spawn(
+            ["sh", "-c", LAUNCHER, str(log_path), "setsid", *command], cwd=str(runtime),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            pass_fds=(*fds.files.values(), *fds.taps.values()))
+        async with process.reaped(launcher):
+            out, err = await asyncio.wait_for(launcher.communicate(), 30)
+        if launcher.returncode != 0 or not out.split():
+            raise InternalError(f"Failed to start {spec.name!r}: its launcher failed "
+                                f"({err.decode(errors='replace').strip() or launcher.returncode})")
+        pid = int(out.split()[-1])
         deadline = time.monotonic() + START_TIMEOUT
         client: QMPClient | None = None
         try:
@@ -389,22 +524,35 @@ class QemuDriver(InstanceDriver):
 
     async def _connected(self, spec: InstanceSpec, runtime: Path, pid: int) -> _Vm:
         """The QMP connection to the running QEMU `pid`: this run's, or a new one to a QEMU an earlier run of
-        the server started (it is watched from then on)."""
+        the server started (it is watched from then on, and its console logged again). One connection is made
+        at a time: QEMU's QMP socket serves one client and leaves a second one unanswered until the first goes
+        (two callers at once, as the power-state restore and a state request right after a server's start,
+        would otherwise make the second wait for a greeting that never comes)."""
         vm = self._vms.get(spec.runtime_name)
         if vm is not None and vm.pid == pid and vm.client.runstate == Runstate.RUNNING:
             return vm
-        if vm is not None:
-            await self._drop(spec.runtime_name, vm)
-        client = _qmp_client(spec.runtime_name)
-        try:
-            await asyncio.wait_for(client.connect(str(runtime / QMP_SOCKET)), STATE_TIMEOUT)
-        except (QMPError, OSError, TimeoutError) as err:
-            raise InternalError(f"QEMU of {spec.name!r} (pid {pid}) does not answer on its QMP socket "
-                                f"({err or 'timed out'})") from None
-        vm = _Vm(spec.name, runtime, pid, client, taps=await asyncio.to_thread(_recorded_taps, runtime))
-        self._vms[spec.runtime_name] = vm
-        vm.watch = asyncio.create_task(self._watch(spec, vm), name=f"qemu watch {spec.name}")
+        async with self._connecting.setdefault(spec.runtime_name, asyncio.Lock()):
+            vm = self._vms.get(spec.runtime_name)
+            if vm is not None and vm.pid == pid and vm.client.runstate == Runstate.RUNNING:
+                return vm  # made by the caller that held the lock
+            if vm is not None:
+                await self._drop(spec.runtime_name, vm)
+            client = _qmp_client(spec.runtime_name)
+            try:
+                await asyncio.wait_for(client.connect(str(runtime / QMP_SOCKET)), STATE_TIMEOUT)
+            except (QMPError, OSError, TimeoutError) as err:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.disconnect(), 1)
+                raise InternalError(f"QEMU of {spec.name!r} (pid {pid}) does not answer on its QMP socket within "
+                                    f"{STATE_TIMEOUT:.0f}s ({err or 'no greeting'})") from None
+            vm = _Vm(spec.name, runtime, pid, client, taps=await asyncio.to_thread(_recorded_taps, runtime))
+            self._vms[spec.runtime_name] = vm
+            vm.watch = asyncio.create_task(self._watch(spec, vm), name=f"qemu watch {spec.name}")
         log.info("found the running QEMU of %s again (pid %d)", spec.name, pid)
+        try:
+            await self.consoles.attach(spec)
+        except InternalError as err:
+            log.warning("%s: %s", spec.name, err.message)
         return vm
 
     async def _drop(self, runtime_name: str, vm: _Vm) -> None:

@@ -7,9 +7,14 @@ exactly like the source's, as Incus records `volatile.vm.boot_state`), and `argv
 arguments. Nothing here touches the host.
 
 The runtime directory of a machine (root's alone, 0700) holds the sockets QEMU serves:
-`qmp.sock` (QMP), `console.sock` (the serial console; QEMU also writes everything it prints to
-`console.log`), `agent.sock` (the virtio-serial port `org.stapes.agent` that the guest agent reads), and
-`qemu.pid`.
+`qmp.sock` (QMP), `console.sock` (the serial console; the server holds a connection to it for as long as the
+machine runs and keeps a bounded `console.log` of it: qemu_console.py), `agent.sock` (the virtio-serial port
+`org.stapes.agent` that the guest agent reads), and `qemu.pid` (QEMU holds a write lock on it).
+
+QEMU resolves no name in a directory a migration peer wrote: the server opens the disks and the UEFI variables
+itself (O_NOFOLLOW) and hands QEMU the descriptors (`-add-fd`, `/dev/fdset/N`), and opens the taps itself
+(`-netdev tap,fd=N`): `Fds` says which descriptor is which. QEMU's own ids come from indexes, never from
+device names (a name valid in Incus, as `nic:1`, is not a valid QEMU id).
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ ROOT_NODE = "root"  # the root disk's block node (a live move mirrors it by this
 # affinity changes. (`-daemonize` forks after the filter is set, so QEMU runs in the foreground, in a session
 # of its own, instead: `elevateprivileges=deny` and `spawn=deny` make a daemonizing QEMU exit with status 1.)
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+FW_VARS_NODE = "fw-vars"
+
+
+@dataclass(frozen=True)
+class Fds:
+    """The descriptors the server opened for QEMU (their numbers in QEMU's process): each file by its block
+    node (`fw-vars`, `root`, ...), each tap by its nic's name. A machine recorded without them names files and
+    taps (what `running.json` shows a reader)."""
+
+    files: Mapping[str, int] = field(default_factory=dict)
+    taps: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,8 @@ def _options(*parts: str, **options: str | int | None) -> str:
 
 
 def _blockdev(node: str, path: str, *, readonly: bool, direct: bool, discard: bool) -> list[str]:
-    """A raw image as two block nodes: the file (`<node>-file`) and the raw format on it (`<node>`)."""
+    """A raw image as two block nodes: the file (`<node>-file`) and the raw format on it (`<node>`); `path` may
+    be an fd set (`/dev/fdset/N`)."""
     cache = {"cache.direct": "on" if direct else "off"}
     extra: dict[str, str] = {"discard": "unmap"} if discard else {}
     ro = {"read-only": "on" if readonly else None}
@@ -114,41 +131,69 @@ def _blockdev(node: str, path: str, *, readonly: bool, direct: bool, discard: bo
     return ["-blockdev", file_node, "-blockdev", raw_node]
 
 
-def argv(machine: Machine, binary: str = "qemu-system-x86_64") -> list[str]:
+def disk_node(index: int, disk: Disk) -> str:
+    """A disk's block node: `root` for the root disk (a live move mirrors it by this name), else by index."""
+    return ROOT_NODE if disk.name == "root" else f"disk{index}"
+
+
+def argv(machine: Machine, binary: str = "qemu-system-x86_64", fds: Fds | None = None,
+         user: str | None = None) -> list[str]:
     """QEMU's command line for `machine`: nothing from QEMU's own defaults or configuration files, no
     display, UEFI from pflash, a QMP socket, the serial console and the agent's port on sockets, one
-    virtio-blk disk per disk and one virtio-net per nic on its tap."""
+    virtio-blk disk per disk and one virtio-net per nic on its tap. With `fds`, the files and taps are the
+    descriptors the server opened; with `user`, QEMU drops root for that user once it opened everything. The
+    guest's CPUs wait (-S) until the server, its console attached, says `cont`."""
     m = machine
+    sandbox = SANDBOX if user is None else SANDBOX.replace("elevateprivileges=deny", "elevateprivileges=allow")
     args = [
         binary, "-name", _options(guest=m.name, **{"debug-threads": "on"}), "-uuid", m.uuid,
-        "-nodefaults", "-no-user-config", "-display", "none", "-sandbox", SANDBOX,
-        "-machine", _options(m.machine_type, pflash0="fw-code", pflash1="fw-vars"),
+        "-nodefaults", "-no-user-config", "-display", "none", "-sandbox", sandbox,
+    ]
+    if user is not None:
+        args += ["-run-with", _options(user=user)]
+    args += [
+        "-machine", _options(m.machine_type, pflash0="fw-code", pflash1=FW_VARS_NODE),
         "-accel", m.accel, "-cpu", m.cpu_model,
         "-smp", _options(str(m.cpus), sockets=1, cores=m.cpus, threads=1),
         "-m", f"{m.memory_mib}M",
         # A guest's reboot resets the machine; its poweroff ends QEMU (the instance is then Stopped).
         "-action", "reboot=reset,shutdown=poweroff",
-        "-boot", "strict=on",
+        "-boot", "strict=on", "-S",
         "-pidfile", m.path(PID_FILE),
         "-chardev", _options("socket", id="qmp", path=m.path(QMP_SOCKET), server="on", wait="off"),
         "-mon", "chardev=qmp,mode=control",
-        "-chardev", _options("socket", id="console", path=m.path(CONSOLE_SOCKET), server="on", wait="off",
-                             logfile=m.path(CONSOLE_LOG), logappend="on"),
+        # No logfile=: QEMU would write everything the guest prints, without bound (the server keeps the log).
+        "-chardev", _options("socket", id="console", path=m.path(CONSOLE_SOCKET), server="on", wait="off"),
         "-serial", "chardev:console",
         "-device", "virtio-serial-pci,id=virtio-serial0",
         "-chardev", _options("socket", id="agent", path=m.path(AGENT_SOCKET), server="on", wait="off"),
         "-device", _options("virtserialport", bus="virtio-serial0.0", chardev="agent", name=AGENT_PORT),
         "-device", "virtio-rng-pci,id=rng0",
     ]
+    fdsets: dict[str, int] = {}
+
+    def file(node: str, path: str) -> str:
+        if fds is None or node not in fds.files:
+            return path
+        fdsets[node] = len(fdsets) + 1
+        args.extend(["-add-fd", _options(fd=fds.files[node], set=fdsets[node], opaque=node)])
+        return f"/dev/fdset/{fdsets[node]}"
+
     args += _blockdev("fw-code", m.firmware_code, readonly=True, direct=False, discard=False)
-    args += _blockdev("fw-vars", m.firmware_vars, readonly=False, direct=False, discard=False)
-    for disk in m.disks:
-        node = ROOT_NODE if disk.name == "root" else f"disk-{disk.name}"
-        args += _blockdev(node, disk.path, readonly=disk.readonly, direct=disk.direct, discard=not disk.readonly)
+    args += _blockdev(FW_VARS_NODE, file(FW_VARS_NODE, m.firmware_vars), readonly=False, direct=False,
+                      discard=False)
+    for index, disk in enumerate(m.disks):
+        node = disk_node(index, disk)
+        args += _blockdev(node, file(node, disk.path), readonly=disk.readonly, direct=disk.direct,
+                          discard=not disk.readonly)
         args += ["-device", _options("virtio-blk-pci", drive=node, id=f"dev-{node}", bootindex=disk.boot_index)]
-    for nic in m.nics:
-        netdev = f"net-{nic.name}"
-        args += ["-netdev", _options("tap", id=netdev, ifname=nic.tap, script="no", downscript="no", vhost="off")]
+    for index, nic in enumerate(m.nics):
+        netdev = f"net{index}"
+        if fds is not None and nic.name in fds.taps:
+            tap = _options("tap", id=netdev, fd=fds.taps[nic.name], vhost="off")
+        else:
+            tap = _options("tap", id=netdev, ifname=nic.tap, script="no", downscript="no", vhost="off")
+        args += ["-netdev", tap]
         # romfile= (none): no iPXE, so OVMF never tries to boot from the network before the disk.
         args += ["-device", _options("virtio-net-pci", netdev=netdev, id=f"dev-{netdev}", mac=nic.mac,
                                      host_mtu=nic.mtu, romfile="")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import grp
 import hashlib
 import ipaddress
@@ -17,6 +18,7 @@ import logging
 import os
 import pwd
 import signal
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,10 +179,22 @@ def tap_alias(state_root: str, runtime_name: str, device: str) -> str:
     return f"stapes:{state_root}:/tap/{runtime_name}/{device}"
 
 
-def create_tap(name: str, bridge: str, alias: str, mtu: int | None = None) -> None:
-    """A persistent tap `name` on `bridge`, up, marked with `alias` (a VM's QEMU opens it by name). One this
-    server made before (same alias) is taken as it is; an interface of anyone else's is refused. Blocking:
-    call it in a thread."""
+TUN_DEVICE = "/dev/net/tun"
+_TUNSETIFF = 0x400454CA
+_TUNSETOWNER = 0x400454CC
+_TUNSETGROUP = 0x400454CE
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+
+
+def open_tap(name: str, bridge: str, alias: str, mtu: int | None = None, owner: tuple[int, int] = (0, 0)) -> int:
+    """A new tap `name` on `bridge`, up, marked with `alias`, and the descriptor that holds it (the caller's: a
+    VM's QEMU gets it, `-netdev tap,fd=N`). The tap is not persistent: it lives exactly as long as a descriptor
+    holds it, so no other process can attach to it before QEMU has it, after QEMU ends or while the server is
+    down (and a tap attaches one descriptor at a time). It belongs to `owner` (uid, gid) all the same. A tap of
+    this server's found from before (same alias) is deleted and made again, never taken as it is; an interface
+    of anyone else's is refused. Blocking: call it in a thread."""
     if len(alias.encode()) > MAX_ALIAS or "\0" in alias:
         raise InternalError(f"The tap {name} cannot carry this server's mark (its ifalias would be "
                             f"{len(alias.encode())} bytes, at most {MAX_ALIAS}): use a shorter state directory path")
@@ -189,16 +203,19 @@ def create_tap(name: str, bridge: str, alias: str, mtu: int | None = None) -> No
         if not masters:
             raise InternalError(f"The bridge {bridge} is not on this host: start its network first")
         links = ipr.link_lookup(ifname=name)
-        made = None
         if links:
             if ipr.get_links(links[0])[0].get("IFLA_IFALIAS") != alias:
                 raise InternalError(f"The host already has an interface {name!r} that is not this server's tap: "
                                     "delete it ('ip link delete')")
-        else:
-            ipr.link("add", ifname=name, kind="tuntap", mode="tap")
-            links = ipr.link_lookup(ifname=name)
-            made = links[0]
+            ipr.link("del", index=links[0])  # an earlier run's: whoever may hold it keeps nothing of the new one
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
         try:
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR))
+            fcntl.ioctl(fd, _TUNSETOWNER, owner[0])
+            fcntl.ioctl(fd, _TUNSETGROUP, owner[1])
+            links = ipr.link_lookup(ifname=name)
+            if not links:
+                raise InternalError(f"The tap {name} vanished as it was made")
             index = links[0]
             ipr.link("set", index=index, ifalias=alias)
             mtu = mtu or ipr.get_links(masters[0])[0].get("IFLA_MTU")
@@ -206,11 +223,23 @@ def create_tap(name: str, bridge: str, alias: str, mtu: int | None = None) -> No
                 ipr.link("set", index=index, mtu=int(mtu))
             ipr.link("set", index=index, master=masters[0])
             ipr.link("set", index=index, state="up")
+        except OSError as err:
+            os.close(fd)  # the tap goes with it
+            raise InternalError(f"The tap {name} could not be made: {err.strerror or err}") from None
         except BaseException:
-            if made is not None:
-                with contextlib.suppress(NetlinkError):
-                    ipr.link("del", index=made)
+            os.close(fd)
             raise
+        return fd
+
+
+def tap_owner(name: str) -> tuple[int, int] | None:
+    """A tap's owner and group as the kernel records them (-1: anyone who can open the tun device); None when
+    there is no such tap."""
+    try:
+        owner, group = (int(Path(f"/sys/class/net/{name}/{key}").read_text()) for key in ("owner", "group"))
+    except (OSError, ValueError):
+        return None
+    return owner, group
 
 
 def delete_tap(name: str, alias: str) -> bool:

@@ -1,6 +1,7 @@
 """Remove what a server's networks and VMs left on the host: its QEMU processes (by their pid files, each
 checked to be that QEMU), its bridges and VM taps (found by their ifalias), the bridges' nftables tables and
-dnsmasq processes. For `make demo` and the test harness, after the server stopped:
+dnsmasq processes (VM taps live only as long as their QEMU holds them; earlier versions made them
+persistent). For `make demo` and the test harness, after the server stopped:
 
     python -m stapes.server.networks.cleanup STATE_DIR
 """
@@ -18,21 +19,14 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from stapes.server.instances.qemu import running_pid
 from stapes.server.networks.bridge import is_our_dnsmasq
 
 
 def _qemu_pid(pid_file: Path) -> int | None:
-    """The pid in a VM's pid file, if that process is still the QEMU that wrote it (its command line names
-    this pid file) and has not ended."""
-    try:
-        pid = int(pid_file.read_text().strip())
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, ValueError, IndexError):
-        return None
-    ours = b"qemu-system" in args[0] and any(a == b"-pidfile" and b == str(pid_file).encode()
-                                             for a, b in zip(args, args[1:], strict=False))
-    return pid if ours and state != "Z" else None
+    """The QEMU running from the pid file's directory, if one still does: the process holding QEMU's lock on
+    the file (the pid written in it is not trusted: it may have been reused), as qemu.running_pid checks."""
+    return running_pid(pid_file.parent)
 
 
 def kill_vms(state_dir: Path, timeout: float = 10.0) -> list[int]:
