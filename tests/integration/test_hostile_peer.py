@@ -93,6 +93,54 @@ async def test_snapshot_config_and_devices_checked_as_the_rest_api_does(s1: Serv
     assert "impossible size" in await _refused_offer(s1, "victim", header(total=-5))
 
 
+def _snapshot_with(*devices: tuple[str, dict[str, str]]) -> pb.Snapshot:
+    return pb.Snapshot(name="s0", ephemeral=False, architecture=0, stateful=False, profiles=["default"],
+                       localDevices=[pb.Device(name=name, config=[pb.Config(key=k, value=v) for k, v in config.items()])
+                                     for name, config in devices])
+
+
+async def test_snapshot_devices_that_reach_the_host_are_refused(s1: Server, tmp_path: Path) -> None:
+    """A snapshot's devices are applied when it is restored: from a peer, they are held to what the server
+    takes from a client (pools, volumes, networks that exist) and what reaches the host (a host path, a host
+    bridge) must be the instance's own, as the client's request gave it."""
+    share = {"type": "disk", "source": str(tmp_path), "path": "/mnt"}
+    cases = {
+        "'hostroot' (type=disk, source=/) reaches the host": _snapshot_with(
+            ("hostroot", {"type": "disk", "source": "/", "path": "/mnt"})),
+        "'eth9' (type=nic, nictype=bridged, parent=stapesbr9) reaches the host": _snapshot_with(
+            ("eth9", {"type": "nic", "nictype": "bridged", "parent": "stapesbr9"})),
+        "'share' (type=disk, source=/) reaches the host, and the instance's own device 'share' is different":
+            _snapshot_with(("share", {**share, "source": "/"})),
+        "attaches storage volume 'nosuchvolume'": _snapshot_with(
+            ("data", {"type": "disk", "pool": "default", "source": "nosuchvolume", "path": "/data"})),
+        "Storage pool 'nosuchpool'": _snapshot_with(
+            ("data", {"type": "disk", "pool": "nosuchpool", "source": "v", "path": "/data"})),
+    }
+    for expected, snap in cases.items():
+        async with Raw(s1) as raw:
+            peer = HostileSource(raw, "victim")
+            await peer.start(devices={"share": share})
+            reply = await peer.offer(header(snapshots=[snap]))  # refused instead of an answer: nothing is sent
+            assert reply is None or not pb.MigrationHeader.FromString(reply).stapesTransports
+            await peer.close()
+            result = await raw.wait(peer.op)
+            assert result["status"] == "Failure", result
+            assert "victim" not in await _instances(raw)
+        _assert_nothing_left(s1, "victim")
+        err = str(result["err"])
+        assert expected in err and "snapshot 's0'" in err and "--instance-only" in err, err
+    # The instance's own host path device, as the client's request gave it, is taken in a snapshot.
+    async with Raw(s1) as raw:
+        peer = HostileSource(raw, "victim")
+        await peer.start(devices={"share": share})
+        reply = await peer.offer(header(snapshots=[_snapshot_with(("share", share))]))
+        assert reply is not None and pb.MigrationHeader.FromString(reply).stapesTransports == ["tar-stream"]
+        await peer.close()
+        await raw.wait(peer.op)
+        if "victim" in await _instances(raw):
+            await raw.wait((await raw.call("DELETE", "/1.0/instances/victim"))[1]["metadata"])
+
+
 @pytest.mark.parametrize("payload", ["garbage", "truncated", "oversized", "empty"])
 async def test_malformed_headers_are_refused(s1: Server, payload: str) -> None:
     valid = header(snapshots=[pb.Snapshot(name="s0", ephemeral=False, architecture=0, stateful=False)])

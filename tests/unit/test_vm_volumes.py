@@ -4,8 +4,10 @@ volume's transport with Stapes and Incus peers, and the block-and-rsync transpor
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,14 @@ from stapes.api.errors import BadRequest
 from stapes.server.migration import migrate_pb2 as pb
 from stapes.server.migration import protocol
 from stapes.server.storage.base import BLOCK, FILESYSTEM, Volume, check_layout
-from stapes.server.storage.block import BlockAndRsync, receive_block, sent_bytes, write_sparse
+from stapes.server.storage.block import (
+    BlockAndRsync,
+    data_windows,
+    receive_block,
+    send_block,
+    sent_bytes,
+    write_sparse,
+)
 from stapes.server.storage.bound import DeclaredSizeExceeded
 from stapes.server.storage.btrfs import BtrfsPool
 from stapes.server.storage.dir import DirPool
@@ -266,3 +275,91 @@ async def test_block_receive_holds_the_source_to_its_size(tmp_path: Path,
     with pytest.raises(BadRequest, match="not a regular file"):
         await receive_block(tmp_path / "link.img", channels[1], None, None, MIB)
     assert not (tmp_path / "elsewhere").exists()
+
+
+class Recording:
+    """A channel that only counts: each message's length and the bytes' digest."""
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+        self.digest = hashlib.sha256()
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        self.lengths.append(len(data))
+        self.digest.update(data)
+
+    async def barrier(self) -> None:
+        self.lengths.append(-1)
+
+
+def _striped(path: Path, size: int, stripe: int = 4096) -> None:
+    """A disk whose guest discarded every other 4 KiB block: data, hole, data, hole..."""
+    with open(path, "wb") as file:
+        file.truncate(size)
+        block = os.urandom(stripe)
+        for offset in range(0, size, 2 * stripe):
+            os.pwrite(file.fileno(), block, offset)
+
+
+async def test_a_disk_striped_with_holes_is_sent_in_whole_windows_lazily(tmp_path: Path) -> None:
+    """The guest decides the extent map: 4 KiB of data, 4 KiB of hole, over the whole disk. The sender keeps one
+    window in memory (not a list of every piece) and sends one message per MiB window, not one per extent."""
+    disk = tmp_path / "root.img"
+    size = 128 * MIB
+    await asyncio.to_thread(_striped, disk, size)
+    channel = Recording()
+    tracemalloc.start()
+    try:
+        sent = await send_block(disk, channel, None)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sent == size == sent_bytes(disk)
+    assert channel.lengths[-1] == -1 and len(channel.lengths) - 1 == size // MIB  # one message per window
+    assert peak < 2.5 * MIB, peak  # a window or two, never a map of the disk's 32768 extents
+    with open(disk, "rb") as file:
+        assert channel.digest.hexdigest() == hashlib.sha256(file.read()).hexdigest()
+
+
+async def test_hole_windows_are_not_read_and_the_receiver_keeps_them_holes(
+        tmp_path: Path, channels: tuple[Channel, Channel]) -> None:
+    disk, copy = tmp_path / "root.img", tmp_path / "copy.img"
+    with open(disk, "wb") as file:
+        file.truncate(64 * MIB)
+        os.pwrite(file.fileno(), os.urandom(4096), 5 * MIB + 4096)  # one window with a little data
+        os.pwrite(file.fileno(), os.urandom(4096), 40 * MIB)
+    with open(disk, "rb", buffering=0) as file:
+        assert [(o // MIB, has) for o, _, has in data_windows(file.fileno(), 64 * MIB) if has] == \
+            [(5, True), (40, True)]
+    await asyncio.gather(send_block(disk, channels[0], None),
+                         receive_block(copy, channels[1], None, None, 64 * MIB))
+    assert subprocess.run(["cmp", str(disk), str(copy)]).returncode == 0
+    assert allocated(copy) <= 64 * 1024  # the two data blocks (and the filesystem's rounding), the rest holes
+
+
+def _peer_snap(**devices: dict[str, str]) -> pb.Snapshot:
+    return pb.Snapshot(name="s0", ephemeral=False, architecture=0, stateful=False, localDevices=[
+        pb.Device(name=n, config=[pb.Config(key=k, value=v) for k, v in d.items()]) for n, d in devices.items()])
+
+
+def test_a_peers_snapshot_devices_reach_the_host_only_as_the_instances_own() -> None:
+    own = {"eth0": {"type": "nic", "nictype": "bridged", "parent": "br0", "name": "eth0"},
+           "share": {"type": "disk", "source": "/srv/share", "path": "/mnt", "readonly": "true"},
+           "root": {"type": "disk", "path": "/", "pool": "default"}}
+    protocol.check_snapshot_devices(_peer_snap(**own), own)  # the instance's own: taken
+    inside_only = _peer_snap(eth0={**own["eth0"], "name": "lan"}, share={**own["share"], "path": "/x"},
+                             data={"type": "disk", "pool": "default", "source": "v", "path": "/d"},
+                             eth1={"type": "nic", "network": "stapesbr0"})
+    protocol.check_snapshot_devices(inside_only, own)
+    refused = {
+        "vm nic on another host bridge": _peer_snap(eth0={**own["eth0"], "parent": "virbr0"}),
+        "a host bridge not the instance's": _peer_snap(eth5={"type": "nic", "nictype": "bridged", "parent": "br0"}),
+        "the host's root": _peer_snap(hostroot={"type": "disk", "source": "/", "path": "/mnt"}),
+        "writable where the instance's is read-only": _peer_snap(share={**own["share"], "readonly": "false"}),
+        "another host path": _peer_snap(share={**own["share"], "source": "/etc"}),
+        "an unknown type": _peer_snap(gpu={"type": "gpu"}),
+    }
+    for what, snap in refused.items():
+        with pytest.raises(protocol.ProtocolError, match="reaches the host.*--instance-only"):
+            protocol.check_snapshot_devices(snap, own)
+            pytest.fail(what)

@@ -144,6 +144,49 @@ def check_snapshot_raw_keys(snap: pb.Snapshot, instance_config: dict[str, str]) 
                                 "--instance-only)")
 
 
+# What a device may reach on the host, per type: a disk with a host path (no pool), a nic on a host bridge (or
+# with a host-side name or MAC). These keys of a peer's snapshot device must be the instance's own (the client's
+# request, this server's profiles). Any other device type reaches the host in ways not listed here: the whole
+# device must then be the instance's.
+HOST_KEYS: dict[str, tuple[str, ...]] = {
+    "disk": ("source", "pool", "readonly"),
+    "nic": ("network", "nictype", "parent", "host_name", "hwaddr"),
+    "none": (),
+}
+
+
+def reaches_host(device: Mapping[str, str]) -> bool:
+    """A device the host's resources are given to (pure): a disk with a host source path, a nic on a host bridge
+    or naming its host side; any type without rules here."""
+    kind = device.get("type", "")
+    if kind == "disk":
+        return bool(device.get("source")) and not device.get("pool")
+    if kind == "nic":
+        return bool(device.get("parent") or device.get("nictype") or device.get("host_name"))
+    return kind not in HOST_KEYS
+
+
+def check_snapshot_devices(snap: pb.Snapshot, instance_devices: Mapping[str, Mapping[str, str]]) -> None:
+    """A peer's snapshot devices that reach the host must be the instance's own, as the client that asked for the
+    move (and this server's profiles) gave them: a snapshot restored later applies its devices, so a peer could
+    otherwise bind-mount any host path into the instance or join it to any host bridge (pure: unit-tested)."""
+    for item in snap.localDevices:
+        device = {c.key: c.value for c in item.config}
+        if not reaches_host(device):
+            continue
+        own = instance_devices.get(item.name)
+        keys = HOST_KEYS.get(device.get("type", ""))
+        same = own is not None and (dict(own) == device if keys is None else all(
+            own.get(key, "") == device.get(key, "") for key in ("type", *keys)))
+        if not same:
+            what = ", ".join(f"{k}={device[k]}" for k in ("type", *(keys or ())) if device.get(k))
+            raise ProtocolError(
+                f"Refused the source's snapshot {snap.name!r}: its device {item.name!r} ({what[:200]}) reaches the "
+                f"host, and the instance's own device {item.name!r} is "
+                f"{'absent' if own is None else 'different'}; only the client's own request may give such a "
+                "device (add it to the instance, or copy with --instance-only)")
+
+
 def check_answer(answer: pb.MigrationHeader, offered: Sequence[str], snapshots: Sequence[str],
                  content: str = FILESYSTEM) -> str:
     """The transport the target chose, which must be one we offered, and snapshots we have. An Incus target

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -34,9 +36,10 @@ from stapes.server.migration.channels import (
     send_control,
     source_finished,
 )
+from stapes.server.migration.peer_snapshots import check_peer_snapshot
 from stapes.server.operations import Operation
 from stapes.server.paths import StatePaths
-from stapes.server.storage.base import PoolDriver, Volume
+from stapes.server.storage.base import BLOCK, PoolDriver, Volume
 from stapes.server.storage.bound import DeclaredSizeExceeded, PoolFull, ReceiveBound
 from stapes.server.storage.service import open_transport
 from stapes.server.storage.transfer import Transport
@@ -45,6 +48,19 @@ from stapes.server.streams import Channel, ChannelClosed
 
 FULL_MARGIN = 2**20  # less free than this after a failed receive: the pool filled up
 
+
+
+def remove_special_entries(volume: Path) -> list[str]:
+    """Removes every entry of a VM volume that is neither a directory nor a regular file (symlinks, devices,
+    sockets, FIFOs: what a refresh's peer may have sent); returns their paths inside the volume. Blocking."""
+    removed = []
+    for top, dirs, files in os.walk(volume):  # follows no links: a symlink to a directory is listed in dirs
+        for name in (*dirs, *files):
+            path = os.path.join(top, name)
+            if not (stat.S_ISDIR(mode := os.lstat(path).st_mode) or stat.S_ISREG(mode)):
+                os.unlink(path)
+                removed.append(os.path.relpath(path, volume))
+    return sorted(removed)
 
 class MigrationSink:
     def __init__(self, instances: InstanceService, paths: StatePaths) -> None:
@@ -188,7 +204,16 @@ class MigrationSink:
                 await receiver.receive(volume, snapshot=False, size=protocol.volume_block_size(offer))
             if live is not None:
                 await live.receive(self._link(op, channels, volume, protocol.rsync_features(answer), receiver))
-            await asyncio.to_thread(driver.check_volume_layout, volume)
+            try:
+                await asyncio.to_thread(driver.check_volume_layout, volume)
+            except BadRequest as err:
+                if not refresh or volume_of_row.content != BLOCK:
+                    raise  # a new copy is removed whole (create_with)
+                # A refresh received into the existing volume: nothing the peer sent may stay there to be
+                # followed at the next start (a symlink named like a file the server writes).
+                removed = await asyncio.to_thread(remove_special_entries, volume)
+                raise BadRequest(f"{err.message}; the refresh removed from the instance's volume what is neither "
+                                 f"a directory nor a regular file: {', '.join(removed) or 'nothing'}") from None
             if live is not None:
                 await live.check()
             if shifted:
@@ -244,13 +269,13 @@ class MigrationSink:
         if live is not None:
             await self._accept_live(row, driver, offer)
         for snap in offer.snapshots:  # a snapshot must stay restorable here: its profiles must exist
-            protocol.check_snapshot_raw_keys(snap, row.config)
             for profile in snap.profiles:
                 try:
                     await self._instances.profile(profile)
                 except NotFound:
                     raise BadRequest(f"Snapshot {snap.name!r} uses profile {profile!r}, which this server lacks: "
                                      "create it here first, or copy with --instance-only") from None
+            await check_peer_snapshot(self._instances, row, snap)  # as a client's devices (host paths, bridges)
         pool = await self._instances.pool_of(await self._instances.spec(row))
         content = Volume.of(row.type, row.project, row.name).content
         usage = await pool.usage()

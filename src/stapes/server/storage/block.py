@@ -7,11 +7,15 @@ websocket:
 2. the raw disk: its bytes, front to back, as binary messages, ended by an empty text message (a barrier).
    Nothing comes back for it.
 
-The raw part has no map of holes, so a sender must send the zeros between its data. This one never reads a
-hole (it finds the data with SEEK_DATA/SEEK_HOLE and sends zeros from memory in between) and stops after the
-last data: the receiver extends the file to the declared size (the header's `volumeSize`, a snapshot's `size`),
-as Incus's receiver does (`enlargeVolumeBlockFile`). The receiver writes sparse: all-zero blocks are skipped
-(seeked over), so the holes stay holes; it never writes past the declared size.
+The raw part has no map of holes, so a sender must send the zeros between its data. This one goes through the
+disk in windows of CHUNK bytes (one websocket message each): a window that is all hole (SEEK_DATA finds no data
+in it) is sent as zeros from memory without reading it, any other is read whole with one pread, however its
+data and holes alternate inside (the guest decides that: discard punches holes, 4 KiB apart if it likes). The
+windows are found one at a time, in a thread, as they are sent: the daemon holds one window, never a map of the
+disk. The sender stops after the window holding the last data: the receiver extends the file to the declared
+size (the header's `volumeSize`, a snapshot's `size`), as Incus's receiver does (`enlargeVolumeBlockFile`). The
+receiver writes sparse: all-zero blocks are skipped (seeked over), so the holes stay holes; it never writes past
+the declared size.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from stapes.server.streams import Admit, Channel
 CHUNK = 1 << 20  # one websocket message
 ZERO_GRAIN = 4096  # the receiver skips all-zero blocks of this size (a filesystem block)
 _ZEROS = bytes(CHUNK)
+HOLE_BATCH = 64  # hole windows found per thread hop (sent from memory)
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -50,13 +55,33 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         offset = end
 
 
+def data_windows(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
+    """(offset, length, has_data) of each CHUNK-aligned window of an open file, up to the end of the window that
+    holds its last data: one SEEK_DATA per window with data, none for the windows of a hole (lazy: nothing is
+    gathered)."""
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after offset
+            return
+        if data >= size:
+            return
+        window = data - data % CHUNK
+        while offset < window:  # all hole
+            yield offset, CHUNK, False
+            offset += CHUNK
+        yield window, min(CHUNK, size - window), True
+        offset = window + CHUNK
+
+
 def sent_bytes(path: Path) -> int:
-    """What `send_block` puts on the wire for a disk file: up to the end of its last data, holes between as zeros."""
+    """What `send_block` puts on the wire for a disk file: up to the end of the window holding its last data."""
     with open(path, "rb", buffering=0) as file:
         size = os.fstat(file.fileno()).st_size
         last = 0
-        for _, end in data_extents(file.fileno(), size):
-            last = end
+        for offset, length, _ in data_windows(file.fileno(), size):
+            last = offset + length
         return last
 
 
@@ -68,17 +93,29 @@ def data_bytes(path: Path) -> int:
         return sum(end - start for start, end in data_extents(file.fileno(), size))
 
 
-def _chunks(fd: int) -> Iterator[tuple[int, int, bool]]:
-    """(offset, length, is_data) pieces of at most CHUNK bytes, up to the end of the last data."""
-    size = os.fstat(fd).st_size
-    position = 0
-    for start, end in data_extents(fd, size):
-        for is_data, (low, high) in ((False, (position, start)), (True, (start, end))):
-            while low < high:
-                length = min(CHUNK, high - low)
-                yield low, length, is_data
-                low += length
-        position = end
+class _DiskReader:
+    """The windows of an open disk, taken a batch at a time (each batch in a thread): the hole windows up to and
+    including the next data window (read), at most HOLE_BATCH of them; each (length, data or None for a hole
+    window). An empty batch at the end."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd = fd
+        self._path = path
+        self._windows = data_windows(fd, os.fstat(fd).st_size)
+
+    def batch(self) -> list[tuple[int, bytes | None]]:
+        pieces: list[tuple[int, bytes | None]] = []
+        for offset, length, has_data in self._windows:
+            if has_data:
+                data = os.pread(self._fd, length, offset)
+                if len(data) != length:
+                    raise BadRequest(f"{self._path} shrank while it was being sent")
+                pieces.append((length, data))
+                break
+            pieces.append((length, None))
+            if len(pieces) >= HOLE_BATCH:
+                break
+        return pieces
 
 
 async def send_block(path: Path, channel: Channel, progress: Progress | None) -> int:
@@ -88,15 +125,15 @@ async def send_block(path: Path, channel: Channel, progress: Progress | None) ->
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BadRequest(f"{path} is not a regular file")
-        pieces = await asyncio.to_thread(lambda: list(_chunks(fd)))
-        for offset, length, is_data in pieces:
-            data = await asyncio.to_thread(os.pread, fd, length, offset) if is_data else _ZEROS[:length]
-            if len(data) != length:
-                raise BadRequest(f"{path} shrank while it was being sent")
-            await channel.send(data)
-            sent += length
-            if progress is not None:
-                progress.advance(length)
+        reader = _DiskReader(fd, path)
+        while pieces := await asyncio.to_thread(reader.batch):
+            while pieces:  # each window let go once sent: one in memory while the next is read
+                length, data = pieces.pop(0)
+                await channel.send(_ZEROS[:length] if data is None else data)
+                sent += length
+                if progress is not None:
+                    progress.advance(length)
+            data = None
     finally:
         os.close(fd)
     await channel.barrier()
