@@ -223,7 +223,8 @@ run "$BIN/stapes" storage volume delete s1:default shared
 run "$BIN/stapes" version s1:
 
 say "Virtual machines: QEMU (TCG here: this host's KVM cannot run ordinary guests), the built-in tiny VM image"
-run "$BIN/stapes" image list s1: type=virtual-machine
+run "$BIN/stapes" image build busybox --vm s1: -q
+run "$BIN/stapes" image list s1:
 run "$BIN/stapes" launch s1:busybox-vm v1 --vm -c limits.memory=256MiB -c limits.cpu=1 -d root,size=1GiB
 for _ in $(seq 120); do
     "$BIN/stapes" console s1:v1 --show-log 2>/dev/null | grep -q 'heartbeat 2' && break

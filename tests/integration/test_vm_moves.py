@@ -136,3 +136,20 @@ def test_vm_snapshots_on_one_server(s1: Server, two: Cli) -> None:
     assert not any((s1.state_dir / "storage-pools/default/virtual-machines").iterdir())
     assert not os.listdir(s1.state_dir / "storage-pools/default/virtual-machines-snapshots") or all(
         not any(p.iterdir()) for p in (s1.state_dir / "storage-pools/default/virtual-machines-snapshots").iterdir())
+
+
+def test_a_vm_too_big_for_the_target_pool_is_refused_before_any_transfer(s1: Server, s2: Server, two: Cli) -> None:
+    two.run("storage", "create", "s2:small", "btrfs", "size=300MiB")
+    new_vm(two, "v1")
+    scribble(disk(s1, "v1"), 200 * MiB, 2 * MiB, 7)
+    before = digest(disk(s1, "v1"))
+    error = two.fails("copy", "s1:v1", "s2:v1", "-s", "small")
+    assert "Storage pool 'small' has" in error and "the disk of the instance is 1.0 GiB" in error
+    assert "choose another pool with -s" in error
+    assert two.json("list", "s2:") == []
+    assert not any((s2.state_dir / "storage-pools/small/virtual-machines").iterdir())
+    assert digest(disk(s1, "v1")) == before
+    # A bad root size is refused before anything exists, saying what is wrong.
+    error = two.fails("init", "s1:busybox-vm", "v2", "--vm", "-d", "root,size=1MiB")
+    assert "too small" in error and "64MiB" in error
+    assert [i["name"] for i in two.json("list", "s1:")] == ["v1"]
