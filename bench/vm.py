@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +35,7 @@ import contextlib
 from bench.migration import start_server  # noqa: E402
 from stapes.client.client import AsyncClient, add_remote_with_token  # noqa: E402
 from stapes.client.config import ClientConfig  # noqa: E402
+from stapes.server.instances.qemu_machine import Machine, argv  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MiB = 2**20
@@ -56,18 +60,44 @@ def qemu_pid(runtime: Path) -> int:
     return int((runtime / "qemu.pid").read_text().split()[0])
 
 
-def boot_by_hand(argv: list[str], runtime: Path, log: Path) -> float:
-    """The same QEMU, same arguments, started directly (the runtime directory is Stapes's own, it is stopped)."""
-    log.unlink(missing_ok=True)
+def same_machine_by_hand(runtime: Path) -> list[str]:
+    """The argv of the machine Stapes runs (its running.json), as QEMU started by hand takes it: QEMU opens the
+    disk, the UEFI variables and its tap itself (Stapes passes them as descriptors it opened), and runs at once
+    (Stapes starts it paused, -S, and continues once its console is attached)."""
+    record = json.loads((runtime / "running.json").read_text())
+    fields = {f.name for f in dataclasses.fields(Machine)}
+    machine = Machine.from_json({k: v for k, v in record.items() if k in fields})
+    recorded = record["argv"]
+    user = recorded[recorded.index("-run-with") + 1].removeprefix("user=") if "-run-with" in recorded else None
+    return [a for a in argv(machine, recorded[0], None, user) if a != "-S"]
+
+
+def boot_by_hand(argv: list[str], runtime: Path) -> float:
+    """The same QEMU, same arguments, started directly (in Stapes's runtime directory: the VM is stopped);
+    its serial console read straight from its socket, as the server reads it."""
+    for leftover in ("console.sock", "qmp.sock", "agent.sock", "qemu.pid"):
+        (runtime / leftover).unlink(missing_ok=True)
     start = time.perf_counter()
-    subprocess.run(argv, check=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        return wait_for_heartbeat(log, start)
+        while not (runtime / "console.sock").exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"QEMU started by hand exited with {proc.returncode}")
+            time.sleep(0.005)
+        with socket.socket(socket.AF_UNIX) as console:
+            console.connect(str(runtime / "console.sock"))
+            console.settimeout(180)
+            seen = b""
+            while b"heartbeat 1" not in seen:
+                chunk = console.recv(65536)
+                if not chunk:
+                    raise RuntimeError("QEMU's console closed before the first heartbeat")
+                seen = seen[-64:] + chunk
+        return time.perf_counter() - start
     finally:
-        pid = qemu_pid(runtime)
-        os.kill(pid, signal.SIGKILL)
-        while Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
+        proc.kill()
+        proc.wait(30)
 
 
 def write_data(path: Path, total: int) -> None:
@@ -122,17 +152,17 @@ def main() -> None:
         stapes(conf, "init", "s1:busybox-vm", "boot", "--vm", "-q")
         runtime, log = root / "s1" / "qemu" / "boot", root / "s1" / "qemu" / "boot" / "console.log"
         ours, by_hand = [], []
-        argv: list[str] = []
+        hand_argv: list[str] = []
         for _ in range(args.repeat):
             if log.exists():
                 log.unlink()
             start = time.perf_counter()
             stapes(conf, "start", "s1:boot")
             ours.append(wait_for_heartbeat(log, start))
-            argv = Path(f"/proc/{qemu_pid(runtime)}/cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
+            hand_argv = same_machine_by_hand(runtime)
             stapes(conf, "stop", "s1:boot", "--force")
         for _ in range(args.repeat):
-            by_hand.append(boot_by_hand(argv, runtime, log))
+            by_hand.append(boot_by_hand(hand_argv, runtime))
         a, b = statistics.median(ours), statistics.median(by_hand)
         print(f"boot to first heartbeat: stapes start {a:.2f} s, QEMU by hand {b:.2f} s: {a / b:.2f}x")
         stapes(conf, "delete", "s1:boot")
