@@ -193,6 +193,9 @@ def main() -> None:
         for proc in servers:
             proc.terminate()
             proc.wait(30)
+        for name in ("s1", "s2"):  # the servers' bridges, dnsmasq and nftables tables (as the demo does)
+            subprocess.run([sys.executable, "-m", "stapes.server.networks.cleanup", str(root / name)],
+                           check=False, capture_output=True)
         for pidfile in root.glob("s*/qemu/*/qemu.pid"):
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
