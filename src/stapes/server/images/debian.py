@@ -82,19 +82,28 @@ def customise(root: Path, release: str) -> None:
     (root.parent / "metadata.yaml").write_text(yaml.safe_dump(metadata))
 
 
+async def cached_or_prepared(cached: Path, upload: Path, progress: Progress) -> bool:
+    """A fresh cached build copied to `upload` (True); otherwise (False) the cache exists and mmdebstrap is
+    there to build into it (BadRequest saying how to install it when not)."""
+    cache = cached.parent
+    if await asyncio.to_thread(_fresh, cached):
+        progress(f"using the cached build {cached}")
+        await asyncio.to_thread(shutil.copyfile, cached, upload)
+        return True
+    if shutil.which("mmdebstrap") is None:
+        raise BadRequest("mmdebstrap is not installed on the server: install the mmdebstrap package "
+                         "(make install does)")
+    await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
+    return False
+
+
 async def build_debian_image(name: str, upload: Path, progress: Progress) -> None:
     """Write the unified image tarball of `name` (debian/12, debian/13) to `upload`, from the cache if fresh."""
     release = release_of(name)
     cache = cache_dir()
     cached = cache / f"debian-{release}-{ARCHITECTURE}-r{RECIPE}.tar.zst"
-    if await asyncio.to_thread(_fresh, cached):
-        progress(f"using the cached build {cached}")
-        await asyncio.to_thread(shutil.copyfile, cached, upload)
+    if await cached_or_prepared(cached, upload, progress):
         return
-    if shutil.which("mmdebstrap") is None:
-        raise BadRequest("mmdebstrap is not installed on the server: install the mmdebstrap package "
-                         "(make install does)")
-    await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stapes-debian-", dir=cache) as tmp:
         os.chmod(tmp, 0o755)
         root = Path(tmp) / "rootfs"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import yaml
 
-from stapes.api.errors import BadRequest
 from stapes.server import process
 from stapes.server.images.agent import build_agent
 from stapes.server.images.busybox_vm import assemble_disk, build_uki
@@ -30,9 +29,9 @@ from stapes.server.images.debian import (
     EXCLUDED,
     RELEASES,
     Progress,
-    _fresh,
     _run_reporting,
     cache_dir,
+    cached_or_prepared,
     release_of,
 )
 from stapes.server.images.store import ARCHITECTURE
@@ -129,14 +128,8 @@ async def build_debian_vm_image(name: str, upload: Path, progress: Progress) -> 
     release = release_of(name)
     cache = cache_dir()
     cached = cache / f"debian-{release}-vm-{ARCHITECTURE}-r{RECIPE}.tar"
-    if await asyncio.to_thread(_fresh, cached):
-        progress(f"using the cached build {cached}")
-        await asyncio.to_thread(shutil.copyfile, cached, upload)
+    if await cached_or_prepared(cached, upload, progress):
         return
-    if shutil.which("mmdebstrap") is None:
-        raise BadRequest("mmdebstrap is not installed on the server: install the mmdebstrap package "
-                         "(make install does)")
-    await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
     agent = await asyncio.to_thread(build_agent, cache)
     with tempfile.TemporaryDirectory(prefix="stapes-debian-vm-", dir=cache) as tmp:
         os.chmod(tmp, 0o755)

@@ -33,7 +33,7 @@ import tty
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, cast
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from stapes.api.errors import BadRequest, InternalError
 from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec
@@ -498,15 +498,20 @@ async def _carried_status(proc: ExecProcess, ending: asyncio.Event) -> int:
         end.cancel()
 
 
+def _typed(msg: WSMessage) -> bytes | None:
+    """What a terminal's input message carries (text frames as UTF-8); None once the client closed it."""
+    if msg.type == WSMsgType.BINARY:
+        return bytes(msg.data)
+    if msg.type == WSMsgType.TEXT:
+        return str(msg.data).encode()
+    return None
+
+
 async def _ws_to_terminal(ws: web.WebSocketResponse, stdin: _Input) -> None:
     """Typed input to a carried terminal, until the client closes "0" (or its connection fails)."""
     with contextlib.suppress(ConnectionError, BrokenPipeError):
         async for msg in ws:
-            if msg.type == WSMsgType.BINARY:
-                data = msg.data
-            elif msg.type == WSMsgType.TEXT:
-                data = msg.data.encode()
-            else:
+            if (data := _typed(msg)) is None:
                 break
             if data:
                 stdin.write(data)
@@ -625,11 +630,7 @@ async def _ws_to_pty(ws: web.WebSocketResponse, master: int, ready: Awaitable[No
     fails): then it is gone."""
     await ready
     async for msg in ws:
-        if msg.type == WSMsgType.BINARY:
-            data = msg.data
-        elif msg.type == WSMsgType.TEXT:
-            data = msg.data.encode()
-        else:
+        if (data := _typed(msg)) is None:
             break
         while data:
             try:

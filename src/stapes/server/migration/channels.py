@@ -20,7 +20,7 @@ from stapes.server.paths import StatePaths
 from stapes.server.progress import Progress
 from stapes.server.storage.bound import DeclaredSizeExceeded, PoolFull
 from stapes.server.storage.transfer import Transport, payload
-from stapes.server.streams import IDLE_TIMEOUT, Channel, idle_timeout
+from stapes.server.streams import IDLE_TIMEOUT, Channel, ChannelClosed, idle_timeout
 
 CHANNELS = ("control", "fs")
 LIVE_CHANNELS = ("control", "fs", "criu")
@@ -129,6 +129,20 @@ def progress_of(op: Operation, stage: str, total: int) -> Progress:
         op.update_metadata(fs_progress=figures["text"], progress=figures)
 
     return Progress(stage, total, publish)
+
+
+async def report_failure(control: Channel, work: Awaitable[None]) -> None:
+    """Target: run `work`; on any failure (or cancellation) tell the source why before raising it."""
+    try:
+        await work
+    except BaseException as err:
+        message = err.message if isinstance(err, StapesError) else (
+            "cancelled" if isinstance(err, asyncio.CancelledError) else str(err))
+        with contextlib.suppress(Exception):
+            await asyncio.shield(send_control(control, False, message))
+        if isinstance(err, ChannelClosed):
+            raise InternalError(f"The source went away during the transfer: {err.message}") from None
+        raise
 
 
 async def send_control(control: Channel, success: bool, message: str = "") -> None:

@@ -15,7 +15,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from stapes.api.errors import BadRequest, InternalError, NotFound, StapesError
@@ -33,6 +33,7 @@ from stapes.server.migration.channels import (
     progress_of,
     receive_control,
     received_alongside_control,
+    report_failure,
     send_control,
     source_finished,
 )
@@ -44,7 +45,7 @@ from stapes.server.storage.bound import DeclaredSizeExceeded, PoolFull, ReceiveB
 from stapes.server.storage.service import open_transport
 from stapes.server.storage.transfer import Transport
 from stapes.server.store.db import InstanceRow
-from stapes.server.streams import Channel, ChannelClosed
+from stapes.server.streams import Channel
 
 FULL_MARGIN = 2**20  # less free than this after a failed receive: the pool filled up
 
@@ -91,7 +92,7 @@ class MigrationSink:
                 await send_control(control, True)
 
             try:
-                await self._report_failure(control, self._instances.create_with(row, fill, confirm))
+                await report_failure(control, self._instances.create_with(row, fill, confirm))
             finally:
                 if live is not None:
                     await asyncio.to_thread(shutil.rmtree, directory, True)
@@ -163,7 +164,7 @@ class MigrationSink:
                     await self._instances.update_unlocked(row)
                     await send_control(control, True)
 
-                await self._report_failure(control, work())
+                await report_failure(control, work())
                 op.settle()
                 await source_finished(control)
 
@@ -233,18 +234,6 @@ class MigrationSink:
                     f"Storage pool {pool.pool!r} is full ({usage['total'] // 2**20} MiB, "
                     f"{offer.stapesTotalBytes // 2**20} MiB needed): free space or choose another "
                     "pool with -s") from None
-            raise
-
-    async def _report_failure(self, control: Channel, work: Awaitable[None]) -> None:
-        try:
-            await work
-        except BaseException as err:
-            message = err.message if isinstance(err, StapesError) else (
-                "cancelled" if isinstance(err, asyncio.CancelledError) else str(err))
-            with contextlib.suppress(Exception):
-                await asyncio.shield(send_control(control, False, message))
-            if isinstance(err, ChannelClosed):
-                raise InternalError(f"The source went away during the transfer: {err.message}") from None
             raise
 
     async def _accept_live(self, row: InstanceRow, driver: InstanceDriver, offer: pb.MigrationHeader) -> None:

@@ -13,10 +13,9 @@ reported success (the client's step).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
-from stapes.api.errors import InternalError, StapesError
+from stapes.api.errors import InternalError
 from stapes.api.requests import InstanceSource, MigrationTarget
 from stapes.server.migration import protocol
 from stapes.server.migration.channels import (
@@ -24,6 +23,7 @@ from stapes.server.migration.channels import (
     progress_of,
     receive_control,
     received_alongside_control,
+    report_failure,
     send_control,
     send_over,
     source_finished,
@@ -36,7 +36,7 @@ from stapes.server.storage.bound import ReceiveBound
 from stapes.server.storage.service import open_transport
 from stapes.server.storage.volumes import VolumeService
 from stapes.server.store.db import VolumeRow
-from stapes.server.streams import Channel, ChannelClosed
+from stapes.server.streams import Channel
 
 __all__ = ["CHANNELS", "VolumeMigration"]
 
@@ -84,16 +84,7 @@ class VolumeMigration:
             async def confirm() -> None:
                 await send_control(control, True)
 
-            try:
-                await self._volumes.create_with(row, fill, confirm)
-            except BaseException as err:
-                message = err.message if isinstance(err, StapesError) else (
-                    "cancelled" if isinstance(err, asyncio.CancelledError) else str(err))
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(send_control(control, False, message))
-                if isinstance(err, ChannelClosed):
-                    raise InternalError(f"The source went away during the transfer: {err.message}") from None
-                raise
+            await report_failure(control, self._volumes.create_with(row, fill, confirm))
             op.settle()
             await source_finished(control)
 
