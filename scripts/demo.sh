@@ -245,8 +245,16 @@ run "$BIN/stapes" move s1:v1 s2: --mode push
 run "$BIN/stapes" start s2:v1
 for _ in $(seq 60); do "$BIN/stapes" exec s2:v1 -- true 2>/dev/null && break; sleep 0.5; done
 run "$BIN/stapes" exec s2:v1 -- cat /mnt/data/note
-run "$BIN/stapes" list s2: v1 -c ntsS
-run "$BIN/stapes" delete --force s2:v1
+echo "# with migration.stateful=true it moves live: disk mirrored and memory sent while the guest runs"
+run "$BIN/stapes" config set s2:v1 migration.stateful=true
+run "$BIN/stapes" console s2:v1 --show-log | grep heartbeat | tail -n 1
+run "$BIN/stapes" move s2:v1 s1:
+sleep 2
+echo "# the same guest goes on counting on s1 (no reboot: its heartbeat continues from where it was)"
+run "$BIN/stapes" console s1:v1 --show-log | grep heartbeat | head -n 1
+run "$BIN/stapes" exec s1:v1 -- cat /mnt/data/note
+run "$BIN/stapes" list s1: v1 -c ntsS
+run "$BIN/stapes" delete --force s1:v1
 
 "$BIN/python" scripts/demo_incus.py
 

@@ -140,4 +140,11 @@ def _progress_text(op: dict[str, Any]) -> str:
     if not isinstance(detail, dict):
         return ""
     from stapes.cli.units import transfer  # figures as people read them (issue 17)
-    return transfer(detail) or str(detail.get("text") or "")
+    text = transfer(detail) or str(detail.get("text") or "")
+    vm = (op.get("metadata") or {}).get("vm")
+    if isinstance(vm, dict) and detail.get("stage"):  # a VM's live move: its phase and QEMU's own figures
+        text = f"{detail['stage']}: {text}"
+        if vm.get("phase") == "memory":
+            text += (f", pass {vm.get('iteration', 0)}, dirtying {vm.get('dirty_rate_pages', 0) * 4 // 1024} KiB/s"
+                     f", expected downtime {vm.get('expected_downtime_ms') or 0} ms")
+    return text

@@ -197,7 +197,14 @@ async def _finish(source: AsyncClient, source_op: Json, target: AsyncClient, tar
                 progress(current)
         return await target.conn.request("GET", _op_path(target_op))
 
-    tasks = {"source": asyncio.create_task(source.conn.poll_until_done(source_op)),
+    async def watch_source() -> Json:
+        """The source's figures too, where it publishes a progress of its own (a VM's live move: QEMU's)."""
+        async for current in source.conn.poll(source_op):
+            if progress is not None and isinstance((current.get("metadata") or {}).get("vm"), dict):
+                progress(current)
+        return await source.conn.request("GET", _op_path(source_op))
+
+    tasks = {"source": asyncio.create_task(watch_source()),
              "target": asyncio.create_task(watch_target())}
     relay_task = asyncio.create_task(_relay(source, source_op, target, target_op, relay)) if relay else None
     try:

@@ -31,6 +31,7 @@ class Situation:
     same_project: bool
     instance_type: str = "container"
     stateful: bool = False  # the instance's migration.stateful (VMs move live only with it)
+    incus_peer: bool = False  # one of the two servers is Incus (not Stapes)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ def plan(situation: Situation) -> Plan:
                          "set migration.stateful=true to move it live, or add --stateless to stop it, "
                          f"{'move' if s.move else 'copy'} it and start it again")
     live = not s.stateless
+    if live and s.instance_type != "container" and s.incus_peer:
+        raise BadRequest(f"The {s.instance_type} cannot move live between Stapes and Incus: an Incus server "
+                         "rebuilds its own device tree, so QEMU's stream cannot match it; stop it first, or add "
+                         f"--stateless to stop it, {'move' if s.move else 'copy'} it and start it again")
     if live and s.same_server:
         raise BadRequest("A running instance cannot move live within one server: add --stateless to stop it, "
                          f"{'move' if s.move else 'copy'} it and start it again")
@@ -90,11 +95,18 @@ async def transfer(source: AsyncClient, name: str, target: AsyncClient, new_name
     same_project = (source.conn.project or "default") == (target.conn.project or "default")
     unchanged = (not overrides.storage and not overrides.config and not overrides.devices
                  and overrides.profiles is None)
+    running = instance["status"] != "Stopped"
+    kind = instance.get("type") or "container"
+    incus_peer = False
+    if running and not stateless and kind != "container":  # who the servers are matters for a live VM only
+        for client in (source, target):
+            environment = (await client.server()).get("environment") or {}
+            incus_peer = incus_peer or environment.get("server") != "stapes"
     steps = plan(Situation(
         move=move, running=instance["status"] != "Stopped", stateless=stateless, same_server=same_server,
         same_place=same_server and same_project and unchanged, same_name=new_name == name,
-        same_project=same_project, instance_type=instance.get("type") or "container",
-        stateful=is_true((instance.get("config") or {}).get("migration.stateful"))))
+        same_project=same_project, instance_type=kind,
+        stateful=is_true((instance.get("config") or {}).get("migration.stateful")), incus_peer=incus_peer))
     where = f"{source.remote.name}:{name} to {target.remote.name}:{new_name}"
     if steps.rename_only:
         await source.rename_instance(name, new_name)
@@ -133,9 +145,19 @@ async def transfer(source: AsyncClient, name: str, target: AsyncClient, new_name
         if ephemeral:
             await (target.update_instance(new_name, {"ephemeral": True}) if move
                    else source.update_instance(name, {"ephemeral": True}))
-    how = f"{mode}, {result.transport}" + (f", live: frozen {result.frozen_s:.2f}s" if steps.live else "")
+    how = f"{mode}, {result.transport}" + (f", live: {live_summary(result)}" if steps.live else "")
     lines = [f"{'Moved' if move else 'Copied'} {where} ({how})", *precopy_lines(result.source)]
     return TransferResult("\n".join(lines), result)
+
+
+def live_summary(result: MigrationResult) -> str:
+    """A live move's last figures (pure): a VM's downtime as QEMU measured it, a container's freeze."""
+    figures = result.source.get("live") or {}
+    if isinstance(figures.get("downtime_ms"), int):
+        return (f"downtime {figures['downtime_ms']} ms (QEMU's figure), "
+                f"{(figures.get('memory_bytes') or 0) / 2**20:.0f} MiB of memory in "
+                f"{figures.get('iterations') or 0} passes, total {figures.get('total_s') or 0:.2f}s")
+    return f"frozen {result.frozen_s:.2f}s"
 
 
 def precopy_lines(source_metadata: Json) -> list[str]:

@@ -228,6 +228,9 @@ class InstanceDriver(ABC):
     live_state_type: ClassVar[str | None] = None
     # The session can send its state while it is being written (negotiated: stapesStreamedState).
     streamed_state: ClassVar[bool] = False
+    # The live session moves the volume's block disk itself (a mirror while the instance runs): the transfer
+    # before it sends the files beside the disk and the disk's size only.
+    live_disk_mirrored: ClassVar[bool] = False
 
     def check_instance(  # noqa: B027 - most types take what the generic checks took
             self, config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]]) -> None:
@@ -320,6 +323,10 @@ class InstanceDriver(ABC):
         confirmed: the instance runs here again from what its session left in `directory` (True), or it never
         paused (`complete` False and the tool that pauses it says so: it ran on; False)."""
         return False
+
+    async def release_moved(self, spec: InstanceSpec) -> None:  # noqa: B027 - optional
+        """At start, for a live move this server was the source of and that the target had confirmed: what the
+        instance still runs here (a VM's paused QEMU) goes; it runs there."""
 
     async def restore_released(self, spec: InstanceSpec) -> bool:
         """At start, for an instance whose creation was interrupted: whether its live-moved copy had been

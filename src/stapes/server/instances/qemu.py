@@ -41,7 +41,7 @@ import stat
 import struct
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -52,8 +52,17 @@ from qemu.qmp.error import QMPError
 from stapes.api.errors import BadRequest, InternalError
 from stapes.api.status import StatusCode
 from stapes.server import process
+from stapes.server.instances import qemu_policy
 from stapes.server.instances.accel import Accelerator, QemuHost
-from stapes.server.instances.driver import ExecRequest, InstanceDriver, InstanceSpec, RuntimeState
+from stapes.server.instances.driver import (
+    ExecRequest,
+    InstanceDriver,
+    InstanceSpec,
+    LiveSource,
+    LiveTarget,
+    LiveTerms,
+    RuntimeState,
+)
 from stapes.server.instances.qemu_console import SerialConsoles, trim_log, truncate
 from stapes.server.instances.qemu_machine import (
     AGENT_SOCKET,
@@ -70,6 +79,7 @@ from stapes.server.instances.qemu_machine import (
     disk_node,
     machine_from_spec,
 )
+from stapes.server.migration.policy import PrecopySettings
 from stapes.server.networks import bridge
 from stapes.server.storage.base import BLOCK, check_layout
 
@@ -399,7 +409,8 @@ class QemuDriver(InstanceDriver):
         async with self._lock(spec):
             await self._start_locked(spec, accel)
 
-    async def _start_locked(self, spec: InstanceSpec, accel: str, extra: tuple[str, ...] = ()) -> None:
+    async def _start_locked(self, spec: InstanceSpec, accel: str, extra: tuple[str, ...] = (),
+                            rebuild: Callable[[Machine, int], Machine] | None = None) -> None:
         runtime = self.runtime_dir(spec)
         if await asyncio.to_thread(running_pid, runtime) is not None:
             raise BadRequest(f"Instance {spec.name!r} is already running")
@@ -412,6 +423,8 @@ class QemuDriver(InstanceDriver):
             raise InternalError(f"Failed to start {spec.name!r}: its root disk is not a file in its volume ({disk})")
         direct = await asyncio.to_thread(_supports_direct, disk)
         machine = self._machine(spec, accel, direct=direct)
+        if rebuild is not None:  # a live move's target: the source's machine, on this server's files and taps
+            machine = rebuild(machine, _host_memory_mib())
         if extra:
             machine = Machine.from_json({**machine.to_json(), "extra": list(extra)})
         taps = self._tap_aliases(machine, spec)
@@ -652,6 +665,131 @@ class QemuDriver(InstanceDriver):
         """The QMP connection to the running VM (for a live move's session)."""
         return (await self._running(spec)).client
 
+    # Live migration (qemu_live.py has the sessions; these are what they ask of the running QEMU).
+    live_state_type: ClassVar[str | None] = "VM_QEMU"
+    live_disk_mirrored: ClassVar[bool] = True
+
+    async def execute(self, spec: InstanceSpec, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = QMP_TIMEOUT) -> Any:
+        return await (await self._running(spec)).execute(command, arguments, timeout)
+
+    async def pass_fd(self, spec: InstanceSpec, fd: int, name: str) -> None:
+        """Hands QEMU a descriptor (SCM_RIGHTS on its QMP socket) as `name` (`getfd`); one at a time per VM: the
+        next `getfd` takes whatever descriptor arrived last."""
+        vm = await self._running(spec)
+        async with self._connecting.setdefault(f"fd:{spec.runtime_name}", asyncio.Lock()):
+            try:
+                vm.client.send_fd_scm(fd)
+            except (QMPError, OSError) as err:
+                raise InternalError(f"QEMU of {spec.name!r} could not be handed a descriptor: {err}") from None
+            await vm.execute("getfd", {"fdname": name})
+
+    async def running_machine(self, spec: InstanceSpec) -> Machine:
+        machine = await asyncio.to_thread(_running_machine, self.runtime_dir(spec))
+        if machine is None:
+            raise InternalError(f"The record of the running machine of {spec.name!r} is missing: restart it first")
+        return machine
+
+    async def agent_answers(self, spec: InstanceSpec, timeout: float = 2.0) -> bool:
+        try:
+            from stapes.server.instances import vm_agent
+        except ImportError:
+            return False
+        deadline = time.monotonic() + timeout
+        while True:
+            if await vm_agent.guest_addresses(self.agent_socket(spec), timeout=min(2.0, timeout)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
+
+    async def disk_size(self, spec: InstanceSpec) -> int:
+        return 0 if spec.disk is None else (await asyncio.to_thread(spec.disk.stat)).st_size
+
+    async def start_incoming(self, spec: InstanceSpec, rebuild: Callable[[Machine, int], Machine]) -> None:
+        """A live move's target: QEMU built as the source's machine, waiting for its state (-incoming defer)."""
+        accel = await self._accel()
+        async with self._lock(spec):
+            await self._start_locked(spec, accel, ("-incoming", "defer"), rebuild)
+
+    async def cancel_migration(self, spec: InstanceSpec) -> None:
+        """Whatever a live move left running in this QEMU ends, and its guest continues: the migration is
+        cancelled (and waited for), the disk mirror too, its NBD node removed; a paused guest is continued."""
+        from stapes.server.instances.qemu_live import MIRROR_JOB, MIRROR_NODE
+        vm = await self._running(spec)
+        migration = await vm.execute("query-migrate")
+        if migration.get("status") in ("setup", "active", "pre-switchover", "device", "wait-unplug"):
+            with contextlib.suppress(InternalError):
+                await vm.execute("migrate_cancel")
+            deadline = time.monotonic() + 30
+            while (await vm.execute("query-migrate")).get("status") in ("cancelling", "active", "pre-switchover",
+                                                                        "device", "setup"):
+                if time.monotonic() > deadline:
+                    raise InternalError("QEMU did not cancel its migration within 30s")
+                await asyncio.sleep(0.02)
+        jobs = await vm.execute("query-block-jobs")
+        if any(isinstance(j, dict) and j.get("device") == MIRROR_JOB for j in jobs):
+            with contextlib.suppress(InternalError):
+                await vm.execute("block-job-cancel", {"device": MIRROR_JOB, "force": True})
+            deadline = time.monotonic() + 30
+            while any(isinstance(j, dict) and j.get("device") == MIRROR_JOB and j.get("status") != "concluded"
+                      for j in await vm.execute("query-block-jobs")):
+                if time.monotonic() > deadline:
+                    raise InternalError("QEMU did not end its disk mirror within 30s")
+                await asyncio.sleep(0.02)
+            with contextlib.suppress(InternalError):
+                await vm.execute("job-dismiss", {"id": MIRROR_JOB})
+        nodes = await vm.execute("query-named-block-nodes", {"flat": True})
+        if any(isinstance(n, dict) and n.get("node-name") == MIRROR_NODE for n in nodes):
+            with contextlib.suppress(InternalError):
+                await vm.execute("blockdev-del", {"node-name": MIRROR_NODE})
+        if (await vm.execute("query-status")).get("status") in _PAUSED:
+            await vm.execute("cont")
+
+    def _live_refusal(self, where: str) -> str | None:
+        if not self.accelerator.name:
+            return f"virtual machines cannot run {where}: {self.accelerator.reason}"
+        return qemu_policy.version_refusal(self.accelerator.name, self.accelerator.qemu_version)
+
+    async def live_refusal(self, spec: InstanceSpec) -> str | None:
+        if (refusal := self._live_refusal("here")) is not None:
+            return refusal
+        try:
+            qemu_policy.check_config(spec.config)
+        except BadRequest as err:
+            return err.message
+        return None
+
+    async def accept_refusal(self, spec: InstanceSpec) -> str | None:
+        await self._accel_probed()
+        return self._live_refusal("on this server")
+
+    async def _accel_probed(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._probed.wait(), 30)
+
+    def live_source(self, spec: InstanceSpec, directory: Path, terms: LiveTerms, *, precopy: PrecopySettings,
+                    keep_running: bool) -> LiveSource:
+        from stapes.server.instances.qemu_live import QemuLiveSource
+        return QemuLiveSource(self, spec, directory, terms)
+
+    def live_target(self, spec: InstanceSpec, directory: Path) -> LiveTarget:
+        from stapes.server.instances.qemu_live import QemuLiveTarget
+        return QemuLiveTarget(self, spec, directory)
+
+    async def recover_source(self, spec: InstanceSpec, directory: Path, *, complete: bool) -> bool:
+        """The server stopped in the middle of a live move the target never confirmed: the VM's QEMU ran on (it
+        outlives the server); its migration and mirror are cancelled and its guest continued, if paused."""
+        if await asyncio.to_thread(running_pid, self.runtime_dir(spec)) is None:
+            return False
+        await self.cancel_migration(spec)
+        return True
+
+    async def release_moved(self, spec: InstanceSpec) -> None:
+        """The server stopped after it handed the VM over: its paused QEMU here goes."""
+        if await asyncio.to_thread(running_pid, self.runtime_dir(spec)) is not None:
+            await self.stop(spec, timeout=0, force=True)
+
     async def state(self, spec: InstanceSpec, *, detail: bool) -> RuntimeState:
         runtime = self.runtime_dir(spec)
         pid = await asyncio.to_thread(running_pid, runtime)
@@ -757,6 +895,13 @@ async def _exited(pid: int, timeout: float, interval: float = 0.1) -> bool:
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(interval)
+
+
+def _host_memory_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) >> 10
+    return 0
 
 
 def _running_machine(runtime: Path) -> Machine | None:

@@ -209,7 +209,9 @@ DEFAULT_CPUS = 1
 MAX_CPUS = 64
 CPU_MODELS = {"kvm": "host", "tcg": "max"}  # TCG's `max`: every feature it emulates (it boots fastest here)
 SUPPORTED_KEYS = ("limits.cpu (a count of virtual CPUs)", "limits.memory (a size, or a share of the host as 50%)",
-                  "boot.autostart", "migration.stateful", "user.*", "environment.*", "image.*", "cloud-init.*")
+                  "boot.autostart", "migration.stateful",
+                  "migration.* (the live move's policy: docs/vm.md)", "user.*", "environment.*", "image.*",
+                  "cloud-init.*")
 # Container keys a VM refuses when they would change anything (set, or true for the switches).
 CONTAINER_ONLY_KEYS = ("raw.lxc", "limits.processes")
 CONTAINER_ONLY_SWITCHES = ("security.privileged", "migration.incremental.memory", "migration.lazy")
@@ -231,6 +233,8 @@ def check_instance(config: Mapping[str, str], devices: Mapping[str, Mapping[str,
         if value if key in CONTAINER_ONLY_KEYS else is_true(value):
             raise BadRequest(f"{key} applies to containers only; a virtual machine takes "
                              f"{', '.join(SUPPORTED_KEYS)}")
+    from stapes.server.instances.qemu_policy import check_config
+    check_config(config)  # the live move's policy keys
     cpu = config.get("limits.cpu", "")
     if cpu and (not cpu.isdigit() or not 1 <= int(cpu) <= MAX_CPUS):
         raise BadRequest(f"limits.cpu {cpu!r}: a virtual machine takes a count of virtual CPUs from 1 to {MAX_CPUS} "

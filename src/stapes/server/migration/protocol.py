@@ -470,8 +470,9 @@ def check_volume(offer_: pb.MigrationHeader, content: str, free: int, pool: str)
                             "the source's instance type")
     incus = not offer_.stapesTransports
     if incus and offer_.HasField("criu") and offer_.criu == pb.VM_QEMU:
-        raise ProtocolError("The Incus source offers a live move of the virtual machine (its QEMU state), which "
-                            "Stapes does not take from Incus yet: stop the VM first, or move it with --stateless")
+        raise ProtocolError("The Incus source offers a live move of the virtual machine (its QEMU state): Incus "
+                            "builds its own device tree for a VM, which QEMU's stream into a Stapes-built machine "
+                            "cannot match; stop the VM first, or move it with --stateless")
     if content != BLOCK:
         return None
     for snap in offer_.snapshots:

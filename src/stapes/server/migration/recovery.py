@@ -82,6 +82,7 @@ async def recover(instances: InstanceService, left: list[LeftCheckpoint]) -> Non
         try:
             row = await instances.get(checkpoint.project, checkpoint.name)
             if checkpoint.moved:
+                await instances.driver(row.type).release_moved(await instances.spec(row))
                 await instances.record_power_state(row.project, row.name, running=False)
                 log.warning("%s moved live to another server before this one stopped: it stays stopped here; "
                             "delete it here once it runs there", row.name)

@@ -42,7 +42,7 @@ from stapes.server.migration.policy import PrecopySettings
 from stapes.server.operations import Operation
 from stapes.server.paths import StatePaths
 from stapes.server.storage.base import PoolDriver, Volume, block_size
-from stapes.server.storage.service import open_transport
+from stapes.server.storage.service import TRANSFER_TYPES, open_transport
 from stapes.server.store.db import InstanceRow, SnapshotRow
 from stapes.server.streams import Channel
 
@@ -124,7 +124,11 @@ class MigrationSource:
         control, fs = channels["control"], channels["fs"]
         volume = pool.volume_path(instance_volume)
         paths = {s.name: pool.snapshot_path(instance_volume, s.name) for s in snapshots}
-        total = await stream_bytes(volume) + sum([await stream_bytes(p) for p in paths.values()])
+        mirrored = live is not None and live.driver.live_disk_mirrored and instance_volume.block
+        if mirrored:  # the volume goes without its disk: only a transport that can leave it out
+            sendable = tuple(t for t in sendable if TRANSFER_TYPES[t].leaves_disk)
+        total = (await stream_bytes(volume) if not mirrored else 0) + sum([await stream_bytes(p)
+                                                                          for p in paths.values()])
         volume_size, snapshot_sizes = None, {}
         if instance_volume.block:  # Incus's volumeSize and snapshot `size`: the disks' apparent sizes
             volume_size = await asyncio.to_thread(block_size, volume)
@@ -141,12 +145,19 @@ class MigrationSource:
         answer = protocol.parse_header(await control.receive(), "target")
         transport = protocol.check_answer(answer, list(header.stapesTransports), list(paths),
                                           instance_volume.content)
+        if live is not None and live.driver.live_disk_mirrored and not answer.stapesTransports:
+            raise protocol.ProtocolError(
+                "The target is an Incus server, which rebuilds its own device tree for a VM: QEMU's stream of "
+                "this one cannot match it, so it cannot move live there; stop the VM first, or move it with "
+                "--stateless")
         if live is not None and not protocol.live_accepted(answer, live_type):
             raise protocol.ProtocolError("Protocol error: the target answered without accepting the live move")
         op.update_metadata(transport=transport)
         progress = progress_of(op, "fs", total)
         features = protocol.rsync_features(answer)
         sender = open_transport(transport, fs, progress, features, pool.config.get("rsync.bwlimit"))
+        if mirrored:  # the session mirrors the disk while the VM runs
+            sender.disk_elsewhere.add(volume)
         await send_over(control, sender, [*(paths[snapshot] for snapshot in answer.snapshotNames), volume])
         progress.finish()
         if live is not None:

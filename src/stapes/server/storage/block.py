@@ -199,11 +199,15 @@ class BlockAndRsync(Transport):
 
     name: ClassVar[str] = "block-and-rsync"
     carries: ClassVar[frozenset[str]] = frozenset({"block"})
+    leaves_disk: ClassVar[bool] = True
     refreshes: ClassVar[bool] = True  # the config by rsync, the disk whole again (Incus refreshes a VM so)
     incus: ClassVar[dict[str, pb.MigrationFSType]] = {"block": pb.BLOCK_AND_RSYNC}
 
     async def send(self, path: Path) -> None:
         await rsync_send(path, self.channel, self.progress, (), self.bwlimit, extra=[f"--exclude=/{BLOCK_FILE}"])
+        if path in self.disk_elsewhere:
+            await self.channel.barrier()  # no bytes: the receiver extends the disk to its declared size
+            return
         await send_block(path / BLOCK_FILE, self.channel, self.progress)
 
     async def receive(self, path: Path, *, snapshot: bool, size: int | None = None) -> None:

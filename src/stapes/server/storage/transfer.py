@@ -178,6 +178,7 @@ class Transport:
     carries: ClassVar[frozenset[str]] = frozenset({"filesystem", "block"})  # the volume contents it can move
     refreshes: ClassVar[bool] = False  # updates an existing copy in place (a refresh), sending what changed
     incus: ClassVar[dict[str, pb.MigrationFSType]] = {}  # content -> Incus's fs type, where Incus speaks it
+    leaves_disk: ClassVar[bool] = False  # can send a block volume without its disk (`disk_elsewhere`)
 
     def __init__(self, channel: Channel, progress: Progress | None, features: Sequence[str],
                  bwlimit: str | None = None) -> None:
@@ -186,6 +187,9 @@ class Transport:
         self.features = features
         self.bwlimit = bwlimit
         self.bound: ReceiveBound | None = None  # a receiver's limit on what it writes (set by its user)
+        # A sender's volumes whose block disk moves otherwise (a live VM's mirror): their files and the disk's
+        # declared size only (the receiver makes the disk that long, all hole).
+        self.disk_elsewhere: set[Path] = set()
 
     async def send(self, path: Path) -> None:
         raise NotImplementedError

@@ -1,0 +1,89 @@
+"""Running VMs moving live between two real servers (migration.stateful=true): QEMU's stream and a disk mirror
+over the daemons' own websockets, while the guest prints its heartbeat, dirties its memory and writes to its
+disk; and each failure before the handover leaves it running on the source, nothing on the target."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from tests.integration.harness import Cli, Cluster, Server, wait_for
+from tests.integration.test_vm_exec import agent_up
+
+# In the guest: memory dirtied without end (a tmpfs is RAM), and a counter appended to the data partition
+# (fsynced each time), both detached from the exec that starts them.
+WORKLOAD = ("mkdir -p /run/dirty && mount -t tmpfs -o size=64m tmpfs /run/dirty; "
+            "setsid sh -c 'while :; do dd if=/dev/urandom of=/run/dirty/a bs=1M count=32 2>/dev/null; done' "
+            "</dev/null >/dev/null 2>&1 & "
+            "setsid sh -c 'i=0; while :; do echo $i >> /mnt/data/counter; sync; i=$((i+1)); sleep 0.1; done' "
+            "</dev/null >/dev/null 2>&1 &")
+
+
+def heartbeats(cli: Cli, name: str) -> list[int]:
+    log = cli.run("console", name, "--show-log").stdout
+    return [int(n) for n in re.findall(r"heartbeat (\d+)", log)]
+
+
+def counter(cli: Cli, name: str) -> list[int]:
+    out = cli.run("exec", name, "--", "cat", "/mnt/data/counter").stdout
+    return [int(line) for line in out.split()]
+
+
+def running_vm(two: Cli, name: str) -> None:
+    two.run("launch", "s1:busybox-vm", name, "--vm", "-d", "root,size=256MiB", "-c", "migration.stateful=true")
+    agent_up(two, f"s1:{name}")
+    wait_for(lambda: bool(two.run("exec", f"s1:{name}", "--", "test", "-d", "/mnt/data", check=False).returncode
+                          == 0), 60, "the data partition mounted")
+    two.run("exec", f"s1:{name}", "--", "sh", "-c",
+            "dd if=/dev/urandom of=/mnt/data/before bs=64k count=32 2>/dev/null; "
+            "sha256sum /mnt/data/before > /mnt/data/before.sum; sync")
+    two.run("exec", f"s1:{name}", "--", "sh", "-c", WORKLOAD)
+    wait_for(lambda: len(counter(two, f"s1:{name}")) > 5, 60, "the guest's counter")
+
+
+@pytest.mark.parametrize("mode", ["pull", "push", "relay"])
+def test_a_running_vm_moves_live(s1: Server, s2: Server, two: Cli, mode: str) -> None:
+    running_vm(two, "v1")
+    before = heartbeats(two, "s1:v1")
+    assert before, "the source's console shows heartbeats"
+    counted = counter(two, "s1:v1")
+
+    out = two.run("move", "s1:v1", "s2:", "--mode", mode)
+    assert f"({mode}, block-and-rsync, live: downtime " in out.stdout, out.stdout
+    assert two.json("list", "s1:") == []
+    moved = {i["name"]: i for i in two.json("list", "s2:")}
+    assert moved["v1"]["status"] == "Running"
+
+    # The same guest runs on: its heartbeat continues (no reboot: the numbers go on from the source's), its
+    # counter too, with nothing lost on the disk; the data written before the move is there, bit for bit.
+    wait_for(lambda: len(heartbeats(two, "s2:v1")) >= 2, 60, "heartbeats on the target")
+    after = heartbeats(two, "s2:v1")
+    assert after[0] > before[-1] and after == list(range(after[0], after[0] + len(after))), (before[-5:], after)
+    agent_up(two, "s2:v1")
+    wait_for(lambda: len(counter(two, "s2:v1")) > len(counted) + 10, 60, "the counter going on")
+    values = counter(two, "s2:v1")
+    assert values == list(range(len(values))), "the counter written during the move has a gap or a repeat"
+    assert two.run("exec", "s2:v1", "--", "sha256sum", "-c", "/mnt/data/before.sum").returncode == 0
+    two.run("delete", "s2:v1", "--force")
+
+
+def test_a_failed_live_move_leaves_the_vm_running_on_the_source(cluster: Cluster) -> None:
+    s1 = cluster.server("s1", "127.0.0.1")
+    s2 = cluster.server("s2", "127.0.0.2", {"STAPES_FAIL_AT": "target-before-commit"})
+    two = cluster.cli()
+    two.trust(s1, "s1")
+    two.trust(s2, "s2")
+    running_vm(two, "v2")
+    failed = two.run("move", "s1:v2", "s2:", check=False)
+    assert failed.returncode != 0 and "target-before-commit" in failed.stderr, failed.stderr
+    assert two.json("list", "s2:") == []
+    (state,) = two.json("list", "s1:")
+    assert state["status"] == "Running"
+    seen = heartbeats(two, "s1:v2")[-1]
+    wait_for(lambda: heartbeats(two, "s1:v2")[-1] > seen + 1, 30, "the heartbeat going on on the source")
+    count = len(counter(two, "s1:v2"))
+    time.sleep(1)
+    assert len(counter(two, "s1:v2")) > count
+    two.run("delete", "s1:v2", "--force")
