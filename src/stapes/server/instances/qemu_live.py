@@ -37,6 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qemu.qmp import EventListener
+
 from stapes.api.errors import BadRequest, InternalError, StapesError
 from stapes.server.instances import qemu_policy as policy
 from stapes.server.instances.driver import InstanceSpec, LiveLink, LiveSource, LiveTarget, LiveTerms
@@ -269,6 +271,18 @@ class QemuLiveSource(LiveSource):
         await pausing()
         memory_started = time.monotonic()
         self.migrating = True
+        client = await self.driver.qmp(self.spec)
+        events = EventListener(("MIGRATION", "MIGRATION_PASS"))
+        client.register_listener(events)
+        try:
+            await self._migrate(link, steps, deadline, memory_started, events)
+        finally:
+            client.remove_listener(events)
+
+    async def _migrate(self, link: LiveLink, steps: list[tuple[float, int]], deadline: float | None,
+                       memory_started: float, events: EventListener) -> None:
+        """The memory phase: QEMU's figures read on each of its events (or every POLL s), the policy obeyed,
+        until QEMU pauses the guest before the switchover; then only the mirror ends."""
         await self._qmp("migrate", {"uri": "fd:stapes-migrate"})
         link.report(live_stage="memory")
         history: list[policy.Figures] = []
@@ -302,7 +316,8 @@ class QemuLiveSource(LiveSource):
                 await self._qmp("migrate-set-parameters", {"max-cpu-throttle": policy.MAX_THROTTLE})
             if (broken := self.tunnels.broken()) is not None:
                 raise InternalError(f"The connection to the target broke during the memory transfer: {broken}")
-            await asyncio.sleep(POLL)
+            with contextlib.suppress(TimeoutError):  # the pause is noticed at once: it counts as downtime
+                await asyncio.wait_for(events.get(), POLL)
         # Paused (pre-switchover): end the mirror, nothing else, and let QEMU send the rest.
         self.paused_at = time.monotonic()
         link.report(live_stage="switchover")
