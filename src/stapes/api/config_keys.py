@@ -100,6 +100,14 @@ INSTANCE_KEYS: dict[str, Key] = {
                                "on the host (off by default)", "false"),
     "migration.stateful": Key(check_bool, "Move the instance live, with its running state", "false"),
     "migration.incremental.memory": Key(check_bool, "Use CRIU memory pre-copy for live moves", "false"),
+    # A VM's live-move policy: each value checked in full by the VM driver (server/instances/qemu_policy.py).
+    "migration.bandwidth": Key(check_any, "VM live move: QEMU's bandwidth cap per second", "1GiB"),
+    "migration.downtime": Key(check_int(1, 60000), "VM live move: the largest allowed downtime, ms", "500"),
+    "migration.downtime.steps": Key(check_int(1, 100), "VM live move: raises of the allowed downtime", "5"),
+    "migration.downtime.delay": Key(check_any, "VM live move: seconds per GiB between two raises", "4"),
+    "migration.timeout": Key(check_any, "VM live move: seconds per GiB of memory + disk (0: none)", "60"),
+    "migration.stall_timeout": Key(check_any, "VM live move: seconds without progress (0: never)", "20"),
+    "migration.timeout_action": Key(check_any, "VM live move: abort, postcopy or auto-converge", "abort"),
     "migration.incremental.memory.goal": Key(check_int(1, 100), "Pre-copy goal, in percent synced", "70"),
     "migration.incremental.memory.iterations": Key(check_int(1, 999), "Pre-copy rounds at most", "10"),
     "migration.lazy": Key(check_bool, "Live moves: restore at once, memory on demand after (CRIU lazy pages; a "
