@@ -135,6 +135,25 @@ async def setup(root: Path) -> Path:
     return root / "client"
 
 
+def clean_up(servers: list[subprocess.Popen[bytes]], root: Path) -> None:
+    """Everything a VM benchmark started goes: its servers, their bridges, dnsmasq and nftables tables (as the
+    demo does), the QEMUs they left, the mounts under `root`, and `root`."""
+    for proc in servers:
+        proc.terminate()
+        proc.wait(30)
+    for name in ("s1", "s2"):
+        subprocess.run([sys.executable, "-m", "stapes.server.networks.cleanup", str(root / name)],
+                       check=False, capture_output=True)
+    for pidfile in root.glob("s*/qemu/*/qemu.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted(mounts, reverse=True):
+        if mount.startswith(str(root)):
+            subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
@@ -190,20 +209,7 @@ def main() -> None:
         for mode, seconds, ratio in rows:
             print(f"| {mode} | {seconds:.2f} | {floor:.2f} | {ratio:.2f}x |")
     finally:
-        for proc in servers:
-            proc.terminate()
-            proc.wait(30)
-        for name in ("s1", "s2"):  # the servers' bridges, dnsmasq and nftables tables (as the demo does)
-            subprocess.run([sys.executable, "-m", "stapes.server.networks.cleanup", str(root / name)],
-                           check=False, capture_output=True)
-        for pidfile in root.glob("s*/qemu/*/qemu.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-        for mount in sorted(mounts, reverse=True):
-            if mount.startswith(str(root)):
-                subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        clean_up(servers, root)
 
 
 if __name__ == "__main__":

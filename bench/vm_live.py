@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qemu.qmp import QMPClient  # noqa: E402
 
 from bench.migration import start_server  # noqa: E402
-from bench.vm import setup  # noqa: E402
+from bench.vm import clean_up, setup  # noqa: E402
 from stapes.server.instances import qemu_policy as policy  # noqa: E402
 from stapes.server.instances.qemu_machine import Disk, Machine, argv  # noqa: E402
 
@@ -281,20 +281,7 @@ def main() -> None:
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-        for proc in servers:
-            proc.terminate()
-            proc.wait(30)
-        for name in ("s1", "s2"):  # the servers' bridges, dnsmasq and nftables tables
-            subprocess.run([sys.executable, "-m", "stapes.server.networks.cleanup", str(root / name)],
-                           check=False, capture_output=True)
-        for pidfile in root.glob("s*/qemu/*/qemu.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-        for mount in sorted(mounts, reverse=True):
-            if mount.startswith(str(root)):
-                subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        clean_up(servers, root)
 
 
 if __name__ == "__main__":

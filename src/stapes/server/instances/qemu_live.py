@@ -60,6 +60,7 @@ VERDICT_TIMEOUT = 60.0  # the target running the guest and proving it alive
 ALIVE_TIMEOUT = 30.0  # the guest's agent answering on the target
 POLL = 0.25  # query-migrate / query-block-jobs while nothing is urgent
 SWITCHOVER_POLL = 0.002  # inside the pause: every millisecond counts
+SWITCHOVER_TIMEOUT = 120.0  # from migrate-continue to QEMU's "completed"
 MACHINE_TYPES = ("q35",)
 ACTIVE = {"setup", "active", "pre-switchover", "device", "postcopy-active", "postcopy-paused",
           "postcopy-recover", "wait-unplug"}
@@ -333,11 +334,15 @@ class QemuLiveSource(LiveSource):
         self.figures["memory_bytes"] = history[-1].transferred
 
     async def finish(self, link: LiveLink) -> None:
+        deadline = time.monotonic() + SWITCHOVER_TIMEOUT
         while True:
             answer = await self._qmp("query-migrate")
             status = str(answer.get("status", ""))
             if status == "completed":
                 break
+            if time.monotonic() > deadline:
+                raise InternalError(f"QEMU did not complete the switchover within {SWITCHOVER_TIMEOUT:.0f}s "
+                                    f"(it reports {status!r}){self._broken_note()}")
             if status not in ACTIVE:
                 raise InternalError(f"QEMU's migration {status}: {answer.get('error-desc') or 'no reason given'}"
                                     f"{self._broken_note()}")
@@ -424,11 +429,20 @@ class QemuLiveTarget(LiveTarget):
         await self.tunnels.carry(ours, link.state, "migration tunnel")
         await self.tunnels.carry_to(self.directory / NBD_SOCKET, link.fs, "nbd tunnel")
         link.report(live_stage="memory")
+        # Bounded by this instance's own policy, whatever the source does (it may keep the links busy forever).
+        machine = await self.driver.running_machine(self.spec)
+        limit = policy.completion_timeout(policy.LivePolicy.from_config(self.spec.config),
+                                          machine.memory_mib * 2**20, await self.driver.disk_size(self.spec))
+        allowed = None if limit is None else limit * 1.5
+        deadline = None if allowed is None else time.monotonic() + allowed
         while True:
             answer = await self._qmp("query-migrate")
             status = str(answer.get("status", ""))
             if status == "completed":
                 break
+            if deadline is not None and allowed is not None and time.monotonic() > deadline:
+                raise InternalError(f"The source's VM did not arrive within {allowed:.0f}s (1.5 times its "
+                                    "migration.timeout)")
             if status in ("failed", "cancelled"):
                 raise InternalError(f"QEMU here could not take the VM's state: {answer.get('error-desc') or status}")
             if (broken := self.tunnels.broken()) is not None:
