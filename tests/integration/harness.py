@@ -87,10 +87,14 @@ class Server:
         raise RuntimeError(f"stapesd {self.name} did not come up: {self.log_path.read_text()[-2000:]}")
 
     def _answers(self) -> bool:
-        if self.netns is not None:  # its port is not reachable from here: the daemon says when it listens
-            with self.log_path.open("rb") as log:
-                log.seek(self._log_offset)
-                return b"stapesd ready" in log.read()
+        """Up once it says it is ready (after its accelerator probe and the instances it restarts) and, where
+        its port is reachable from here, that port accepts connections."""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_offset)
+            if b"stapesd ready" not in log.read():
+                return False
+        if self.netns is not None:  # its port is not reachable from here
+            return True
         try:
             with socket.create_connection((self.host, self.port), timeout=1):
                 return True

@@ -56,10 +56,9 @@ def test_a_server_killed_during_a_live_move_loses_nothing(cluster: Cluster, poin
     two.run("delete", "s1:v3", "--force")
 
 
-# Open defect (issue 19's note): a Ctrl-C of a pull-mode move in its memory phase has left the instance on the
-# target; ("pull", signal.SIGINT) joins this list once that is fixed.
 @pytest.mark.parametrize(("mode", "how"), [
     ("relay", signal.SIGKILL),  # the relay client killed: both links cut
+    ("pull", signal.SIGINT),  # Ctrl-C: the client cancels both operations
 ])
 def test_a_live_move_cancelled_in_its_memory_phase_leaves_the_vm_on_the_source(
         cluster: Cluster, mode: str, how: signal.Signals) -> None:
@@ -79,14 +78,14 @@ def test_a_live_move_cancelled_in_its_memory_phase_leaves_the_vm_on_the_source(
     try:
         wait_for(in_memory_phase, 120, "the memory phase")
         move.send_signal(how)
-        move.communicate(timeout=120)
+        out, err = move.communicate(timeout=120)
     finally:
         if move.poll() is None:
             move.kill()
             move.wait()
-    assert move.returncode != 0
+    assert move.returncode != 0, (out, err)
     wait_for(lambda: not s1.running_operations() and not s2.running_operations(), 60, "operations to end")
-    assert two.json("list", "s2:") == [] and qemu_processes(s2) == []
+    assert two.json("list", "s2:") == [] and qemu_processes(s2) == [], (out, err)
     (state,) = two.json("list", "s1:")
     assert state["status"] == "Running", state
     seen = heartbeats(two, "s1:v4")[-1]

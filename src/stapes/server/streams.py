@@ -303,6 +303,15 @@ async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cha
     try:
         await asyncio.gather(stdout_to_channel(reader, channel, None),
                              channel_to_socket(channel, writer, before_end=before_peer_end))
-    finally:
-        writer.close()
+    except BaseException:
+        drop(writer)
+        raise
+    writer.close()  # what is still buffered goes out first
+
+
+def drop(writer: asyncio.StreamWriter) -> None:
+    """The socket's transport off the event loop at once, its buffer discarded. A `close()` keeps it watched
+    until the buffer drained (forever, if the peer reads no more); a raw close of its socket then frees the
+    number while the loop still watches it, and the next pipe or socket opened on that number breaks."""
+    writer.transport.abort()
 

@@ -35,6 +35,7 @@ from stapes.server.streams import (
     channel_to_socket,
     channel_to_stdin,
     channel_to_tool,
+    drop,
     finish,
     kill,
     spawn_tool,
@@ -144,7 +145,7 @@ async def rsync_send(path: Path, channel: Channel, progress: Progress | None, fe
             await receiving
         finally:
             receiving.cancel()
-            writer.close()
+            drop(writer)  # before the raw close below (streams.drop)
     finally:
         ours.close()
         await kill(proc)
