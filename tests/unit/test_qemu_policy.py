@@ -25,6 +25,7 @@ from stapes.server.instances.qemu_policy import (
     downtime_at,
     downtime_steps,
     eta,
+    mirror_speed,
     parameters,
     stalled,
     version_refusal,
@@ -267,6 +268,14 @@ def test_completion_timeout() -> None:
     assert completion_timeout(LivePolicy(timeout=10), 4 * GiB, 0) == 60.0
     assert completion_timeout(LivePolicy(timeout=10), 8 * GiB, 0) == 80.0
     assert completion_timeout(LivePolicy(timeout=0), 64 * GiB, 64 * GiB) is None
+    # A lower floor (the tests that make the timeout fire) still never cuts the per-GiB figure.
+    assert completion_timeout(LivePolicy(timeout=10), 128 * MiB, 0, floor=2) == 2
+    assert completion_timeout(LivePolicy(timeout=10), 4 * GiB, 0, floor=2) == 40
+
+
+def test_the_mirror_shares_the_bandwidth_cap() -> None:
+    assert mirror_speed(LivePolicy(bandwidth=4 * MiB)) == 4 * MiB
+    assert mirror_speed(LivePolicy.from_config({"migration.bandwidth": "unlimited"})) == 0  # 0: no cap for QEMU
 
 
 # --- stalls ----------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from stapes.api.errors import BadRequest, InternalError, StapesError
 from stapes.server.instances import qemu_policy as policy
 from stapes.server.instances.driver import InstanceSpec, LiveLink, LiveSource, LiveTarget, LiveTerms
 from stapes.server.instances.qemu_machine import CPU_MODELS, MAX_CPUS, MIN_MEMORY_MIB, ROOT_NODE, Machine, Nic
-from stapes.server.streams import Channel, tunnel
+from stapes.server.streams import Channel, drop, tunnel
 
 if TYPE_CHECKING:
     from stapes.server.instances.qemu import QemuDriver
@@ -161,6 +161,7 @@ class _Tunnels:
     def __init__(self) -> None:
         self.tasks: list[asyncio.Task[None]] = []
         self.sockets: list[socket.socket] = []
+        self.writers: list[asyncio.StreamWriter] = []
 
     def pair(self) -> tuple[socket.socket, socket.socket]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -170,10 +171,12 @@ class _Tunnels:
     async def carry(self, sock: socket.socket, channel: Channel, name: str) -> None:
         sock.setblocking(False)
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        self.writers.append(writer)
         self.tasks.append(asyncio.create_task(tunnel(reader, writer, channel), name=name))
 
     async def carry_to(self, path: Path, channel: Channel, name: str) -> None:
         reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 20)
+        self.writers.append(writer)
         self.tasks.append(asyncio.create_task(tunnel(reader, writer, channel), name=name))
 
     def broken(self) -> str | None:
@@ -192,6 +195,8 @@ class _Tunnels:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        for writer in self.writers:  # a task cancelled before it ran never dropped its own
+            drop(writer)
         for sock in self.sockets:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -215,8 +220,12 @@ class QemuLiveSource(LiveSource):
     async def run_until_paused(self, link: LiveLink, pausing: Callable[[], Awaitable[None]]) -> None:
         try:
             await self._run_until_paused(link, pausing)
-        except BaseException:
+        except BaseException as err:
+            began = time.monotonic()
+            log.info("%s: the live move stopped (%s); continuing the guest here", self.spec.name,
+                     err.message if isinstance(err, StapesError) else type(err).__name__)
             await asyncio.shield(self.resume_here())
+            log.info("%s: continued here in %.2fs", self.spec.name, time.monotonic() - began)
             raise
 
     async def _run_until_paused(self, link: LiveLink, pausing: Callable[[], Awaitable[None]]) -> None:
@@ -231,7 +240,7 @@ class QemuLiveSource(LiveSource):
         disk_bytes = await self.driver.disk_size(self.spec)
         data_bytes = machine.memory_mib * 2**20 + disk_bytes
         steps = policy.downtime_steps(self.policy, data_bytes)
-        timeout = policy.completion_timeout(self.policy, machine.memory_mib * 2**20, disk_bytes)
+        timeout = policy.completion_timeout(self.policy, machine.memory_mib * 2**20, disk_bytes, timeout_floor())
         deadline = None if timeout is None else self.started + timeout
 
         # The disk: an NBD client on our end of a socketpair, carried over fs to the target's export.
@@ -242,7 +251,8 @@ class QemuLiveSource(LiveSource):
         await self._qmp("blockdev-add", {"driver": "nbd", "node-name": MIRROR_NODE, "export": "root",
                                          "server": {"type": "fd", "str": MIRROR_NODE}}, timeout=30)
         await self._qmp("blockdev-mirror", {"job-id": MIRROR_JOB, "device": ROOT_NODE, "target": MIRROR_NODE,
-                                            "sync": "full", "auto-dismiss": False})
+                                            "sync": "full", "auto-dismiss": False,
+                                            "speed": policy.mirror_speed(self.policy)})
         link.report(live_stage="disk")
         while True:
             job = await self._mirror_job()
@@ -432,7 +442,8 @@ class QemuLiveTarget(LiveTarget):
         # Bounded by this instance's own policy, whatever the source does (it may keep the links busy forever).
         machine = await self.driver.running_machine(self.spec)
         limit = policy.completion_timeout(policy.LivePolicy.from_config(self.spec.config),
-                                          machine.memory_mib * 2**20, await self.driver.disk_size(self.spec))
+                                          machine.memory_mib * 2**20, await self.driver.disk_size(self.spec),
+                                          timeout_floor())
         allowed = None if limit is None else limit * 1.5
         deadline = None if allowed is None else time.monotonic() + allowed
         while True:
@@ -521,6 +532,16 @@ class QemuLiveTarget(LiveTarget):
 
     async def finish(self) -> None:
         await self.tunnels.close()
+
+
+def timeout_floor() -> float:
+    """The completion timeout's floor: policy.MIN_TIMEOUT; STAPES_LIVE_MIN_TIMEOUT (seconds) lowers it for the
+    tests that make the timeout fire, as STAPES_MIGRATION_IDLE_TIMEOUT does for idle links."""
+    try:
+        floor = float(os.environ.get("STAPES_LIVE_MIN_TIMEOUT", policy.MIN_TIMEOUT))
+    except ValueError:
+        return policy.MIN_TIMEOUT
+    return floor if floor > 0 else policy.MIN_TIMEOUT
 
 
 def _private(directory: Path) -> None:

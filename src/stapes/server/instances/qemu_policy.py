@@ -52,8 +52,9 @@ DEFAULT_ACTION = "abort"  # the guest runs on, on the source (Nova's default). P
 # downtime) but a link lost after the switch loses the guest; auto-converge slows it (22-118 s).
 
 KEYS: dict[str, str] = {
-    "migration.bandwidth": "QEMU's max-bandwidth, a size per second (1GiB, 500MB, bytes; default 1GiB; 0 or "
-                           "unlimited: no cap); QEMU's own 128 MiB/s is slower than the link",
+    "migration.bandwidth": "QEMU's max-bandwidth and the disk mirror's speed, a size per second (1GiB, 500MB, "
+                           "bytes; default 1GiB; 0 or unlimited: no cap); QEMU's own 128 MiB/s is slower than "
+                           "the link",
     "migration.downtime": "the largest downtime allowed at the switchover, in ms from 1 to 60000 (default 500; "
                           "reached in steps)",
     "migration.downtime.steps": "how many times the allowed downtime is raised, from downtime/steps up to "
@@ -231,12 +232,13 @@ def downtime_at(steps: list[tuple[float, int]], elapsed: float) -> int:
     return allowed
 
 
-def completion_timeout(policy: LivePolicy, memory_bytes: int, disk_bytes: int) -> float | None:
-    """Seconds the whole move may take: `timeout` per GiB of memory + disk, at least MIN_TIMEOUT; None when
-    `migration.timeout` is 0 (no limit)."""
+def completion_timeout(policy: LivePolicy, memory_bytes: int, disk_bytes: int,
+                       floor: float = MIN_TIMEOUT) -> float | None:
+    """Seconds the whole move may take: `timeout` per GiB of memory + disk, at least `floor` (MIN_TIMEOUT but
+    in tests that make it fire); None when `migration.timeout` is 0 (no limit)."""
     if policy.timeout <= 0:
         return None
-    return max(MIN_TIMEOUT, policy.timeout * (max(0, memory_bytes) + max(0, disk_bytes)) / GiB)
+    return max(floor, policy.timeout * (max(0, memory_bytes) + max(0, disk_bytes)) / GiB)
 
 
 def stalled(history: Sequence[Figures], stall: float) -> bool:
@@ -327,6 +329,12 @@ def capabilities(policy: LivePolicy) -> list[dict[str, Any]]:
             {"capability": "pause-before-switchover", "state": True},
             {"capability": "auto-converge", "state": policy.action == "auto-converge"},
             {"capability": "postcopy-ram", "state": policy.action == "postcopy"}]
+
+
+def mirror_speed(policy: LivePolicy) -> int:
+    """blockdev-mirror's `speed` (bytes/s): the disk shares the link under the same cap as the memory, so a
+    mirror never takes more of it than `migration.bandwidth` allows; 0 (the mirror's "no cap") for UNLIMITED."""
+    return 0 if policy.bandwidth >= UNLIMITED else policy.bandwidth
 
 
 def parameters(policy: LivePolicy, steps: list[tuple[float, int]]) -> dict[str, Any]:
