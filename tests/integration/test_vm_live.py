@@ -49,12 +49,15 @@ def test_a_running_vm_moves_live(s1: Server, s2: Server, two: Cli, mode: str) ->
     before = heartbeats(two, "s1:v1")
     assert before, "the source's console shows heartbeats"
     counted = counter(two, "s1:v1")
+    identity = two.json("list", "s1:")[0]["config"]
 
     out = two.run("move", "s1:v1", "s2:", "--mode", mode)
     assert f"({mode}, block-and-rsync, live: downtime " in out.stdout, out.stdout
     assert two.json("list", "s1:") == []
     moved = {i["name"]: i for i in two.json("list", "s2:")}
     assert moved["v1"]["status"] == "Running"
+    for key in ("volatile.uuid", "volatile.eth0.hwaddr"):  # the same machine
+        assert moved["v1"]["config"][key] == identity[key], key
 
     # The same guest runs on: its heartbeat continues (no reboot: the numbers go on from the source's), its
     # counter too, with nothing lost on the disk; the data written before the move is there, bit for bit.
@@ -87,3 +90,27 @@ def test_a_failed_live_move_leaves_the_vm_running_on_the_source(cluster: Cluster
     time.sleep(1)
     assert len(counter(two, "s1:v2")) > count
     two.run("delete", "s1:v2", "--force")
+
+
+def test_a_running_vm_copies_live_as_a_clone(s1: Server, s2: Server, two: Cli) -> None:
+    """`copy` with migration.stateful: the guest goes on on the source and runs on the target too, from the same
+    moment (the same boot's heartbeat on both); the copy keeps the MACs and the UUID its guest holds in memory
+    (a clone), where a stopped copy gets new ones."""
+    running_vm(two, "v9")
+    source = two.json("list", "s1:")[0]["config"]
+    out = two.run("copy", "s1:v9", "s2:v9c")
+    assert "(pull, block-and-rsync, live: downtime " in out.stdout, out.stdout
+    states = {i["name"]: i["status"] for i in [*two.json("list", "s1:"), *two.json("list", "s2:")]}
+    assert states == {"v9": "Running", "v9c": "Running"}, states
+    copy = two.json("list", "s2:")[0]["config"]
+    assert copy["volatile.uuid"] == source["volatile.uuid"]
+    assert copy["volatile.eth0.hwaddr"] == source["volatile.eth0.hwaddr"]
+    seen = heartbeats(two, "s1:v9")[-1]
+    wait_for(lambda: heartbeats(two, "s1:v9")[-1] > seen + 1, 30, "the heartbeat going on on the source")
+    wait_for(lambda: len(heartbeats(two, "s2:v9c")) >= 2, 60, "heartbeats on the copy")
+    copied = heartbeats(two, "s2:v9c")
+    assert copied[0] > 0 and copied == list(range(copied[0], copied[0] + len(copied))), copied[:5]
+    agent_up(two, "s2:v9c")
+    assert two.run("exec", "s2:v9c", "--", "sha256sum", "-c", "/mnt/data/before.sum").returncode == 0
+    two.run("delete", "s2:v9c", "--force")
+    two.run("delete", "s1:v9", "--force")

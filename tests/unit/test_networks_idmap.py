@@ -6,6 +6,7 @@ import ipaddress
 import json
 import random
 import sqlite3
+import uuid
 from pathlib import Path
 
 import pytest
@@ -97,8 +98,11 @@ def test_volatile_keys_for_nics_and_the_id_map() -> None:
     assert json.loads(added["volatile.idmap.current"])[0] == {"Isuid": True, "Isgid": False, "Hostid": 1000000,
                                                                "Nsid": 0, "Maprange": 65536}
     assert added["volatile.idmap.base"] == "1000000" and added["volatile.last_state.idmap"] == "[]"
+    assert str(uuid.UUID(added["volatile.uuid"])) == added["volatile.uuid"]
     again = missing_volatile({**added}, {"eth0": NIC}, MAP, applying=True)
-    assert again == {}  # nothing changes once recorded: the MAC stays
+    assert again == {}  # nothing changes once recorded: the MAC and the UUID stay
+    assert missing_volatile({**added, "volatile.uuid": "x"}, {"eth0": NIC}, MAP, applying=True)["volatile.uuid"] \
+        != "x"  # one that is no UUID is replaced
     # security.privileged set on a running container: the next start drops the map, the current one stays
     changed = missing_volatile(added, {"eth0": NIC}, (), applying=False)
     assert changed["volatile.idmap.next"] == "[]" and "volatile.idmap.current" not in changed
@@ -113,16 +117,20 @@ def test_what_a_migrated_instance_keeps() -> None:
               "volatile.last_state.power": "RUNNING", "volatile.uuid": "x"}
     kept = kept_from_peer(config, {"eth0": NIC})
     assert kept == {"limits.cpu": "1", "volatile.base_image": "abc", "volatile.eth0.hwaddr": "10:66:6a:01:02:03"}
+    machine = "0b6a1b0e-5d1c-4f5e-9a43-6f1f2b3c4d5e"
+    assert kept_from_peer({**config, "volatile.uuid": machine}, {"eth0": NIC})["volatile.uuid"] == machine
     with pytest.raises(BadRequest, match="volatile.eth0.hwaddr"):
         kept_from_peer({"volatile.eth0.hwaddr": "ff:ff:ff:ff:ff:ff"}, {"eth0": NIC})
 
 
-def test_a_move_keeps_the_mac_and_a_copy_does_not() -> None:
-    instance = {"config": {"volatile.eth0.hwaddr": "10:66:6a:01:02:03", "volatile.idmap.next": "[]"},
+def test_a_move_keeps_the_mac_and_the_uuid_and_a_copy_does_not() -> None:
+    machine = "0b6a1b0e-5d1c-4f5e-9a43-6f1f2b3c4d5e"
+    instance = {"config": {"volatile.eth0.hwaddr": "10:66:6a:01:02:03", "volatile.idmap.next": "[]",
+                           "volatile.uuid": machine},
                 "devices": {}, "profiles": ["default"], "type": "container", "architecture": "x86_64",
                 "description": "", "ephemeral": False}
-    moved = target_body(instance, "c1", Overrides(), {}, move=True)["config"]
-    assert moved == {"volatile.eth0.hwaddr": "10:66:6a:01:02:03"}
+    moved = target_body(instance, "c1", Overrides(), {}, same_machine=True)["config"]
+    assert moved == {"volatile.eth0.hwaddr": "10:66:6a:01:02:03", "volatile.uuid": machine}
     assert target_body(instance, "c1", Overrides(), {})["config"] == {}
 
 

@@ -25,6 +25,7 @@ from stapes.server.instances.qemu_policy import (
     downtime_at,
     downtime_steps,
     eta,
+    mirror_buffer,
     mirror_speed,
     parameters,
     stalled,
@@ -276,6 +277,13 @@ def test_completion_timeout() -> None:
 def test_the_mirror_shares_the_bandwidth_cap() -> None:
     assert mirror_speed(LivePolicy(bandwidth=4 * MiB)) == 4 * MiB
     assert mirror_speed(LivePolicy.from_config({"migration.bandwidth": "unlimited"})) == 0  # 0: no cap for QEMU
+
+
+def test_the_mirror_buffer_keeps_the_link_busy_under_a_cap() -> None:
+    assert mirror_buffer(LivePolicy(bandwidth=8 * MiB)) == 2 * MiB  # a quarter second's worth
+    assert mirror_buffer(LivePolicy(bandwidth=2 * MiB)) == MiB  # never below 1 MiB
+    assert mirror_buffer(LivePolicy()) == 16 * MiB  # QEMU's own, for the 1 GiB/s default and above
+    assert mirror_buffer(LivePolicy.from_config({"migration.bandwidth": "0"})) == 16 * MiB
 
 
 # --- stalls ----------------------------------------------------------------------------------------------------

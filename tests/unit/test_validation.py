@@ -37,12 +37,14 @@ def test_parse_size(text: str, size: int) -> None:
 def test_instance_config_schema() -> None:
     validate_instance_config({"limits.memory": "64MiB", "limits.cpu": "0-1", "user.anything": "x",
                               "environment.FOO": "bar", "volatile.base_image": "abc", "boot.autostart": "true",
-                              "migration.incremental.memory.goal": "70", "limits.processes": "100"})
+                              "migration.incremental.memory.goal": "70", "limits.processes": "100",
+                              "volatile.uuid": "0b6a1b0e-5d1c-4f5e-9a43-6f1f2b3c4d5e"})
     for bad, message in [
         ({"limits.memory": "1MiB"}, "too small"), ({"limits.memory": "150%"}, "out of range"),
         ({"limits.cpu": "0"}, "at least 1"), ({"limits.cpu": "a-b"}, "not a CPU count"),
         ({"boot.autostart": "maybe"}, "not a boolean"), ({"security.nesting": "true"}, "Unknown"),
         ({"migration.incremental.memory.goal": "101"}, "out of range"),
+        ({"volatile.uuid": "0b6a1b0e-5d1c-4f5e-9a43-6f1f2b3c4d5e,x=y"}, "8-4-4-4-12 hexadecimal"),
     ]:
         with pytest.raises(BadRequest, match=message):
             validate_instance_config(bad)

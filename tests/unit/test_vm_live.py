@@ -28,7 +28,7 @@ def vm_situation(**changes: object) -> Situation:
 
 def test_the_plan_of_a_running_vm() -> None:
     assert plan(vm_situation()) == Plan(live=True, delete_source=True)
-    assert plan(vm_situation(move=False)) == Plan(live=True, keep_running=True)
+    assert plan(vm_situation(move=False)) == Plan(live=True, keep_running=True, clone=True)  # its MACs, its UUID
     assert plan(vm_situation(stateless=True)) == Plan(stop_first=True, delete_source=True)
     with pytest.raises(BadRequest, match="between Stapes and Incus.*--stateless"):
         plan(vm_situation(incus_peer=True))
@@ -74,3 +74,22 @@ def test_the_last_line_of_a_live_move() -> None:
     assert live_summary(vm) == "downtime 12 ms (QEMU's figure), 300 MiB of memory in 4 passes, total 3.50s"
     container = MigrationResult("tar", 0.25, {"live": {"frozen_s": 0.25}}, {})
     assert live_summary(container) == "frozen 0.25s"
+
+
+def test_the_progress_line_of_a_live_vm_move() -> None:
+    from stapes.cli.render import _progress_text
+    progress = {"stage": "memory", "bytes": 100 * 2**20, "total": 250 * 2**20, "rate": 32 * 2**20, "percent": 40,
+                "eta": 5}
+    vm = {"phase": "memory", "memory_bytes": 100 * 2**20, "memory_remaining": 150 * 2**20, "iteration": 3,
+          "dirty_rate_pages": 256, "expected_downtime_ms": 120, "downtime_limit_ms": 300, "throttle_percent": 0}
+    assert _progress_text({"metadata": {"progress": progress, "vm": vm}}) == (
+        "memory: 40% 100.00MiB/250MiB 32MiB/s ETA 5s, 150MiB left, pass 3, dirtying 1MiB/s, "
+        "expected downtime 120 ms (allowed 300 ms)")
+    throttled = {**vm, "throttle_percent": 30}
+    assert _progress_text({"metadata": {"progress": progress, "vm": throttled}}).endswith(", guest throttled 30%")
+    disk = {"stage": "disk", "bytes": 2**20, "total": 4 * 2**20, "rate": 2**20, "percent": 25, "eta": 3}
+    assert _progress_text({"metadata": {"progress": disk, "vm": {"phase": "disk"}}}) == (
+        "disk: 25% 1.00MiB/4MiB 1MiB/s ETA 3s")
+    # A hostile or older server's figures of the wrong type print as zero, never a traceback.
+    odd = {**vm, "iteration": "x", "memory_remaining": None}
+    assert ", 0B left, pass 0," in _progress_text({"metadata": {"progress": progress, "vm": odd}})

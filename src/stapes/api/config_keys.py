@@ -173,7 +173,18 @@ SERVER_NAMESPACES = ("user.",)
 # Keys inside a free-form namespace whose values still reach a tool (a nic's MAC goes into LXC's config).
 PATTERN_KEYS: tuple[tuple[re.Pattern[str], Check], ...] = (
     (re.compile(r"^volatile\.[^.]+\.hwaddr$"), check_mac),
+    (re.compile(r"^volatile\.uuid$"), lambda value: _check_uuid(value)),  # a VM's SMBIOS UUID: QEMU's -uuid
 )
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def _check_uuid(value: str) -> None:
+    """A UUID in its canonical form (8-4-4-4-12 hexadecimal digits), as QEMU's -uuid takes it; empty: unset."""
+    if value and not _UUID.fullmatch(value):
+        raise ValueError("a UUID is written as 8-4-4-4-12 hexadecimal digits, e.g. "
+                         "0b6a1b0e-5d1c-4f5e-9a43-6f1f2b3c4d5e")
 
 
 def validate_config(

@@ -143,8 +143,26 @@ def _progress_text(op: dict[str, Any]) -> str:
     text = transfer(detail) or str(detail.get("text") or "")
     vm = (op.get("metadata") or {}).get("vm")
     if isinstance(vm, dict) and detail.get("stage"):  # a VM's live move: its phase and QEMU's own figures
-        text = f"{detail['stage']}: {text}"
-        if vm.get("phase") == "memory":
-            text += (f", pass {vm.get('iteration', 0)}, dirtying {vm.get('dirty_rate_pages', 0) * 4 // 1024} KiB/s"
-                     f", expected downtime {vm.get('expected_downtime_ms') or 0} ms")
+        text = f"{detail['stage']}: {text}{_vm_memory_text(vm)}"
+    return text
+
+
+def _vm_memory_text(vm: dict[str, Any]) -> str:
+    """QEMU's memory-phase figures after the transfer's: what is left, the pass, how fast the guest dirties
+    its memory (QEMU counts 4 KiB pages a second), the downtime QEMU expects against the one allowed now."""
+    if vm.get("phase") != "memory":
+        return ""
+    from stapes.cli.units import compact_size
+
+    def number(key: str) -> int:
+        value = vm.get(key)
+        return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+    text = (f", {compact_size(number('memory_remaining'))} left, pass {number('iteration')}, "
+            f"dirtying {compact_size(number('dirty_rate_pages') * 4096)}/s, "
+            f"expected downtime {number('expected_downtime_ms')} ms")
+    if number("downtime_limit_ms"):
+        text += f" (allowed {number('downtime_limit_ms')} ms)"
+    if number("throttle_percent"):
+        text += f", guest throttled {number('throttle_percent')}%"
     return text

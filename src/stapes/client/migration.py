@@ -50,13 +50,14 @@ class Overrides:
 
 
 def target_body(instance: Json, new_name: str, overrides: Overrides, profile_devices: dict[str, dict[str, str]],
-                *, move: bool = False) -> dict[str, Any]:
+                *, same_machine: bool = False) -> dict[str, Any]:
     """The instance as the target creates it: the source's own config and devices with the overrides applied
-    (pure: unit-tested). Volatile keys stay behind except the base image and, on a move, the nics' MAC
-    addresses (a moved instance is the same machine; a copy is a new one, with new MACs), as Incus does."""
+    (pure: unit-tested). Volatile keys stay behind except the base image and, for `same_machine` (a move, or
+    a live VM copy: a clone whose guest holds them in its memory), the nics' MAC addresses and the UUID; a
+    copy is a new machine, with new ones, as Incus does."""
     config = {k: v for k, v in instance["config"].items()
               if not k.startswith("volatile.") or k == "volatile.base_image"
-              or (move and k.endswith(".hwaddr"))}
+              or (same_machine and (k.endswith(".hwaddr") or k == "volatile.uuid"))}
     config.update(overrides.config)
     devices = {name: dict(dev) for name, dev in instance["devices"].items()}
     for name, values in overrides.devices.items():
@@ -121,9 +122,11 @@ async def _pump(reader: aiohttp.ClientWebSocketResponse, writer: aiohttp.ClientW
 
 async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new_name: str, *, mode: str = "pull",
                         overrides: Overrides | None = None, progress: Callable[[Json], None] | None = None,
-                        move: bool = False, live: bool = False, keep_running: bool = False) -> MigrationResult:
-    """One migration between two servers. `move`: the source goes away after (it keeps its MACs); `live`: a
-    running instance moves with its state (`keep_running`: and goes on running on the source, a live copy)."""
+                        move: bool = False, live: bool = False, keep_running: bool = False,
+                        same_machine: bool = False) -> MigrationResult:
+    """One migration between two servers. `move`: the source goes away after (it keeps its MACs and UUID);
+    `live`: a running instance moves with its state (`keep_running`: and goes on running on the source, a
+    live copy); `same_machine`: a copy keeps them too (a live VM copy: its guest carries them)."""
     if mode not in MODES:
         raise BadRequest(f"Unknown transfer mode {mode!r}: use pull, push or relay")
     overrides = overrides or Overrides()
@@ -132,7 +135,7 @@ async def copy_instance(source: AsyncClient, name: str, target: AsyncClient, new
     profiles = instance["profiles"] if overrides.profiles is None else overrides.profiles
     for profile in profiles:
         profile_devices.update((await target.entity("profile", profile))["devices"])
-    body = target_body(instance, new_name, overrides, profile_devices, move=move)
+    body = target_body(instance, new_name, overrides, profile_devices, same_machine=move or same_machine)
     channels = LIVE_CHANNELS if live else CHANNELS
     migration = {"type": "migration", "live": live, "instance_only": overrides.instance_only,
                  "refresh": overrides.refresh}

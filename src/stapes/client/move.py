@@ -42,6 +42,8 @@ class Plan:
     keep_running: bool = False  # live copy: the source goes on running too
     delete_source: bool = False  # after both servers confirmed
     through_landing: bool = False  # same server, name and project (another pool): a temporary name, then swap
+    clone: bool = False  # a copy that keeps the MACs and UUID (as a move does): a live VM copy, whose guest
+    # carries them in its memory
 
 
 def plan(situation: Situation) -> Plan:
@@ -74,8 +76,9 @@ def plan(situation: Situation) -> Plan:
     if live and s.same_server:
         raise BadRequest("A running instance cannot move live within one server: add --stateless to stop it, "
                          f"{'move' if s.move else 'copy'} it and start it again")
-    if live:
-        return Plan(live=True, keep_running=not s.move, delete_source=s.move)
+    if live:  # a VM's guest carries its MACs and UUID in its memory: a live copy of it is a clone
+        return Plan(live=True, keep_running=not s.move, delete_source=s.move,
+                    clone=not s.move and s.instance_type != "container")
     return Plan(stop_first=True, delete_source=s.move, through_landing=landing)
 
 
@@ -126,7 +129,7 @@ async def transfer(source: AsyncClient, name: str, target: AsyncClient, new_name
     try:
         result = await copy_instance(source, name, target, landing, mode=mode, overrides=overrides,
                                      progress=progress, move=move, live=steps.live,
-                                     keep_running=steps.keep_running)
+                                     keep_running=steps.keep_running, same_machine=steps.clone)
     except BaseException:
         if steps.stop_first:
             await asyncio.shield(source.change_state(name, "start"))

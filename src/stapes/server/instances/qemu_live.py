@@ -252,7 +252,8 @@ class QemuLiveSource(LiveSource):
                                          "server": {"type": "fd", "str": MIRROR_NODE}}, timeout=30)
         await self._qmp("blockdev-mirror", {"job-id": MIRROR_JOB, "device": ROOT_NODE, "target": MIRROR_NODE,
                                             "sync": "full", "auto-dismiss": False,
-                                            "speed": policy.mirror_speed(self.policy)})
+                                            "speed": policy.mirror_speed(self.policy),
+                                            "buf-size": policy.mirror_buffer(self.policy)})
         link.report(live_stage="disk")
         while True:
             job = await self._mirror_job()
@@ -271,6 +272,8 @@ class QemuLiveSource(LiveSource):
         await self._qmp("block-job-change", {"id": MIRROR_JOB, "type": "mirror", "copy-mode": "write-blocking"})
         self.figures["disk_bytes"] = disk_bytes
         self.figures["disk_s"] = round(time.monotonic() - self.started, 3)
+        log.info("%s: its disk in sync on the target after %.2fs (%d MiB mirrored); now its memory",
+                 self.spec.name, self.figures["disk_s"], done // 2**20)
 
         # The memory: QEMU's stream on our end of another socketpair, carried over the state channel.
         await self._qmp("migrate-set-capabilities", {"capabilities": policy.capabilities(self.policy)})

@@ -337,6 +337,18 @@ def mirror_speed(policy: LivePolicy) -> int:
     return 0 if policy.bandwidth >= UNLIMITED else policy.bandwidth
 
 
+MIRROR_BUFFER_MAX = 16 * 2**20  # bytes: QEMU's own buf-size
+MIRROR_BUFFER_MIN = 2**20
+
+
+def mirror_buffer(policy: LivePolicy) -> int:
+    """blockdev-mirror's `buf-size` (bytes in flight): a quarter second's worth of the cap, from
+    MIRROR_BUFFER_MIN to MIRROR_BUFFER_MAX. QEMU's rate limit sends a whole buffer, then waits for the cap to
+    catch up: with its 16 MiB under a 2 MiB/s cap the link lay silent for 8 s at a time, long enough for the
+    target to take it for dead."""
+    return max(MIRROR_BUFFER_MIN, min(MIRROR_BUFFER_MAX, policy.bandwidth // 4))
+
+
 def parameters(policy: LivePolicy, steps: list[tuple[float, int]]) -> dict[str, Any]:
     """migrate-set-parameters, before `migrate`: the bandwidth cap and the first step's downtime; with
     auto-converge its throttle, from THROTTLE_INITIAL by THROTTLE_INCREMENT, capped at INITIAL_MAX_THROTTLE

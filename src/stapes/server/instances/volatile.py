@@ -4,6 +4,7 @@ Pure functions: which keys to add, and which of a migration peer's keys to keep.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Mapping
 
 from stapes.api.devices import nic_devices
@@ -17,11 +18,15 @@ _HWADDR = re.compile(r"^volatile\.([A-Za-z0-9_.-]{1,64})\.hwaddr$")
 
 def missing_volatile(config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]],
                      idmap: tuple[IdRange, ...], *, applying: bool) -> dict[str, str]:
-    """Keys to add or change: a MAC for every nic that has none yet (kept from then on, so DHCP gives the same
-    address), and the id map, as Incus records it: `next` (and `base`) is what the next start uses; `current`
-    is what the container runs with, so it changes only when the map is applied (`applying`: a create or a
-    start). The files stay unshifted on disk, so `last_state.idmap` is always empty."""
+    """Keys to add or change: the instance's UUID (`volatile.uuid`, as Incus records it: a VM's SMBIOS UUID,
+    the same wherever the instance moves, so its guest sees one machine), a MAC for every nic that has none
+    yet (kept from then on, so DHCP gives the same address), and the id map, as Incus records it: `next` (and
+    `base`) is what the next start uses; `current` is what the container runs with, so it changes only when
+    the map is applied (`applying`: a create or a start). The files stay unshifted on disk, so
+    `last_state.idmap` is always empty."""
     wanted: dict[str, str] = {}
+    if not _valid_uuid(config.get("volatile.uuid", "")):
+        wanted["volatile.uuid"] = str(uuid.uuid4())
     for name, device in nic_devices(devices).items():
         key = f"volatile.{name}.hwaddr"
         if not device.get("hwaddr") and not config.get(key):
@@ -37,12 +42,14 @@ def missing_volatile(config: Mapping[str, str], devices: Mapping[str, Mapping[st
 
 def kept_from_peer(config: Mapping[str, str], devices: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
     """A migrated instance's config as this server takes it: its own keys, the base image, and the MAC of each
-    of its nics (a moved instance keeps its address where the network hands it out by MAC). Every other
+    of its nics (a moved instance keeps its address where the network hands it out by MAC), and its UUID
+    where it is one (another is made at its first start here otherwise). Every other
     volatile key (an id map, a power state, a peer's internals) describes the other server and is dropped."""
     kept: dict[str, str] = {}
     nics = nic_devices(devices)
     for key, value in config.items():
-        if not key.startswith("volatile.") or key == "volatile.base_image":
+        same_machine = key == "volatile.uuid" and _valid_uuid(value)  # (a copy comes without one)
+        if not key.startswith("volatile.") or key == "volatile.base_image" or same_machine:
             kept[key] = value
         elif (match := _HWADDR.match(key)) and match.group(1) in nics:
             try:
@@ -51,3 +58,10 @@ def kept_from_peer(config: Mapping[str, str], devices: Mapping[str, Mapping[str,
                 raise BadRequest(f"Invalid {key}: {err}") from None
             kept[key] = value
     return kept
+
+
+def _valid_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text.lower() and len(text) == 36
+    except ValueError:
+        return False
