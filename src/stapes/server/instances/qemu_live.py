@@ -475,8 +475,15 @@ class QemuLiveTarget(LiveTarget):
         await self.driver.start_incoming(self.spec, lambda own, host_mib: rebuild(own, described,
                                                                                   host_memory_mib=host_mib))
         if postcopy:
-            await self._qmp("migrate-set-capabilities",
-                            {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+            try:
+                await self._qmp("migrate-set-capabilities",
+                                {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+            except InternalError as err:
+                raise BadRequest(
+                    f"This server cannot take the VM in post-copy (migration.timeout_action=postcopy): {err.message}. "
+                    "Post-copy needs userfaultfd for QEMU's unprivileged user, which this host allows only with "
+                    "vm.unprivileged_userfaultfd=1 (for every user of the host); set that here, or give the VM "
+                    "migration.timeout_action=abort or auto-converge") from None
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(self.directory / NBD_SOCKET))
