@@ -68,6 +68,29 @@ def test_a_machine_this_server_cannot_build_the_same_is_refused(change: dict[str
         rebuild(machine(), ["not", "a", "dict"], host_memory_mib=4096)
 
 
+def test_the_target_builds_the_source_versioned_machine_type_where_its_qemu_can() -> None:
+    from dataclasses import replace
+
+    from stapes.server.instances.accel import parse_machine_types
+    listing = ("Supported machines are:\n"
+               "pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)\n"
+               "q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\n"
+               "pc-q35-10.0          Standard PC (Q35 + ICH9, 2009) (default)\n"
+               "pc-q35-9.2           Standard PC (Q35 + ICH9, 2009)\n"
+               "pc-i440fx-10.0       Standard PC (i440FX + PIIX, 1996)\n")
+    current, versioned = parse_machine_types(listing)
+    assert (current, versioned) == ("pc-q35-10.0", ("pc-q35-10.0", "pc-q35-9.2"))
+    assert parse_machine_types("no machines here") == ("q35", ())
+    here = replace(machine(), machine_type=current)
+    older = {**describe(replace(machine(), machine_type="pc-q35-9.2"), postcopy=False, agent=False)}
+    assert rebuild(here, older, host_memory_mib=4096, machine_types=versioned).machine_type == "pc-q35-9.2"
+    alias = {**describe(machine(), postcopy=False, agent=False)}  # an older Stapes source
+    assert rebuild(here, alias, host_memory_mib=4096, machine_types=versioned).machine_type == "q35"
+    newer = {**older, "machine_type": "pc-q35-11.0"}
+    with pytest.raises(BadRequest, match="'pc-q35-11.0', which QEMU here does not build.*upgrade QEMU"):
+        rebuild(here, newer, host_memory_mib=4096, machine_types=versioned)
+
+
 def test_the_last_line_of_a_live_move() -> None:
     vm = MigrationResult("block-and-rsync", 0.05, {"live": {"downtime_ms": 12, "memory_bytes": 300 << 20,
                                                              "iterations": 4, "total_s": 3.5}}, {})

@@ -53,6 +53,8 @@ class Accelerator:
     reason: str
     qemu_version: str = ""  # "10.0.2"
     probe_seconds: float = 0.0
+    machine_type: str = "q35"  # what the alias stands for in this QEMU ("pc-q35-10.0"), as VMs start with it
+    machine_types: tuple[str, ...] = ()  # every versioned q35 type this QEMU builds (a live move's target)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "reason": self.reason, "qemu_version": self.qemu_version}
@@ -76,6 +78,25 @@ def find_qemu(firmware_dir: Path = OVMF_DIR) -> QemuHost:
         return QemuHost(binary, code, variables, f"the UEFI firmware is missing ({', '.join(missing)}): install "
                         "Debian's ovmf package")
     return QemuHost(binary, code, variables)
+
+
+def parse_machine_types(text: str) -> tuple[str, tuple[str, ...]]:
+    """`qemu-system-x86_64 -machine help` -> (the versioned type `q35` stands for, every `pc-q35-X.Y`) (pure).
+    ("q35", ()) when the listing names no alias: the VM then starts as `q35`, as before."""
+    current = re.search(r"^q35\s.*\(alias of (pc-q35-\d+\.\d+)\)", text, re.M)
+    versioned = tuple(sorted(set(re.findall(r"^(pc-q35-\d+\.\d+)\s", text, re.M))))
+    return (current.group(1) if current else "q35"), versioned
+
+
+async def machine_types(binary: str) -> tuple[str, tuple[str, ...]]:
+    """A VM starts with a versioned machine type, never the alias: the alias moves with each QEMU release,
+    and a live move's stream fits only the same type on the target (Incus records it as
+    volatile.vm.definition)."""
+    try:
+        result = await process.run([binary, "-machine", "help"], check=False, timeout=15)
+    except TimeoutError:
+        return "q35", ()
+    return parse_machine_types(result.stdout.decode(errors="replace"))
 
 
 async def qemu_version(binary: str) -> str:
@@ -125,9 +146,11 @@ async def probe(host: QemuHost, workdir: Path, timeout: float = PROBE_TIMEOUT) -
     version = await qemu_version(host.binary)
     if not version:
         return Accelerator("", f"{host.binary} --version failed: QEMU is not usable")
+    current, versioned = await machine_types(host.binary)
     refusal = await asyncio.to_thread(_kvm_refusal)
     if refusal is not None:
-        return Accelerator("tcg", f"{refusal}: guests run under TCG (emulated, slower)", version)
+        return Accelerator("tcg", f"{refusal}: guests run under TCG (emulated, slower)", version,
+                           machine_type=current, machine_types=versioned)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=".kvm-probe-", dir=workdir) as directory:
         firmware = Path(directory) / "probe.bin"
@@ -142,10 +165,12 @@ async def probe(host: QemuHost, workdir: Path, timeout: float = PROBE_TIMEOUT) -
             timed_out = True
     seconds = time.monotonic() - started
     if proc.returncode == PROBE_EXIT:
-        return Accelerator("kvm", f"a probe boot under KVM ran guest code ({seconds:.2f}s)", version, seconds)
+        return Accelerator("kvm", f"a probe boot under KVM ran guest code ({seconds:.2f}s)", version, seconds,
+                           machine_type=current, machine_types=versioned)
     if timed_out:
         why = f"a probe boot under KVM did not finish within {timeout:.0f}s (KVM hangs here)"
     else:
         detail = _first_error(stderr) or f"exit status {proc.returncode}"
         why = f"a probe boot under KVM failed ({detail})"
-    return Accelerator("tcg", f"{why}: guests run under TCG (emulated, slower)", version, seconds)
+    return Accelerator("tcg", f"{why}: guests run under TCG (emulated, slower)", version, seconds,
+                       machine_type=current, machine_types=versioned)

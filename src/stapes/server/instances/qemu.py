@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -373,9 +374,11 @@ class QemuDriver(InstanceDriver):
     def _machine(self, spec: InstanceSpec, accel: str, *, direct: bool = True) -> Machine:
         machine_uuid = spec.config.get("volatile.uuid") or str(uuid.uuid5(uuid.NAMESPACE_URL, (
             f"stapes:{self.server_id}:{spec.runtime_name}")))
-        return machine_from_spec(spec, accel=accel, runtime=self.runtime_dir(spec), uuid=machine_uuid,
-                                 firmware_code=self.host.firmware_code, nvram=spec.volume / NVRAM, direct=direct,
-                                 tap=lambda device: bridge.tap_name(self.server_id, spec.runtime_name, device))
+        machine = machine_from_spec(spec, accel=accel, runtime=self.runtime_dir(spec), uuid=machine_uuid,
+                                    firmware_code=self.host.firmware_code, nvram=spec.volume / NVRAM,
+                                    direct=direct,
+                                    tap=lambda device: bridge.tap_name(self.server_id, spec.runtime_name, device))
+        return dataclasses.replace(machine, machine_type=self.accelerator.machine_type)  # versioned: accel.py
 
     def _tap_aliases(self, machine: Machine, spec: InstanceSpec) -> list[tuple[str, str]]:
         return [(nic.tap, bridge.tap_alias(str(self.state_root), spec.runtime_name, nic.name))

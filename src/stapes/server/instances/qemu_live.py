@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -84,16 +84,19 @@ def _field(data: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
-def rebuild(own: Machine, described: Any, *, host_memory_mib: int) -> Machine:
+def rebuild(own: Machine, described: Any, *, host_memory_mib: int, machine_types: Collection[str] = ()) -> Machine:
     """The machine this server builds for the instance (`own`, its own paths, taps and accelerator), with the
     guest-visible identity of the source's; refused, saying why, where this server cannot build the same
-    machine (pure). The description is a peer's: every field is checked."""
+    machine (pure). The source's versioned machine type must be one this QEMU builds (`machine_types`, or its
+    own); the bare alias, as an older source sends it, is taken as is. The description is a peer's: every
+    field is checked."""
     if not isinstance(described, dict):
         raise BadRequest("Protocol error: the source's machine description is not an object")
     machine_type = _field(described, "machine_type", str)
-    if machine_type not in MACHINE_TYPES:
-        raise BadRequest(f"The source runs the VM as machine type {machine_type!r}; this server builds "
-                         f"{', '.join(MACHINE_TYPES)} only: stop the VM and move it, or use --stateless")
+    if machine_type not in (*MACHINE_TYPES, own.machine_type, *machine_types):
+        raise BadRequest(f"The source runs the VM as machine type {machine_type[:40]!r}, which QEMU here does not "
+                         f"build (its newest is {own.machine_type!r}): upgrade QEMU here to the source's version "
+                         "or later, or stop the VM and move it (--stateless)")
     cpu_model = _field(described, "cpu_model", str)
     ours = CPU_MODELS.get(own.accel, "max")
     if cpu_model != ours:
@@ -472,8 +475,8 @@ class QemuLiveTarget(LiveTarget):
         postcopy = described.get("postcopy") is True
         await asyncio.to_thread(_private, self.directory)
         self.started_qemu = True
-        await self.driver.start_incoming(self.spec, lambda own, host_mib: rebuild(own, described,
-                                                                                  host_memory_mib=host_mib))
+        await self.driver.start_incoming(self.spec, lambda own, host_mib: rebuild(
+            own, described, host_memory_mib=host_mib, machine_types=self.driver.accelerator.machine_types))
         if postcopy:
             try:
                 await self._qmp("migrate-set-capabilities",
