@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,3 +158,33 @@ def test_post_copy_where_the_host_forbids_it_is_refused_before_anything_moves(cl
     assert "migration.timeout_action=abort" in failed.stderr, failed.stderr
     runs_on_the_source_only(two, s1, s2, "v10")
     two.run("delete", "s1:v10", "--force")
+
+
+def test_auto_converge_throttles_the_guest_then_gives_up_and_the_vm_runs_on_on_the_source(cluster: Cluster) -> None:
+    """migration.timeout_action=auto-converge: QEMU throttles the guest's CPUs, the stall raises the cap; a guest
+    that still does not converge (1 ms of downtime allowed) is given up once the timeout passed by half again."""
+    s1, s2, two = two_servers(cluster, {"STAPES_LIVE_MIN_TIMEOUT": "20"})
+    running_vm(two, "v11")
+    two.run("config", "set", "s1:v11", *ENDLESS, "migration.timeout=1", "migration.stall_timeout=4",
+            "migration.timeout_action=auto-converge")
+    move = subprocess.Popen([STAPES, "move", "s1:v11", "s2:"], env=two.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    throttles: list[int] = []
+    deadline = time.monotonic() + 180
+    try:
+        while move.poll() is None and time.monotonic() < deadline:
+            for op in s1.running_operations():
+                vm = (op.get("metadata") or {}).get("vm") or {}
+                if isinstance(vm.get("throttle_percent"), int) and vm["throttle_percent"] > 0:
+                    throttles.append(vm["throttle_percent"])
+            time.sleep(0.2)
+        out, err = move.communicate(timeout=60)
+    finally:
+        if move.poll() is None:
+            move.kill()
+            move.wait()
+    assert move.returncode != 0, (out, err)
+    assert throttles, "the guest was never throttled"
+    assert "even after migration.timeout_action=auto-converge fired" in err, err
+    runs_on_the_source_only(two, s1, s2, "v11")
+    two.run("delete", "s1:v11", "--force")
