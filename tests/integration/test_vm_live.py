@@ -7,8 +7,6 @@ from __future__ import annotations
 import re
 import time
 
-import pytest
-
 from tests.integration.harness import Cli, Cluster, Server, wait_for
 from tests.integration.test_vm_exec import agent_up
 
@@ -43,32 +41,56 @@ def running_vm(two: Cli, name: str) -> None:
     wait_for(lambda: len(counter(two, f"s1:{name}")) > 5, 60, "the guest's counter")
 
 
-@pytest.mark.parametrize("mode", ["pull", "push", "relay"])
-def test_a_running_vm_moves_live(s1: Server, s2: Server, two: Cli, mode: str) -> None:
+def test_a_running_vm_moves_live_in_every_mode_then_copies_live_as_a_clone(s1: Server, s2: Server,
+                                                                             two: Cli) -> None:
+    """One guest moved s1 -> s2 (pull), back (push), and again (relay), then copied live."""
     running_vm(two, "v1")
-    before = heartbeats(two, "s1:v1")
-    assert before, "the source's console shows heartbeats"
-    counted = counter(two, "s1:v1")
     identity = two.json("list", "s1:")[0]["config"]
+    here = "s1"
+    for mode, there in (("pull", "s2"), ("push", "s1"), ("relay", "s2")):
+        before = heartbeats(two, f"{here}:v1")
+        assert before, f"the console on {here} shows heartbeats"
+        counted = counter(two, f"{here}:v1")
+        out = two.run("move", f"{here}:v1", f"{there}:", "--mode", mode)
+        assert f"({mode}, block-and-rsync, live: downtime " in out.stdout, out.stdout
+        assert two.json("list", f"{here}:") == []
+        (moved,) = two.json("list", f"{there}:")
+        assert moved["status"] == "Running"
+        for key in ("volatile.uuid", "volatile.eth0.hwaddr"):  # the same machine
+            assert moved["config"][key] == identity[key], (mode, key)
 
-    out = two.run("move", "s1:v1", "s2:", "--mode", mode)
-    assert f"({mode}, block-and-rsync, live: downtime " in out.stdout, out.stdout
-    assert two.json("list", "s1:") == []
-    moved = {i["name"]: i for i in two.json("list", "s2:")}
-    assert moved["v1"]["status"] == "Running"
-    for key in ("volatile.uuid", "volatile.eth0.hwaddr"):  # the same machine
-        assert moved["v1"]["config"][key] == identity[key], key
+        # The same guest runs on: its heartbeat continues (no reboot: the numbers go on from the source's), its
+        # counter too, with nothing lost on the disk; the data written before the moves is there, bit for bit.
+        wait_for(lambda there=there: len(heartbeats(two, f"{there}:v1")) >= 2, 60, "heartbeats on the target")
+        after = heartbeats(two, f"{there}:v1")
+        assert after[0] > before[-1] and after == list(range(after[0], after[0] + len(after))), (
+            mode, before[-5:], after)
+        agent_up(two, f"{there}:v1")
+        wait_for(lambda there=there, counted=counted: len(counter(two, f"{there}:v1")) > len(counted) + 10, 60,
+                 "the counter going on")
+        values = counter(two, f"{there}:v1")
+        assert values == list(range(len(values))), f"{mode}: the counter has a gap or a repeat"
+        assert two.run("exec", f"{there}:v1", "--", "sha256sum", "-c", "/mnt/data/before.sum").returncode == 0
+        here = there
 
-    # The same guest runs on: its heartbeat continues (no reboot: the numbers go on from the source's), its
-    # counter too, with nothing lost on the disk; the data written before the move is there, bit for bit.
-    wait_for(lambda: len(heartbeats(two, "s2:v1")) >= 2, 60, "heartbeats on the target")
-    after = heartbeats(two, "s2:v1")
-    assert after[0] > before[-1] and after == list(range(after[0], after[0] + len(after))), (before[-5:], after)
-    agent_up(two, "s2:v1")
-    wait_for(lambda: len(counter(two, "s2:v1")) > len(counted) + 10, 60, "the counter going on")
-    values = counter(two, "s2:v1")
-    assert values == list(range(len(values))), "the counter written during the move has a gap or a repeat"
-    assert two.run("exec", "s2:v1", "--", "sha256sum", "-c", "/mnt/data/before.sum").returncode == 0
+    # `copy` with migration.stateful: the guest goes on on the source and runs on the target too, from the same
+    # moment (the same boot's heartbeat on both); the copy keeps the MACs and the UUID its guest holds in
+    # memory (a clone), where a stopped copy gets new ones.
+    out = two.run("copy", "s2:v1", "s1:v1c")
+    assert "(pull, block-and-rsync, live: downtime " in out.stdout, out.stdout
+    states = {i["name"]: i["status"] for i in [*two.json("list", "s1:"), *two.json("list", "s2:")]}
+    assert states == {"v1": "Running", "v1c": "Running"}, states
+    copy = two.json("list", "s1:")[0]["config"]
+    assert copy["volatile.uuid"] == identity["volatile.uuid"]
+    assert copy["volatile.eth0.hwaddr"] == identity["volatile.eth0.hwaddr"]
+    seen = heartbeats(two, "s2:v1")[-1]
+    wait_for(lambda: heartbeats(two, "s2:v1")[-1] > seen + 1, 30, "the heartbeat going on on the source")
+    wait_for(lambda: len(heartbeats(two, "s1:v1c")) >= 2, 60, "heartbeats on the copy")
+    copied = heartbeats(two, "s1:v1c")
+    assert copied[0] > 0 and copied == list(range(copied[0], copied[0] + len(copied))), copied[:5]
+    agent_up(two, "s1:v1c")
+    assert two.run("exec", "s1:v1c", "--", "sha256sum", "-c", "/mnt/data/before.sum").returncode == 0
+    two.run("delete", "s1:v1c", "--force")
     two.run("delete", "s2:v1", "--force")
 
 
@@ -90,27 +112,3 @@ def test_a_failed_live_move_leaves_the_vm_running_on_the_source(cluster: Cluster
     time.sleep(1)
     assert len(counter(two, "s1:v2")) > count
     two.run("delete", "s1:v2", "--force")
-
-
-def test_a_running_vm_copies_live_as_a_clone(s1: Server, s2: Server, two: Cli) -> None:
-    """`copy` with migration.stateful: the guest goes on on the source and runs on the target too, from the same
-    moment (the same boot's heartbeat on both); the copy keeps the MACs and the UUID its guest holds in memory
-    (a clone), where a stopped copy gets new ones."""
-    running_vm(two, "v9")
-    source = two.json("list", "s1:")[0]["config"]
-    out = two.run("copy", "s1:v9", "s2:v9c")
-    assert "(pull, block-and-rsync, live: downtime " in out.stdout, out.stdout
-    states = {i["name"]: i["status"] for i in [*two.json("list", "s1:"), *two.json("list", "s2:")]}
-    assert states == {"v9": "Running", "v9c": "Running"}, states
-    copy = two.json("list", "s2:")[0]["config"]
-    assert copy["volatile.uuid"] == source["volatile.uuid"]
-    assert copy["volatile.eth0.hwaddr"] == source["volatile.eth0.hwaddr"]
-    seen = heartbeats(two, "s1:v9")[-1]
-    wait_for(lambda: heartbeats(two, "s1:v9")[-1] > seen + 1, 30, "the heartbeat going on on the source")
-    wait_for(lambda: len(heartbeats(two, "s2:v9c")) >= 2, 60, "heartbeats on the copy")
-    copied = heartbeats(two, "s2:v9c")
-    assert copied[0] > 0 and copied == list(range(copied[0], copied[0] + len(copied))), copied[:5]
-    agent_up(two, "s2:v9c")
-    assert two.run("exec", "s2:v9c", "--", "sha256sum", "-c", "/mnt/data/before.sum").returncode == 0
-    two.run("delete", "s2:v9c", "--force")
-    two.run("delete", "s1:v9", "--force")

@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.integration.harness import STAPES, Cli, Cluster, Server, wait_for
 from tests.integration.test_vm_exec import agent_up, qemu_processes
 from tests.integration.test_vm_live import counter, heartbeats, running_vm
@@ -52,57 +50,90 @@ def runs_on_the_source_only(two: Cli, s1: Server, s2: Server, name: str) -> None
     assert two.run("exec", f"s1:{name}", "--", "sha256sum", "-c", "/mnt/data/before.sum").returncode == 0
 
 
-def test_the_link_cut_while_the_disk_is_mirrored_leaves_the_vm_on_the_source(cluster: Cluster) -> None:
-    s1, s2, two = two_servers(cluster)
-    running_vm(two, "v5")
-    two.run("config", "set", "s1:v5", "migration.bandwidth=2MiB")  # the mirror too: its phase lasts seconds
-    move = subprocess.Popen([STAPES, "move", "s1:v5", "s2:", "--mode", "relay"], env=two.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def strike(two: Cli, argv: list[str], when: Callable[[], bool], what: str,
+           act: Callable[[subprocess.Popen[str]], None]) -> tuple[int, str]:
+    """Starts `stapes move ...` and, once `when` holds, `act`s on it; its exit status and error."""
+    move = subprocess.Popen([STAPES, *argv], env=two.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        wait_for(in_stage(s1, "disk"), 120, "the disk mirror")
-        move.send_signal(signal.SIGKILL)  # the relay client: both links cut at once
-        move.wait(30)
+        wait_for(when, 120, what)
+        act(move)
+        _, err = move.communicate(timeout=120)
     finally:
         if move.poll() is None:
             move.kill()
             move.wait()
+    return move.returncode, err
+
+
+def test_a_vm_survives_one_failed_live_move_after_another(cluster: Cluster) -> None:
+    """One guest through every failure a user meets, in turn; after each it runs on the source, untouched.
+    The completion timeout's floor is lowered from 60 s to 20 s (the per-GiB figure, 1 s, is below it)."""
+    s1, s2, two = two_servers(cluster, {"STAPES_LIVE_MIN_TIMEOUT": "20"})
+    running_vm(two, "v5")
+
+    # The link cut while the disk is mirrored: the relay client killed, both links gone at once.
+    two.run("config", "set", "s1:v5", "migration.bandwidth=2MiB")  # the mirror too: its phase lasts seconds
+    status, err = strike(two, ["move", "s1:v5", "s2:", "--mode", "relay"], in_stage(s1, "disk"), "the disk mirror",
+                         lambda move: move.send_signal(signal.SIGKILL))
+    assert status != 0
     runs_on_the_source_only(two, s1, s2, "v5")
-    two.run("delete", "s1:v5", "--force")
 
+    # The target's QEMU dying in the memory phase: the error names the target first.
+    two.run("config", "set", "s1:v5", *ENDLESS)
 
-def test_the_target_qemu_dying_in_the_memory_phase_leaves_the_vm_on_the_source(cluster: Cluster) -> None:
-    s1, s2, two = two_servers(cluster)
-    running_vm(two, "v6")
-    two.run("config", "set", "s1:v6", *ENDLESS)
-    move = subprocess.Popen([STAPES, "move", "s1:v6", "s2:"], env=two.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(in_stage(s1, "memory"), 120, "the memory phase")
+    def kill_target_qemu(move: subprocess.Popen[str]) -> None:
         (pid,) = qemu_processes(s2)
         subprocess.run(["kill", "-KILL", pid], check=True)
-        out, err = move.communicate(timeout=120)
-    finally:
-        if move.poll() is None:
-            move.kill()
-            move.wait()
-    assert move.returncode != 0, (out, err)
-    assert "s2" in err, err  # the side that failed named first
-    runs_on_the_source_only(two, s1, s2, "v6")
-    two.run("delete", "s1:v6", "--force")
 
+    status, err = strike(two, ["move", "s1:v5", "s2:"], in_stage(s1, "memory"), "the memory phase",
+                         kill_target_qemu)
+    assert status != 0 and "(s2)" in err, err
+    runs_on_the_source_only(two, s1, s2, "v5")
 
-def test_the_policy_timeout_aborts_and_the_vm_runs_on_on_the_source(cluster: Cluster) -> None:
-    # The floor of the completion timeout lowered from 60 s to 25 s (the per-GiB figure, 1 s, is below it); the
-    # stall rule off: the timeout itself fires, in the memory phase.
-    s1, s2, two = two_servers(cluster, {"STAPES_LIVE_MIN_TIMEOUT": "25"})
-    running_vm(two, "v7")
-    two.run("config", "set", "s1:v7", *ENDLESS, "migration.timeout=1", "migration.stall_timeout=0")
-    failed = two.run("move", "s1:v7", "s2:", check=False)
+    # Post-copy where the host forbids it (QEMU runs unprivileged: it needs vm.unprivileged_userfaultfd=1):
+    # refused by the target before the disk or the memory moves, saying what to change.
+    if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() != "1":
+        two.run("config", "set", "s1:v5", "migration.timeout_action=postcopy")
+        failed = two.run("move", "s1:v5", "s2:", check=False)
+        assert failed.returncode != 0
+        assert "post-copy" in failed.stderr and "vm.unprivileged_userfaultfd=1" in failed.stderr, failed.stderr
+        assert "migration.timeout_action=abort" in failed.stderr, failed.stderr
+        runs_on_the_source_only(two, s1, s2, "v5")
+
+    # The policy's timeout, in the memory phase (the stall rule off): abort, saying what to change.
+    two.run("config", "set", "s1:v5", "migration.timeout_action=abort", "migration.timeout=1",
+            "migration.stall_timeout=0")
+    failed = two.run("move", "s1:v5", "s2:", check=False)
     assert failed.returncode != 0
     assert "The live move was stopped" in failed.stderr and "migration.timeout" in failed.stderr, failed.stderr
     assert "(s1)" in failed.stderr, failed.stderr
-    runs_on_the_source_only(two, s1, s2, "v7")
-    two.run("delete", "s1:v7", "--force")
+    runs_on_the_source_only(two, s1, s2, "v5")
+
+    # auto-converge: QEMU throttles the guest's CPUs, the stall raises the cap; a guest that still does not
+    # converge (1 ms of downtime allowed) is given up once the timeout passed by half again.
+    two.run("config", "set", "s1:v5", "migration.stall_timeout=4", "migration.timeout_action=auto-converge")
+    throttles: list[int] = []
+    move = subprocess.Popen([STAPES, "move", "s1:v5", "s2:"], env=two.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    try:
+        while move.poll() is None and time.monotonic() < deadline:
+            for op in s1.running_operations():
+                vm = (op.get("metadata") or {}).get("vm") or {}
+                if isinstance(vm.get("throttle_percent"), int) and vm["throttle_percent"] > 0:
+                    throttles.append(vm["throttle_percent"])
+            time.sleep(0.2)
+        _, err = move.communicate(timeout=60)
+    finally:
+        if move.poll() is None:
+            move.kill()
+            move.wait()
+    assert move.returncode != 0, err
+    assert throttles, "the guest was never throttled"
+    assert "even after migration.timeout_action=auto-converge fired" in err, err
+    runs_on_the_source_only(two, s1, s2, "v5")
+    two.run("delete", "s1:v5", "--force")
 
 
 def test_a_source_killed_after_the_handover_leaves_the_vm_on_the_target_only(cluster: Cluster) -> None:
@@ -142,49 +173,3 @@ def test_a_source_killed_after_the_handover_leaves_the_vm_on_the_target_only(clu
     assert two.run("exec", "s2:v8", "--", "sha256sum", "-c", "/mnt/data/before.sum").returncode == 0
     two.run("delete", "s2:v8", "--force")
     two.run("delete", "s1:v8")
-
-
-def test_post_copy_where_the_host_forbids_it_is_refused_before_anything_moves(cluster: Cluster) -> None:
-    """QEMU runs unprivileged: post-copy needs userfaultfd for its user, which a stock host (this one) gives
-    only with vm.unprivileged_userfaultfd=1. The target says so before the disk or the memory moves."""
-    if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "1":
-        pytest.skip("this host gives every user userfaultfd: post-copy is not refused here")
-    s1, s2, two = two_servers(cluster)
-    running_vm(two, "v10")
-    two.run("config", "set", "s1:v10", "migration.timeout_action=postcopy")
-    failed = two.run("move", "s1:v10", "s2:", check=False)
-    assert failed.returncode != 0
-    assert "post-copy" in failed.stderr and "vm.unprivileged_userfaultfd=1" in failed.stderr, failed.stderr
-    assert "migration.timeout_action=abort" in failed.stderr, failed.stderr
-    runs_on_the_source_only(two, s1, s2, "v10")
-    two.run("delete", "s1:v10", "--force")
-
-
-def test_auto_converge_throttles_the_guest_then_gives_up_and_the_vm_runs_on_on_the_source(cluster: Cluster) -> None:
-    """migration.timeout_action=auto-converge: QEMU throttles the guest's CPUs, the stall raises the cap; a guest
-    that still does not converge (1 ms of downtime allowed) is given up once the timeout passed by half again."""
-    s1, s2, two = two_servers(cluster, {"STAPES_LIVE_MIN_TIMEOUT": "20"})
-    running_vm(two, "v11")
-    two.run("config", "set", "s1:v11", *ENDLESS, "migration.timeout=1", "migration.stall_timeout=4",
-            "migration.timeout_action=auto-converge")
-    move = subprocess.Popen([STAPES, "move", "s1:v11", "s2:"], env=two.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    throttles: list[int] = []
-    deadline = time.monotonic() + 180
-    try:
-        while move.poll() is None and time.monotonic() < deadline:
-            for op in s1.running_operations():
-                vm = (op.get("metadata") or {}).get("vm") or {}
-                if isinstance(vm.get("throttle_percent"), int) and vm["throttle_percent"] > 0:
-                    throttles.append(vm["throttle_percent"])
-            time.sleep(0.2)
-        out, err = move.communicate(timeout=60)
-    finally:
-        if move.poll() is None:
-            move.kill()
-            move.wait()
-    assert move.returncode != 0, (out, err)
-    assert throttles, "the guest was never throttled"
-    assert "even after migration.timeout_action=auto-converge fired" in err, err
-    runs_on_the_source_only(two, s1, s2, "v11")
-    two.run("delete", "s1:v11", "--force")
