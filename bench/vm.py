@@ -72,6 +72,19 @@ def same_machine_by_hand(runtime: Path) -> list[str]:
     return [a for a in argv(machine, recorded[0], None, user) if a != "-S"]
 
 
+def wait_heartbeat(console_path: str, marker: bytes = b"heartbeat 2", timeout: float = 240) -> None:
+    """Reads a VM's serial console socket until the guest printed `marker`."""
+    with socket.socket(socket.AF_UNIX) as console:
+        console.connect(console_path)
+        console.settimeout(timeout)
+        seen = b""
+        while marker not in seen:
+            chunk = console.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"the console closed before {marker.decode()!r}")
+            seen = seen[-64:] + chunk
+
+
 def boot_by_hand(argv: list[str], runtime: Path) -> float:
     """The same QEMU, same arguments, started directly (in Stapes's runtime directory: the VM is stopped);
     its serial console read straight from its socket, as the server reads it."""
@@ -85,15 +98,7 @@ def boot_by_hand(argv: list[str], runtime: Path) -> float:
             if proc.poll() is not None:
                 raise RuntimeError(f"QEMU started by hand exited with {proc.returncode}")
             time.sleep(0.005)
-        with socket.socket(socket.AF_UNIX) as console:
-            console.connect(str(runtime / "console.sock"))
-            console.settimeout(180)
-            seen = b""
-            while b"heartbeat 1" not in seen:
-                chunk = console.recv(65536)
-                if not chunk:
-                    raise RuntimeError("QEMU's console closed before the first heartbeat")
-                seen = seen[-64:] + chunk
+        wait_heartbeat(str(runtime / "console.sock"), b"heartbeat 1", 180)
         return time.perf_counter() - start
     finally:
         proc.kill()

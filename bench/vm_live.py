@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qemu.qmp import QMPClient  # noqa: E402
 
 from bench.migration import start_server  # noqa: E402
-from bench.vm import clean_up, setup  # noqa: E402
+from bench.vm import clean_up, setup, wait_heartbeat  # noqa: E402
 from stapes.server.instances import qemu_policy as policy  # noqa: E402
 from stapes.server.instances.qemu_machine import Disk, Machine, argv  # noqa: E402
 
@@ -119,18 +118,6 @@ def spawn(machine: Machine, binary: str, pids: list[int]) -> subprocess.Popen[by
             raise RuntimeError(f"QEMU by hand exited: {proc.stderr.read().decode() if proc.stderr else ''}")
         time.sleep(0.01)
     return proc
-
-
-def wait_heartbeat(console_path: str, timeout: float = 240) -> None:
-    with socket.socket(socket.AF_UNIX) as console:
-        console.connect(console_path)
-        console.settimeout(timeout)
-        seen = b""
-        while b"heartbeat 2" not in seen:
-            chunk = console.recv(65536)
-            if not chunk:
-                raise RuntimeError("console closed before the heartbeat")
-            seen = seen[-64:] + chunk
 
 
 async def direct_migration(src: Machine, dst: Machine, workdir: Path) -> dict[str, Any]:

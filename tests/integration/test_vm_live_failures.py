@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,22 +113,16 @@ def test_a_vm_survives_one_failed_live_move_after_another(cluster: Cluster) -> N
     # converge (1 ms of downtime allowed) is given up once the timeout passed by half again.
     two.run("config", "set", "s1:v5", "migration.stall_timeout=4", "migration.timeout_action=auto-converge")
     throttles: list[int] = []
-    move = subprocess.Popen([STAPES, "move", "s1:v5", "s2:"], env=two.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    try:
-        while move.poll() is None and time.monotonic() < deadline:
-            for op in s1.running_operations():
-                vm = (op.get("metadata") or {}).get("vm") or {}
-                if isinstance(vm.get("throttle_percent"), int) and vm["throttle_percent"] > 0:
-                    throttles.append(vm["throttle_percent"])
-            time.sleep(0.2)
-        _, err = move.communicate(timeout=60)
-    finally:
-        if move.poll() is None:
-            move.kill()
-            move.wait()
-    assert move.returncode != 0, err
+
+    def throttled() -> bool:
+        for op in s1.running_operations():
+            vm = (op.get("metadata") or {}).get("vm") or {}
+            if isinstance(vm.get("throttle_percent"), int) and vm["throttle_percent"] > 0:
+                throttles.append(vm["throttle_percent"])
+        return bool(throttles)
+
+    status, err = strike(two, ["move", "s1:v5", "s2:"], throttled, "the guest throttled", lambda move: None)
+    assert status != 0, err
     assert throttles, "the guest was never throttled"
     assert "even after migration.timeout_action=auto-converge fired" in err, err
     runs_on_the_source_only(two, s1, s2, "v5")

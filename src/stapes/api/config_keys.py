@@ -180,9 +180,14 @@ PATTERN_KEYS: tuple[tuple[re.Pattern[str], Check], ...] = (
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
+def is_uuid(text: str) -> bool:
+    """A UUID in its canonical form (8-4-4-4-12 hexadecimal digits)."""
+    return _UUID.fullmatch(text) is not None
+
+
 def _check_uuid(value: str) -> None:
     """A UUID in its canonical form (8-4-4-4-12 hexadecimal digits), as QEMU's -uuid takes it; empty: unset."""
-    if value and not _UUID.fullmatch(value):
+    if value and not is_uuid(value):
         raise ValueError("a UUID is written as 8-4-4-4-12 hexadecimal digits, e.g. "
                          "0b6a1b0e-5d1c-4f5e-9a43-6f1f2b3c4d5e")
 

@@ -339,7 +339,11 @@ class QemuLiveSource(LiveSource):
         self.paused_at = time.monotonic()
         link.report(live_stage="switchover")
         await self._qmp("block-job-cancel", {"device": MIRROR_JOB})
+        ends_by = time.monotonic() + SWITCHOVER_TIMEOUT
         while (job := await self._mirror_job()) is not None and job.get("status") != "concluded":  # noqa: ASYNC110
+            if time.monotonic() > ends_by:
+                raise InternalError(f"QEMU did not end the disk mirror within {SWITCHOVER_TIMEOUT:.0f}s of the "
+                                    f"pause{self._broken_note()}")
             await asyncio.sleep(SWITCHOVER_POLL)
         if job is not None:
             await self._qmp("job-dismiss", {"id": MIRROR_JOB})

@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import Mapping
 
+from stapes.api.config_keys import is_uuid
 from stapes.api.devices import nic_devices
 from stapes.api.errors import BadRequest
 from stapes.api.networks import check_mac, random_mac
@@ -25,7 +26,7 @@ def missing_volatile(config: Mapping[str, str], devices: Mapping[str, Mapping[st
     the map is applied (`applying`: a create or a start). The files stay unshifted on disk, so
     `last_state.idmap` is always empty."""
     wanted: dict[str, str] = {}
-    if not _valid_uuid(config.get("volatile.uuid", "")):
+    if not is_uuid(config.get("volatile.uuid", "")):
         wanted["volatile.uuid"] = str(uuid.uuid4())
     for name, device in nic_devices(devices).items():
         key = f"volatile.{name}.hwaddr"
@@ -48,7 +49,7 @@ def kept_from_peer(config: Mapping[str, str], devices: Mapping[str, Mapping[str,
     kept: dict[str, str] = {}
     nics = nic_devices(devices)
     for key, value in config.items():
-        same_machine = key == "volatile.uuid" and _valid_uuid(value)  # (a copy comes without one)
+        same_machine = key == "volatile.uuid" and is_uuid(value)  # (a copy comes without one)
         if not key.startswith("volatile.") or key == "volatile.base_image" or same_machine:
             kept[key] = value
         elif (match := _HWADDR.match(key)) and match.group(1) in nics:
@@ -59,9 +60,3 @@ def kept_from_peer(config: Mapping[str, str], devices: Mapping[str, Mapping[str,
             kept[key] = value
     return kept
 
-
-def _valid_uuid(text: str) -> bool:
-    try:
-        return str(uuid.UUID(text)) == text.lower() and len(text) == 36
-    except ValueError:
-        return False
